@@ -1,0 +1,1 @@
+//! End-to-end checks of the project's test cluster (issue 3): being built.
