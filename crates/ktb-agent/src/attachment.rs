@@ -1,0 +1,71 @@
+//! Which laptop is attached right now.
+//!
+//! Exchange listeners ask this for the current tunnel on every accepted
+//! connection. A laptop that reconnects after a network blip attaches a new
+//! tunnel before the agent has noticed the old one is dead, so the newest
+//! attachment wins and the older one is closed with a reason.
+
+use std::sync::{Arc, Mutex};
+
+use ktb_proto::handshake::close_code;
+use ktb_proto::Session;
+
+use crate::Config;
+
+pub struct Attachment {
+    ports: Vec<u16>,
+    config: Arc<Config>,
+    current: Mutex<Current>,
+}
+
+#[derive(Default)]
+struct Current {
+    session: Option<Session>,
+    shut_down: bool,
+}
+
+impl Attachment {
+    pub fn new(ports: Vec<u16>, config: Arc<Config>) -> Self {
+        Attachment {
+            ports,
+            config,
+            current: Mutex::default(),
+        }
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The attached tunnel, if it is alive.
+    pub fn session(&self) -> Option<Session> {
+        let current = self.current.lock().expect("attachment lock");
+        current.session.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Makes `session` the attached tunnel, closing the one it replaces.
+    /// Returns false (and closes `session`) when the agent is shutting down.
+    pub fn attach(&self, session: Session) -> bool {
+        let mut current = self.current.lock().expect("attachment lock");
+        if current.shut_down {
+            session.close(close_code::SHUTDOWN, "the agent is shutting down");
+            return false;
+        }
+        if let Some(old) = current.session.replace(session) {
+            old.close(close_code::REPLACED, "a newer client attached to this agent");
+        }
+        true
+    }
+
+    pub fn shut_down(&self) {
+        let mut current = self.current.lock().expect("attachment lock");
+        current.shut_down = true;
+        if let Some(session) = current.session.take() {
+            session.close(close_code::SHUTDOWN, "the agent is shutting down");
+        }
+    }
+}

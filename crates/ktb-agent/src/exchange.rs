@@ -1,0 +1,54 @@
+//! Exchange role: cluster callers in, to the attached laptop.
+//!
+//! Every connection accepted on an exposed port becomes a stream opened
+//! towards the laptop. With no laptop attached the connection is reset at
+//! once: a caller must see a prompt failure (and retry or fail over), never
+//! a connection that hangs until its own timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ktb_proto::tcp::Target;
+use socket2::SockRef;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::attachment::Attachment;
+
+pub async fn serve_port(listener: TcpListener, attachment: Arc<Attachment>) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "cannot accept a caller");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(session) = attachment.session() else {
+            tracing::debug!(port, %peer, "no client attached: refusing caller");
+            abort(tcp);
+            continue;
+        };
+        tokio::spawn(async move {
+            let Ok(stream) = session.open(Target::AgentPort { port }) else {
+                abort(tcp);
+                return;
+            };
+            let mut tcp = tcp;
+            let (reader, writer) = tcp.split();
+            if let Err(e) = stream.bridge(reader, writer).await {
+                tracing::debug!(port, %peer, error = %e, "caller's stream failed");
+                abort(tcp);
+            }
+        });
+    }
+}
+
+/// Closes with a TCP reset rather than a FIN, so the caller sees an error,
+/// not an orderly (and misleading) end of data.
+pub fn abort(tcp: TcpStream) {
+    let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}

@@ -1,0 +1,87 @@
+//! The ktb agent: the process in the cluster that the developer's laptop
+//! tunnels to.
+//!
+//! It serves one HTTP port: `/tunnel` upgrades to the WebSocket tunnel of
+//! [`ktb_proto`], `/readyz` tells Kubernetes it is up. In *exchange* role it
+//! listens on the ports of the Service it stands in for and carries every
+//! caller to the attached laptop ([`exchange`]); in *connect* role it dials
+//! addresses and relays datagrams inside the cluster on the laptop's behalf
+//! ([`connect`]). One laptop is attached at a time; a newer attachment
+//! replaces an older one, which is what a reconnecting laptop needs.
+
+pub mod attachment;
+pub mod config;
+pub mod connect;
+pub mod exchange;
+pub mod server;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+use attachment::Attachment;
+
+/// An agent with its sockets bound, ready to [`run`](Agent::run).
+pub struct Agent {
+    config: Arc<Config>,
+    tunnel: TcpListener,
+    exposed: Vec<TcpListener>,
+}
+
+impl Agent {
+    /// Binds the tunnel port and every exposed port, so that a failure to
+    /// bind is reported before anything is announced as ready.
+    pub async fn bind(config: Config) -> anyhow::Result<Agent> {
+        let tunnel = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen for tunnels on {}", config.listen))?;
+        let mut exposed = Vec::new();
+        for port in &config.expose_ports {
+            let addr = SocketAddr::new(config.expose_address, *port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on exposed port {addr}"))?;
+            exposed.push(listener);
+        }
+        Ok(Agent {
+            config: Arc::new(config),
+            tunnel,
+            exposed,
+        })
+    }
+
+    /// Where the tunnel endpoint listens.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel.local_addr().expect("bound listener has an address")
+    }
+
+    /// The exposed ports as bound (port 0 in the config becomes a real port).
+    pub fn exposed_addrs(&self) -> Vec<SocketAddr> {
+        self.exposed
+            .iter()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
+            .collect()
+    }
+
+    /// Serves until `shutdown` completes, then closes every tunnel with a reason.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let ports = self.exposed_addrs().iter().map(SocketAddr::port).collect();
+        let attachment = Arc::new(Attachment::new(ports, Arc::clone(&self.config)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.exposed {
+            tasks.spawn(exchange::serve_port(listener, Arc::clone(&attachment)));
+        }
+        tasks.spawn(server::serve(self.tunnel, Arc::clone(&attachment)));
+        tracing::info!(tunnel = %self.config.listen, ports = ?attachment.ports(), connect = self.config.connect, "agent ready");
+        shutdown.await;
+        tracing::info!("shutting down");
+        attachment.shut_down();
+        tasks.shutdown().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! `ktb-agent`: parses its configuration and runs [`ktb_agent::Agent`] until
+//! SIGTERM or SIGINT.
+
+use clap::Parser;
+use ktb_agent::config::LogFormat;
+use ktb_agent::{Agent, Config};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut config = Config::parse();
+    init_logging(config.log_format);
+    config.resolve_token()?;
+    let agent = Agent::bind(config).await?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    agent
+        .run(async {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
+        .await
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KTB_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

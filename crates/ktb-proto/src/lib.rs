@@ -1,0 +1,50 @@
+//! The ktb tunnel protocol: what the CLI on a developer's laptop and the agent
+//! in the cluster say to each other, and the multiplexer that lets one
+//! WebSocket carry every TCP stream and UDP datagram of a session.
+//!
+//! The crate is shared by both ends so the two can never disagree about the
+//! wire format. It is organised like the protocol itself: [`codec`] frames
+//! messages, one module per message family ([`handshake`], [`tcp`], [`udp`])
+//! defines their bodies, and [`session`] runs a live tunnel with per-stream
+//! flow control and keepalive.
+//!
+//! # Wire format (protocol version 1)
+//!
+//! Every WebSocket *binary* message carries exactly one frame. All integers are
+//! big-endian. A frame starts with a one-byte kind; its body follows:
+//!
+//! | kind | name       | body                                                        |
+//! |------|------------|-------------------------------------------------------------|
+//! | 0x01 | `Hello`    | magic `b"ktb!"`, min version u16, max version u16, token len u8, token |
+//! | 0x02 | `Welcome`  | chosen version u16, port count u16, ports u16…, agent build len u8, agent build |
+//! | 0x10 | `Open`     | stream u32, target (see [`tcp::Target`])                    |
+//! | 0x11 | `Opened`   | stream u32                                                  |
+//! | 0x12 | `Data`     | stream u32, payload (the rest of the message)               |
+//! | 0x13 | `Fin`      | stream u32                                                  |
+//! | 0x14 | `Reset`    | stream u32, reason (UTF-8, the rest of the message)         |
+//! | 0x15 | `Credit`   | stream u32, bytes u32                                       |
+//! | 0x20 | `Datagram` | flow u32, address (see [`udp`]), payload (the rest)         |
+//! | 0x21 | `FlowEnd`  | flow u32                                                    |
+//!
+//! The client speaks first with `Hello`; the agent answers `Welcome` or closes
+//! the WebSocket with a close code from [`handshake::close_code`] and a reason a
+//! person can act on. Streams opened by the agent have odd ids, streams opened
+//! by the client even ids, so both sides allocate without coordination.
+//!
+//! A stream's sender may have at most [`session::SessionConfig::window`] bytes
+//! of `Data` in flight; the receiver returns `Credit` as it delivers bytes to
+//! their destination. A peer that overruns its window, sends a frame larger
+//! than [`codec::MAX_FRAME_LEN`] or anything that does not decode is
+//! disconnected with a close reason; nothing it sends can make the process
+//! panic or buffer without bound. Liveness rides WebSocket ping/pong.
+
+pub mod codec;
+pub mod handshake;
+pub mod session;
+pub mod stream;
+pub mod tcp;
+pub mod udp;
+
+pub use codec::{DecodeError, Frame};
+pub use session::{CloseReason, Incoming, Session, SessionClosed, SessionConfig, Side};
+pub use stream::{Stream, StreamError};

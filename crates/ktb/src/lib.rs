@@ -1,0 +1,12 @@
+//! ktb, the kube traffic bridge: the developer's side of the tunnel.
+//!
+//! This library holds everything the `ktb` binary does, so tests can drive
+//! it in-process: [`tunnel`] keeps a tunnel to an agent up (handshake,
+//! reconnect with backoff), [`expose`] carries the streams the agent sends
+//! to the developer's local processes, and [`report`] is how both tell the
+//! person at the terminal what is happening. The binary only parses flags
+//! and prints.
+
+pub mod expose;
+pub mod report;
+pub mod tunnel;

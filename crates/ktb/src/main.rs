@@ -1,0 +1,104 @@
+//! The `ktb` command line: flags in, [`ktb`] library calls, human output.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ktb::expose::Expose;
+use ktb::report::Reporter;
+use ktb::tunnel::{attach, AttachOptions, Direct};
+use ktb_proto::SessionConfig;
+
+#[derive(Parser)]
+#[command(name = "ktb", version, about = "kube traffic bridge: your laptop and a Kubernetes cluster as one network")]
+struct Cli {
+    /// More detail (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to a running agent by address and serve its callers from local
+    /// ports (what `exchange --transport direct` does once the agent exists).
+    Attach {
+        /// The agent's tunnel endpoint, HOST:PORT.
+        #[arg(long)]
+        agent: String,
+        /// File holding the session token.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// The session token (prefer --token-file: arguments show up in `ps`).
+        #[arg(long, env = "KTB_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// LOCAL[:REMOTE]: serve agent port REMOTE from 127.0.0.1:LOCAL. Repeatable.
+        #[arg(long, required = true)]
+        expose: Vec<Expose>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ktb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Attach {
+            agent,
+            token_file,
+            token,
+            expose,
+        } => {
+            let token = match (token_file, token) {
+                (Some(path), _) => std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", path.display()))?
+                    .trim()
+                    .to_owned(),
+                (None, Some(token)) => token,
+                (None, None) => anyhow::bail!("no session token: pass --token-file or set KTB_TOKEN"),
+            };
+            let options = AttachOptions {
+                token,
+                exposes: expose,
+                session: SessionConfig::default(),
+            };
+            let reporter = Reporter::new(|event| eprintln!("ktb: {event}"));
+            attach(Direct { addr: agent }, options, reporter, shutdown_signal()).await?;
+            eprintln!("ktb: detached");
+            Ok(())
+        }
+    }
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP (the terminal closing).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        _ = hangup.recv() => {}
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KTB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

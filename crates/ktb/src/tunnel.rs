@@ -1,0 +1,203 @@
+//! Keeping a tunnel to an agent up.
+//!
+//! One tunnel carries every connection of a session, so it is dialed once
+//! and re-dialed with exponential backoff whenever it drops: streams in
+//! flight fail (their callers see a reset), new ones work as soon as the
+//! tunnel is back. Errors that retrying cannot fix — a wrong token, a
+//! protocol version mismatch, a port the agent does not expose — end the
+//! attachment at once with the agent's own explanation.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use ktb_proto::handshake::{client_handshake, close_code, websocket_config, HandshakeError};
+use ktb_proto::session::Side;
+use ktb_proto::{Incoming, Session, SessionConfig};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::expose::{Expose, LocalDialer, Routes};
+use crate::report::{Event, Reporter};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How bytes reach the agent's HTTP endpoint: directly over TCP, or (for
+/// clusters) through a port-forward.
+pub trait Transport: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn connect(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// Shown in messages: where the tunnel goes.
+    fn describe(&self) -> String;
+}
+
+/// Plain TCP to an address the laptop can reach (`--transport direct`).
+pub struct Direct {
+    pub addr: String,
+}
+
+impl Transport for Direct {
+    type Io = TcpStream;
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {} in {CONNECT_TIMEOUT:?}", self.addr)))??;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    fn describe(&self) -> String {
+        self.addr.clone()
+    }
+}
+
+/// What `ktb attach` needs.
+pub struct AttachOptions {
+    pub token: String,
+    pub exposes: Vec<Expose>,
+    pub session: SessionConfig,
+}
+
+/// Why attaching gave up for good.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    BadExpose(String),
+}
+
+/// Attaches to the agent and serves its streams until `shutdown` completes
+/// or a fatal error occurs; transient failures are retried forever.
+pub async fn attach<T: Transport>(
+    transport: T,
+    options: AttachOptions,
+    reporter: Reporter,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AttachError> {
+    tokio::pin!(shutdown);
+    let mut backoff = Backoff::default();
+    loop {
+        let outcome = tokio::select! {
+            outcome = connect_and_serve(&transport, &options, &reporter, &mut backoff) => outcome,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let reason = match outcome {
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Retry(reason)) => reason,
+            Ok(reason) => reason,
+        };
+        let retry_in = backoff.next_delay();
+        reporter.report(Event::TunnelDown { reason, retry_in });
+        tokio::select! {
+            _ = tokio::time::sleep(retry_in) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+enum Failure {
+    Fatal(AttachError),
+    Retry(String),
+}
+
+/// One tunnel's life: dial, handshake, serve until it drops. Closes the
+/// tunnel politely if the caller stops polling (shutdown).
+async fn connect_and_serve<T: Transport>(
+    transport: &T,
+    options: &AttachOptions,
+    reporter: &Reporter,
+    backoff: &mut Backoff,
+) -> Result<String, Failure> {
+    let where_to = transport.describe();
+    let io = transport
+        .connect()
+        .await
+        .map_err(|e| Failure::Retry(format!("cannot reach the agent at {where_to}: {e}")))?;
+    let url = format!("ws://{where_to}/tunnel");
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()))
+        .await
+        .map_err(|e| Failure::Retry(format!("the agent at {where_to} did not accept a tunnel: {e}")))?;
+    let welcome = match client_handshake(&mut ws, &options.token).await {
+        Ok(welcome) => welcome,
+        Err(HandshakeError::Refused { code, reason })
+            if code == close_code::UNAUTHORIZED || code == close_code::VERSION_MISMATCH =>
+        {
+            return Err(Failure::Fatal(AttachError::Refused(format!("the agent refused the tunnel: {reason}"))))
+        }
+        Err(e) => return Err(Failure::Retry(e.to_string())),
+    };
+    let routes = Routes::resolve(&options.exposes, &welcome.ports).map_err(|e| Failure::Fatal(AttachError::BadExpose(e)))?;
+    backoff.reset();
+    reporter.report(Event::TunnelUp {
+        agent: welcome.agent,
+        routes: routes.list(),
+    });
+    let (session, incoming) = Session::start(ws, Side::Client, options.session.clone());
+    let _close_on_drop = CloseOnDrop(session.clone());
+    let dialer = LocalDialer::new(routes, reporter.clone());
+    Ok(serve(session, incoming, dialer).await)
+}
+
+async fn serve(session: Session, mut incoming: tokio::sync::mpsc::Receiver<Incoming>, dialer: LocalDialer) -> String {
+    while let Some(item) = incoming.recv().await {
+        if let Incoming::Stream { stream, target } = item {
+            let dialer = dialer.clone();
+            tokio::spawn(async move { dialer.serve(stream, target).await });
+        }
+    }
+    session.closed().await.to_string()
+}
+
+/// Tells the agent we are leaving when the tunnel's task is cancelled.
+struct CloseOnDrop(Session);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(1000, "the ktb client is shutting down");
+    }
+}
+
+/// Exponential backoff with jitter, so many laptops that lost the same
+/// cluster do not all come back in the same millisecond.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_FIRST }
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let jitter = rand::rng().random_range(0.8..1.2);
+        let delay = self.next.mul_f64(jitter);
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_and_resets() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] < Duration::from_millis(300));
+        assert!(delays[9] <= BACKOFF_MAX.mul_f64(1.2) && delays[9] >= BACKOFF_MAX.mul_f64(0.8));
+        backoff.reset();
+        assert!(backoff.next_delay() < Duration::from_millis(300));
+    }
+}
