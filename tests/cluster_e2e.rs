@@ -1,1 +1,548 @@
-//! End-to-end checks of the project's test cluster (issue 3): being built.
+//! End-to-end checks of the project's test cluster (`cargo xtask cluster up`).
+//!
+//! They prove that the cluster every later end-to-end test relies on is a
+//! real one (node Ready, CoreDNS, Services balancing across pods, the
+//! `kubernetes` Service from pods) and that the simulated laptops see only
+//! what a developer's laptop would: the apiserver, through their own
+//! identity and its RBAC, and nothing else of the cluster network; and that
+//! pods cannot reach the laptops.
+//!
+//! Every test is ignored by default and needs the cluster:
+//! `cargo test -p ktb-tests --test cluster -- --include-ignored`. Without a
+//! cluster they fail rather than skip. They talk only to the cluster's own
+//! ranges, the node address and the laptops' addresses, and every wait is
+//! bounded.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Addresses and names fixed by `xtask/src/cluster` (mirrored, not imported:
+/// xtask is a binary).
+const NODE_IP: &str = "10.77.0.1";
+const DNS_IP: &str = "10.96.0.10";
+const NAMESPACE: &str = "team-a";
+const HTTP_ECHO_IMAGE: &str = "ktb.test/http-echo:dev";
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("KTB_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ktb-cluster"))
+}
+
+/// Who runs a command: the admin on this machine, or a developer on a laptop.
+#[derive(Clone, Copy)]
+enum As {
+    Admin,
+    DevA,
+    DevB,
+}
+
+impl As {
+    fn user(self) -> &'static str {
+        match self {
+            As::Admin => "admin",
+            As::DevA => "dev-a",
+            As::DevB => "dev-b",
+        }
+    }
+    fn netns(self) -> Option<&'static str> {
+        match self {
+            As::Admin => None,
+            As::DevA => Some("laptop-a"),
+            As::DevB => Some("laptop-b"),
+        }
+    }
+}
+
+/// `kubectl` as `who`, in the laptop's network namespace for developers.
+fn kubectl_cmd(who: As, args: &[&str]) -> Command {
+    let state = state_dir();
+    let kubectl = state.join("bin/kubectl");
+    let kubeconfig = state.join(format!("kubeconfig/{}.yaml", who.user()));
+    assert!(
+        kubeconfig.exists() && kubectl.exists(),
+        "{} missing: the test cluster is not up (cargo xtask cluster up)",
+        kubeconfig.display()
+    );
+    let mut cmd = match who.netns() {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&kubectl);
+            c
+        }
+        None => Command::new(&kubectl),
+    };
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--request-timeout=20s")
+        .args(args);
+    cmd
+}
+
+/// Run with a deadline; the child is killed (by its PID) if it overruns.
+fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// kubectl that must succeed; returns stdout.
+fn kubectl(who: As, args: &[&str]) -> String {
+    let out = run_bounded(kubectl_cmd(who, args), Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "kubectl {} as {} failed: {}",
+        args.join(" "),
+        who.user(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// kubectl that must be refused by authorization.
+fn kubectl_forbidden(who: As, args: &[&str]) {
+    let out = run_bounded(kubectl_cmd(who, args), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("forbidden"),
+        "kubectl {} as {} should be forbidden; status {}, stderr: {stderr}",
+        args.join(" "),
+        who.user(),
+        out.status
+    );
+}
+
+/// A namespace of the test's own, deleted (without waiting) when dropped.
+struct TempNamespace(String);
+
+impl TempNamespace {
+    fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id());
+        kubectl(As::Admin, &["create", "namespace", &name]);
+        TempNamespace(name)
+    }
+}
+
+impl Drop for TempNamespace {
+    fn drop(&mut self) {
+        let _ = run_bounded(
+            kubectl_cmd(As::Admin, &["delete", "namespace", &self.0, "--wait=false"]),
+            Duration::from_secs(30),
+        );
+    }
+}
+
+/// Pods of the test's own in an existing namespace, deleted when dropped.
+struct TempPods {
+    who: As,
+    namespace: String,
+    names: Vec<String>,
+}
+
+impl Drop for TempPods {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = run_bounded(
+                kubectl_cmd(
+                    self.who,
+                    &["-n", &self.namespace, "delete", "pod", name, "--wait=false"],
+                ),
+                Duration::from_secs(30),
+            );
+        }
+    }
+}
+
+fn echo_pod_manifest(name: &str, namespace: &str, app: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"{namespace}","labels":{{"app":"{app}"}}}},
+"spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"{HTTP_ECHO_IMAGE}","imagePullPolicy":"Never",
+"ports":[{{"containerPort":8080}}],"readinessProbe":{{"tcpSocket":{{"port":8080}},"periodSeconds":1}}}}]}}}}"#
+    )
+}
+
+fn apply(who: As, manifest: &str) {
+    let mut cmd = kubectl_cmd(who, &["apply", "-f", "-"]);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl apply");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(manifest.as_bytes())
+        .expect("write manifest");
+    let out = child.wait_with_output().expect("kubectl apply");
+    assert!(
+        out.status.success(),
+        "kubectl apply as {} failed: {}",
+        who.user(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wait_ready(who: As, namespace: &str, selector: &str) {
+    kubectl(
+        who,
+        &[
+            "-n",
+            namespace,
+            "wait",
+            "pod",
+            "-l",
+            selector,
+            "--for=condition=Ready",
+            "--timeout=60s",
+        ],
+    );
+}
+
+/// `/probe ARGS` inside a pod (the echo images ship it; they have no shell).
+fn probe(namespace: &str, pod: &str, args: &[&str]) -> Output {
+    let mut full = vec!["-n", namespace, "exec", pod, "--", "/probe"];
+    full.extend_from_slice(args);
+    run_bounded(kubectl_cmd(As::Admin, &full), Duration::from_secs(30))
+}
+
+fn probe_ok(namespace: &str, pod: &str, args: &[&str]) -> String {
+    let out = probe(namespace, pod, args);
+    assert!(
+        out.status.success(),
+        "/probe {} in {pod} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run `f` on a thread that has entered the laptop's network namespace
+/// (setns affects only the calling thread).
+fn in_laptop<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (is the cluster up?)"));
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; only this thread changes namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("laptop thread panicked")
+}
+
+fn tcp_reachable(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).is_ok()
+}
+
+/// A DNS query for the cluster's own name; true if any reply arrives.
+fn dns_replies(server: SocketAddr) -> bool {
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in "kubernetes.default.svc.cluster.local".split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if sock.send_to(&q, server).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    sock.recv(&mut buf).is_ok()
+}
+
+/// [`http_get`], retried for up to `timeout` (kube-proxy and port-forward
+/// need a moment after the pod is Ready).
+fn http_get_retry(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match http_get(addr) {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn node_is_ready() {
+    let status = kubectl(
+        As::Admin,
+        &[
+            "get",
+            "node",
+            "ktb-node",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ],
+    );
+    assert_eq!(status.trim(), "True");
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn dns_and_service_load_balancing() {
+    let ns = TempNamespace::new("e2e-svc");
+    let ns = ns.0.as_str();
+    for name in ["echo-1", "echo-2"] {
+        apply(As::Admin, &echo_pod_manifest(name, ns, "echo"));
+    }
+    apply(
+        As::Admin,
+        &format!(
+            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"echo","namespace":"{ns}"}},
+"spec":{{"selector":{{"app":"echo"}},"ports":[{{"port":80,"targetPort":8080}}]}}}}"#
+        ),
+    );
+    wait_ready(As::Admin, ns, "app=echo");
+    let cluster_ip = kubectl(
+        As::Admin,
+        &[
+            "-n",
+            ns,
+            "get",
+            "service",
+            "echo",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+
+    // Full, namespace-qualified and short names, through the pod's resolv.conf.
+    for name in [
+        format!("echo.{ns}.svc.cluster.local"),
+        format!("echo.{ns}"),
+        "echo".to_owned(),
+    ] {
+        let addrs = probe_ok(ns, "echo-1", &["resolve", &name]);
+        assert_eq!(
+            addrs.trim(),
+            cluster_ip.trim(),
+            "{name} resolved to {addrs}"
+        );
+    }
+    // Names outside the cluster are not forwarded anywhere: they fail.
+    let out = probe(ns, "echo-1", &["resolve", "example.com"]);
+    assert!(
+        !out.status.success(),
+        "example.com resolved: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The ClusterIP Service reaches both pods.
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let body = probe_ok(ns, "echo-1", &["http", "echo:80"]);
+        seen.insert(body.trim().to_owned());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from(["echo-1".to_owned(), "echo-2".to_owned()]),
+        "the Service did not balance across both pods"
+    );
+
+    // Pods reach the apiserver through the `kubernetes` Service.
+    probe_ok(
+        ns,
+        "echo-1",
+        &["tcp", "kubernetes.default.svc.cluster.local:443"],
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn laptop_reaches_apiserver_and_port_forward_only() {
+    let pod = format!("laptop-echo-{}", std::process::id());
+    // dev-a creates the pod from its laptop: that is what ktb will do.
+    apply(As::DevA, &echo_pod_manifest(&pod, NAMESPACE, &pod));
+    let _pods = TempPods {
+        who: As::DevA,
+        namespace: NAMESPACE.into(),
+        names: vec![pod.clone()],
+    };
+    apply(
+        As::Admin,
+        &format!(
+            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{pod}","namespace":"{NAMESPACE}"}},
+"spec":{{"selector":{{"app":"{pod}"}},"ports":[{{"port":80,"targetPort":8080}}]}}}}"#
+        ),
+    );
+    wait_ready(As::DevA, NAMESPACE, &format!("app={pod}"));
+    let pod_ip = kubectl(
+        As::DevA,
+        &["get", "pod", &pod, "-o", "jsonpath={.status.podIP}"],
+    );
+    let svc_ip = kubectl(
+        As::DevA,
+        &["get", "service", &pod, "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let pod_addr: SocketAddr = format!("{}:8080", pod_ip.trim()).parse().expect("pod ip");
+    let svc_addr: SocketAddr = format!("{}:80", svc_ip.trim()).parse().expect("service ip");
+    let dns: SocketAddr = format!("{DNS_IP}:53").parse().expect("dns");
+    let apiserver: SocketAddr = format!("{NODE_IP}:6443").parse().expect("apiserver");
+    let kubelet: SocketAddr = format!("{NODE_IP}:10250").parse().expect("kubelet");
+
+    // From this machine all of them answer: the negatives below are real.
+    let timeout = Duration::from_secs(20);
+    assert!(http_get_retry(pod_addr, timeout)
+        .expect("pod from the host")
+        .contains(&pod));
+    assert!(http_get_retry(svc_addr, timeout)
+        .expect("service from the host")
+        .contains(&pod));
+    assert!(dns_replies(dns), "CoreDNS does not answer the host");
+
+    let reach = in_laptop("laptop-a", move || {
+        [
+            ("apiserver", tcp_reachable(apiserver)),
+            ("kubelet", tcp_reachable(kubelet)),
+            ("pod IP", tcp_reachable(pod_addr)),
+            ("ClusterIP", tcp_reachable(svc_addr)),
+            ("CoreDNS tcp", tcp_reachable(dns)),
+            ("CoreDNS udp", dns_replies(dns)),
+        ]
+    });
+    for (what, reachable) in reach {
+        assert_eq!(
+            reachable,
+            what == "apiserver",
+            "{what} reachable from laptop-a: {reachable}"
+        );
+    }
+
+    // kubectl port-forward from the laptop, as dev-a, to the pod.
+    let port = 18080u16;
+    let mut pf: Child = kubectl_cmd(
+        As::DevA,
+        &[
+            "port-forward",
+            &format!("pod/{pod}"),
+            &format!("{port}:8080"),
+            "--address",
+            "127.0.0.1",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("kubectl port-forward");
+    let body = in_laptop("laptop-a", move || {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        http_get_retry(addr, Duration::from_secs(20))
+    });
+    let _ = pf.kill();
+    let out = pf.wait_with_output().expect("port-forward output");
+    let body = body.unwrap_or_else(|e| {
+        panic!(
+            "HTTP through kubectl port-forward on laptop-a: {e}; kubectl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        body.contains(&pod),
+        "port-forward reached something else: {body}"
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn developers_are_confined_to_their_namespaces() {
+    // Allowed where the developer Role is bound.
+    kubectl(As::DevA, &["-n", NAMESPACE, "get", "pods"]);
+    kubectl(As::DevB, &["-n", NAMESPACE, "get", "pods"]);
+    kubectl(As::DevB, &["-n", "team-b", "get", "pods"]);
+    // Refused in other namespaces.
+    kubectl_forbidden(As::DevA, &["-n", "team-b", "get", "pods"]);
+    kubectl_forbidden(As::DevA, &["-n", "default", "get", "pods"]);
+    kubectl_forbidden(As::DevA, &["-n", "kube-system", "get", "secrets"]);
+    // Refused cluster-scoped reads and writes.
+    kubectl_forbidden(As::DevA, &["get", "nodes"]);
+    kubectl_forbidden(As::DevA, &["create", "namespace", "dev-a-was-here"]);
+    kubectl_forbidden(
+        As::DevA,
+        &[
+            "create",
+            "clusterrolebinding",
+            "dev-a-admin",
+            "--clusterrole=cluster-admin",
+            "--user=dev-a",
+        ],
+    );
+    // Refused privilege escalation inside its own namespace.
+    kubectl_forbidden(
+        As::DevA,
+        &[
+            "-n",
+            NAMESPACE,
+            "create",
+            "rolebinding",
+            "dev-a-admin",
+            "--clusterrole=admin",
+            "--user=dev-a",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn pods_cannot_reach_the_laptops() {
+    // Something listening on laptop-b, reachable from the node itself...
+    let listener = in_laptop("laptop-b", || {
+        TcpListener::bind("10.77.0.12:18081").expect("bind on laptop-b")
+    });
+    let addr: SocketAddr = "10.77.0.12:18081".parse().expect("addr");
+    assert!(tcp_reachable(addr), "laptop-b not reachable from the node");
+    // ...but not from a pod, nor from the other laptop.
+    let ns = TempNamespace::new("e2e-isolation");
+    apply(As::Admin, &echo_pod_manifest("prober", &ns.0, "prober"));
+    wait_ready(As::Admin, &ns.0, "app=prober");
+    let out = probe(&ns.0, "prober", &["tcp", "10.77.0.12:18081"]);
+    assert!(!out.status.success(), "a pod reached laptop-b");
+    assert!(
+        !in_laptop("laptop-a", move || tcp_reachable(addr)),
+        "laptop-a reached laptop-b"
+    );
+    drop(listener);
+}
