@@ -56,7 +56,10 @@ impl Attachment {
             return false;
         }
         if let Some(old) = current.session.replace(session) {
-            old.close(close_code::REPLACED, "a newer client attached to this agent");
+            old.close(
+                close_code::REPLACED,
+                "a newer client attached to this agent",
+            );
         }
         true
     }

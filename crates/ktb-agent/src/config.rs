@@ -15,7 +15,11 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ktb-agent", version, about = "The ktb agent: the cluster end of a ktb tunnel")]
+#[command(
+    name = "ktb-agent",
+    version,
+    about = "The ktb agent: the cluster end of a ktb tunnel"
+)]
 pub struct Config {
     /// Address of the HTTP endpoint: `/tunnel` (WebSocket) and `/readyz`.
     #[arg(long, env = "KTB_AGENT_LISTEN", default_value = "0.0.0.0:7777")]
@@ -30,7 +34,11 @@ pub struct Config {
     pub token: Option<String>,
 
     /// Exchange role: ports to accept cluster callers on (repeat or comma-separate).
-    #[arg(long = "expose-port", env = "KTB_AGENT_EXPOSE_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "expose-port",
+        env = "KTB_AGENT_EXPOSE_PORTS",
+        value_delimiter = ','
+    )]
     pub expose_ports: Vec<u16>,
 
     /// Address the exposed ports listen on.
@@ -72,7 +80,9 @@ impl Config {
 /// Durations as `250ms`, `10s` or `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -96,7 +106,9 @@ mod tests {
 
     #[test]
     fn ports_come_comma_separated_from_the_environment() {
-        let config = Config::try_parse_from(["ktb-agent", "--token", "t", "--expose-port", "80,8080"]).unwrap();
+        let config =
+            Config::try_parse_from(["ktb-agent", "--token", "t", "--expose-port", "80,8080"])
+                .unwrap();
         assert_eq!(config.expose_ports, vec![80, 8080]);
     }
 }

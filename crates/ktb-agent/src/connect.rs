@@ -25,16 +25,20 @@ const FLOW_IDLE: Duration = Duration::from_secs(60);
 const MAX_FLOWS: usize = 1024;
 
 /// Handles everything the client starts on one tunnel.
-pub async fn serve_requests(session: Session, mut incoming: mpsc::Receiver<Incoming>, connect_role: bool, dial_timeout: Duration) {
+pub async fn serve_requests(
+    session: Session,
+    mut incoming: mpsc::Receiver<Incoming>,
+    connect_role: bool,
+    dial_timeout: Duration,
+) {
     let mut flows = Flows::default();
     while let Some(item) = incoming.recv().await {
         match item {
             Incoming::Stream { stream, target } if connect_role => {
                 tokio::spawn(dial_and_bridge(stream, target, dial_timeout));
             }
-            Incoming::Stream { stream, .. } => {
-                stream.reset("this agent is in exchange role and does not dial out (use `ktb connect`)")
-            }
+            Incoming::Stream { stream, .. } => stream
+                .reset("this agent is in exchange role and does not dial out (use `ktb connect`)"),
             Incoming::Datagram(datagram) if connect_role => flows.send(&session, datagram).await,
             Incoming::Datagram(_) => {}
             Incoming::FlowEnd(flow) => flows.end(flow),
@@ -56,7 +60,11 @@ async fn dial_and_bridge(stream: Stream, target: Target, dial_timeout: Duration)
     let mut tcp = match dialed {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return stream.reset(&format!("cannot reach {target} from the cluster: {e}")),
-        Err(_) => return stream.reset(&format!("cannot reach {target} from the cluster: no answer in {dial_timeout:?}")),
+        Err(_) => {
+            return stream.reset(&format!(
+                "cannot reach {target} from the cluster: no answer in {dial_timeout:?}"
+            ))
+        }
     };
     let _ = tcp.set_nodelay(true);
     stream.accept();

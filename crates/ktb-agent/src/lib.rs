@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 pub use config::Config;
 
@@ -33,19 +33,33 @@ pub struct Agent {
     exposed: Vec<TcpListener>,
 }
 
+/// Pending connections the kernel may queue per listener. A burst of
+/// callers beyond the default (1024 in tokio) would be dropped and then
+/// reset; the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Agent {
     /// Binds the tunnel port and every exposed port, so that a failure to
     /// bind is reported before anything is announced as ready.
     pub async fn bind(config: Config) -> anyhow::Result<Agent> {
-        let tunnel = TcpListener::bind(config.listen)
-            .await
+        let tunnel = listen(config.listen)
             .with_context(|| format!("cannot listen for tunnels on {}", config.listen))?;
         let mut exposed = Vec::new();
         for port in &config.expose_ports {
             let addr = SocketAddr::new(config.expose_address, *port);
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on exposed port {addr}"))?;
+            let listener =
+                listen(addr).with_context(|| format!("cannot listen on exposed port {addr}"))?;
             exposed.push(listener);
         }
         Ok(Agent {
@@ -57,7 +71,9 @@ impl Agent {
 
     /// Where the tunnel endpoint listens.
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.tunnel.local_addr().expect("bound listener has an address")
+        self.tunnel
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The exposed ports as bound (port 0 in the config becomes a real port).

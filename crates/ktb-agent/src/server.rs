@@ -56,11 +56,17 @@ pub async fn serve(listener: TcpListener, attachment: Arc<Attachment>) {
     }
 }
 
-async fn route(req: Request<Body>, attachment: Arc<Attachment>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    req: Request<Body>,
+    attachment: Arc<Attachment>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/readyz" | "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, TUNNEL_PATH) => upgrade(req, attachment),
-        _ => text(StatusCode::NOT_FOUND, "not found: this is a ktb agent (try /readyz)\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: this is a ktb agent (try /readyz)\n",
+        ),
     };
     Ok(response)
 }
@@ -95,7 +101,10 @@ fn upgrade(mut req: Request<Body>, attachment: Arc<Attachment>) -> Response<Full
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()))
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        )
         .body(Full::new(Bytes::new()))
         .expect("static response parts are valid")
 }
@@ -108,7 +117,14 @@ where
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config())).await;
     let config = attachment.config();
     let agent_build = concat!("ktb-agent ", env!("CARGO_PKG_VERSION"));
-    if let Err(e) = agent_handshake(&mut ws, config.token(), attachment.ports().to_vec(), agent_build).await {
+    if let Err(e) = agent_handshake(
+        &mut ws,
+        config.token(),
+        attachment.ports().to_vec(),
+        agent_build,
+    )
+    .await
+    {
         tracing::warn!(error = %e, "refused a tunnel");
         return;
     }
@@ -119,7 +135,12 @@ where
     tracing::info!("client attached");
     let dial_timeout = config.dial_timeout;
     let connect_role = config.connect;
-    let requests = tokio::spawn(crate::connect::serve_requests(session.clone(), incoming, connect_role, dial_timeout));
+    let requests = tokio::spawn(crate::connect::serve_requests(
+        session.clone(),
+        incoming,
+        connect_role,
+        dial_timeout,
+    ));
     let reason = session.closed().await;
     requests.abort();
     tracing::info!(%reason, "client detached");

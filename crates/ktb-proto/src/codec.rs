@@ -323,12 +323,19 @@ mod tests {
             ),
             (any::<u32>(), target()).prop_map(|(stream, target)| Frame::Open { stream, target }),
             any::<u32>().prop_map(|stream| Frame::Opened { stream }),
-            (any::<u32>(), payload.clone()).prop_map(|(stream, payload)| Frame::Data { stream, payload }),
+            (any::<u32>(), payload.clone())
+                .prop_map(|(stream, payload)| Frame::Data { stream, payload }),
             any::<u32>().prop_map(|stream| Frame::Fin { stream }),
-            (any::<u32>(), "\\PC{0,100}").prop_map(|(stream, reason)| Frame::Reset { stream, reason }),
-            (any::<u32>(), any::<u32>()).prop_map(|(stream, bytes)| Frame::Credit { stream, bytes }),
+            (any::<u32>(), "\\PC{0,100}")
+                .prop_map(|(stream, reason)| Frame::Reset { stream, reason }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(stream, bytes)| Frame::Credit { stream, bytes }),
             (any::<u32>(), addr(), payload).prop_map(|(flow, peer, payload)| {
-                Frame::Datagram(udp::Datagram { flow, peer, payload })
+                Frame::Datagram(udp::Datagram {
+                    flow,
+                    peer,
+                    payload,
+                })
             }),
             any::<u32>().prop_map(|flow| Frame::FlowEnd { flow }),
         ]
@@ -368,13 +375,20 @@ mod tests {
     #[test]
     fn oversize_frames_are_refused_before_parsing() {
         let big = Bytes::from(vec![kind::DATA; MAX_FRAME_LEN + 1]);
-        assert_eq!(Frame::decode(big), Err(DecodeError::TooLarge { len: MAX_FRAME_LEN + 1 }));
+        assert_eq!(
+            Frame::decode(big),
+            Err(DecodeError::TooLarge {
+                len: MAX_FRAME_LEN + 1
+            })
+        );
     }
 
     #[test]
     fn long_reasons_are_cut_on_a_char_boundary() {
         let reason = "é".repeat(MAX_REASON_LEN);
-        let Ok(Frame::Reset { reason: cut, .. }) = Frame::decode(Frame::Reset { stream: 1, reason }.encode()) else {
+        let Ok(Frame::Reset { reason: cut, .. }) =
+            Frame::decode(Frame::Reset { stream: 1, reason }.encode())
+        else {
             panic!("reset must decode");
         };
         assert!(cut.len() <= MAX_REASON_LEN && cut.chars().all(|c| c == 'é'));

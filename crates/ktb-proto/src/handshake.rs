@@ -119,9 +119,8 @@ pub fn negotiate(client_min: u16, client_max: u16) -> Result<u16, String> {
     let chosen = client_max.min(PROTOCOL_VERSION);
     if client_min > client_max || chosen < client_min.max(MIN_PROTOCOL_VERSION) {
         return Err(format!(
-            "protocol version mismatch: the client speaks {client_min}..={client_max}, \
-             this agent speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}; \
-             use a ktb CLI and agent image of the same release"
+            "version mismatch: client speaks {client_min}..={client_max}, \
+             agent speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}; use CLI and agent of one release"
         ));
     }
     Ok(chosen)
@@ -141,6 +140,19 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_write_buffer_size(4 * 1024 * 1024)
 }
 
+/// A close frame, its reason cut to the 123 bytes WebSocket allows.
+pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    const MAX_CLOSE_REASON: usize = 123;
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason[..end].into(),
+    }
+}
+
 /// Why a handshake failed; the message is what the user sees.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -157,25 +169,33 @@ pub enum HandshakeError {
 }
 
 /// Client side: say `Hello`, wait for `Welcome` or the agent's refusal.
-pub async fn client_handshake<S>(ws: &mut WebSocketStream<S>, token: &str) -> Result<Welcome, HandshakeError>
+pub async fn client_handshake<S>(
+    ws: &mut WebSocketStream<S>,
+    token: &str,
+) -> Result<Welcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.send(Message::Binary(Frame::Hello(Hello::new(token)).encode())).await?;
+    ws.send(Message::Binary(Frame::Hello(Hello::new(token)).encode()))
+        .await?;
     let reply = tokio::time::timeout(HELLO_TIMEOUT, ws.next())
         .await
         .map_err(|_| HandshakeError::Timeout(HELLO_TIMEOUT))?;
     match reply {
         Some(Ok(Message::Binary(bytes))) => match Frame::decode(bytes) {
             Ok(Frame::Welcome(welcome)) => Ok(welcome),
-            Ok(other) => Err(HandshakeError::Malformed(format!("expected Welcome, got {other:?}"))),
+            Ok(other) => Err(HandshakeError::Malformed(format!(
+                "expected Welcome, got {other:?}"
+            ))),
             Err(e) => Err(HandshakeError::Malformed(e.to_string())),
         },
         Some(Ok(Message::Close(Some(frame)))) => Err(HandshakeError::Refused {
             code: frame.code.into(),
             reason: frame.reason.to_string(),
         }),
-        Some(Ok(other)) => Err(HandshakeError::Malformed(format!("unexpected message {other:?}"))),
+        Some(Ok(other)) => Err(HandshakeError::Malformed(format!(
+            "unexpected message {other:?}"
+        ))),
         Some(Err(e)) => Err(e.into()),
         None => Err(HandshakeError::Closed),
     }
@@ -198,10 +218,26 @@ where
     let hello = match first {
         Some(Ok(Message::Binary(bytes))) => match Frame::decode(bytes) {
             Ok(Frame::Hello(hello)) => hello,
-            Ok(_) => return refuse(ws, close_code::MALFORMED, "expected Hello as the first frame".into()).await,
-            Err(e) => return refuse(ws, close_code::MALFORMED, format!("invalid Hello: {e}")).await,
+            Ok(_) => {
+                return refuse(
+                    ws,
+                    close_code::MALFORMED,
+                    "expected Hello as the first frame".into(),
+                )
+                .await
+            }
+            Err(e) => {
+                return refuse(ws, close_code::MALFORMED, format!("invalid Hello: {e}")).await
+            }
         },
-        Some(Ok(_)) => return refuse(ws, close_code::MALFORMED, "expected a binary Hello frame".into()).await,
+        Some(Ok(_)) => {
+            return refuse(
+                ws,
+                close_code::MALFORMED,
+                "expected a binary Hello frame".into(),
+            )
+            .await
+        }
         Some(Err(e)) => return Err(e.into()),
         None => return Err(HandshakeError::Closed),
     };
@@ -210,8 +246,7 @@ where
         Err(reason) => return refuse(ws, close_code::VERSION_MISMATCH, reason).await,
     };
     if !token_matches(token, &hello.token) {
-        let reason = "invalid session token: this agent belongs to another ktb session \
-                      (run `ktb recover` or start a new session)";
+        let reason = "invalid session token: this agent belongs to another ktb session";
         return refuse(ws, close_code::UNAUTHORIZED, reason.into()).await;
     }
     let welcome = Welcome {
@@ -219,18 +254,20 @@ where
         ports,
         agent: agent.to_owned(),
     };
-    ws.send(Message::Binary(Frame::Welcome(welcome).encode())).await?;
+    ws.send(Message::Binary(Frame::Welcome(welcome).encode()))
+        .await?;
     Ok(version)
 }
 
-async fn refuse<S, T>(ws: &mut WebSocketStream<S>, code: u16, reason: String) -> Result<T, HandshakeError>
+async fn refuse<S, T>(
+    ws: &mut WebSocketStream<S>,
+    code: u16,
+    reason: String,
+) -> Result<T, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.clone().into(),
-    };
+    let frame = close_frame(code, &reason);
     // Best effort: the peer may already be gone, and the refusal stands either way.
     let _ = ws.close(Some(frame)).await;
     Err(HandshakeError::Refused { code, reason })
@@ -243,14 +280,23 @@ mod tests {
     #[test]
     fn negotiation_picks_the_highest_common_version() {
         assert_eq!(negotiate(1, 9), Ok(PROTOCOL_VERSION));
-        assert_eq!(negotiate(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), Ok(PROTOCOL_VERSION));
+        assert_eq!(
+            negotiate(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            Ok(PROTOCOL_VERSION)
+        );
     }
 
     #[test]
     fn a_mismatch_names_both_ranges() {
         let err = negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3).unwrap_err();
-        assert!(err.contains(&format!("client speaks {}..={}", PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3)));
-        assert!(err.contains(&format!("agent speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}")));
+        assert!(err.contains(&format!(
+            "client speaks {}..={}",
+            PROTOCOL_VERSION + 1,
+            PROTOCOL_VERSION + 3
+        )));
+        assert!(err.contains(&format!(
+            "agent speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+        )));
         assert!(negotiate(3, 2).is_err());
     }
 

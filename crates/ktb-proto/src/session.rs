@@ -19,13 +19,11 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::codec::{Frame, StreamId};
-use crate::handshake::close_code;
+use crate::handshake::{close_code, close_frame};
 use crate::stream::{Inbound, Stream, StreamSlot};
 use crate::tcp::Target;
 use crate::udp::{Datagram, FlowId};
@@ -83,7 +81,10 @@ impl Side {
 #[derive(Debug)]
 pub enum Incoming {
     /// A new stream; [`Stream::accept`] or [`Stream::reset`] it.
-    Stream { stream: Stream, target: Target },
+    Stream {
+        stream: Stream,
+        target: Target,
+    },
     Datagram(Datagram),
     FlowEnd(FlowId),
 }
@@ -100,7 +101,11 @@ pub struct CloseReason {
 
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let who = if self.by_peer { "peer closed the tunnel" } else { "tunnel closed" };
+        let who = if self.by_peer {
+            "peer closed the tunnel"
+        } else {
+            "tunnel closed"
+        };
         match self.code {
             Some(code) => write!(f, "{who} ({code}): {}", self.reason),
             None => write!(f, "{who}: {}", self.reason),
@@ -142,7 +147,11 @@ pub(crate) struct State {
 impl Session {
     /// Starts the tunnel on a WebSocket that has completed the handshake.
     /// Returns the handle and the queue of what the peer starts.
-    pub fn start<S>(ws: WebSocketStream<S>, side: Side, config: SessionConfig) -> (Session, mpsc::Receiver<Incoming>)
+    pub fn start<S>(
+        ws: WebSocketStream<S>,
+        side: Side,
+        config: SessionConfig,
+    ) -> (Session, mpsc::Receiver<Incoming>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -179,7 +188,10 @@ impl Session {
     pub fn open(&self, target: Target) -> Result<Stream, SessionClosed> {
         let id = self.inner.next_stream.fetch_add(2, Ordering::Relaxed);
         let stream = self.inner.register(id, true)?;
-        let _ = self.inner.control.send(frame(Frame::Open { stream: id, target }));
+        let _ = self
+            .inner
+            .control
+            .send(frame(Frame::Open { stream: id, target }));
         Ok(stream)
     }
 
@@ -244,11 +256,18 @@ impl Session {
 
 impl Inner {
     /// Creates the bookkeeping for stream `id` unless the tunnel is closed.
-    fn register(self: &Arc<Self>, id: StreamId, opened_here: bool) -> Result<Stream, SessionClosed> {
+    fn register(
+        self: &Arc<Self>,
+        id: StreamId,
+        opened_here: bool,
+    ) -> Result<Stream, SessionClosed> {
         let mut state = self.state.lock().expect("state lock");
         if state.closed {
             drop(state);
-            return Err(Session { inner: Arc::clone(self) }.closed_error());
+            return Err(Session {
+                inner: Arc::clone(self),
+            }
+            .closed_error());
         }
         let (slot, stream) = Stream::new(id, Arc::clone(self), opened_here);
         state.streams.insert(id, slot);
@@ -275,11 +294,9 @@ impl Inner {
             slot.fail(&message);
         }
         if let (false, Some(code)) = (reason.by_peer, reason.code) {
-            let close = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.reason.clone().into(),
-            };
-            let _ = self.control.send(Message::Close(Some(close)));
+            let _ = self
+                .control
+                .send(Message::Close(Some(close_frame(code, &reason.reason))));
         }
         self.closed.send_replace(Some(reason));
     }
@@ -371,11 +388,14 @@ async fn read_loop<S>(
             Ok(Some(Err(tungstenite::Error::Capacity(e)))) => {
                 break local_close(close_code::MALFORMED, format!("frame too large: {e}"))
             }
-            Ok(Some(Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)))) => {
-                break peer_gone("the peer dropped the connection without a close frame")
-            }
+            Ok(Some(Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )))) => break peer_gone("the peer dropped the connection without a close frame"),
             Ok(Some(Err(tungstenite::Error::Protocol(e)))) => {
-                break local_close(close_code::MALFORMED, format!("websocket protocol error: {e}"))
+                break local_close(
+                    close_code::MALFORMED,
+                    format!("websocket protocol error: {e}"),
+                )
             }
             Ok(Some(Err(e))) => break peer_gone(&format!("connection lost: {e}")),
             Ok(Some(Ok(message))) => message,
@@ -389,12 +409,16 @@ async fn read_loop<S>(
             Message::Close(frame) => {
                 break CloseReason {
                     code: frame.as_ref().map(|f| f.code.into()),
-                    reason: frame.map_or_else(|| "no reason given".into(), |f| f.reason.to_string()),
+                    reason: frame
+                        .map_or_else(|| "no reason given".into(), |f| f.reason.to_string()),
                     by_peer: true,
                 }
             }
             Message::Text(_) => {
-                break local_close(close_code::MALFORMED, "text messages are not part of the ktb protocol")
+                break local_close(
+                    close_code::MALFORMED,
+                    "text messages are not part of the ktb protocol",
+                )
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
@@ -413,13 +437,19 @@ fn peer_gone(reason: &str) -> CloseReason {
 
 /// Routes one frame from the peer. Never waits: queues towards the
 /// application are either credit-bounded or dropped when full.
-fn dispatch(inner: &Arc<Inner>, incoming: &mpsc::Sender<Incoming>, bytes: bytes::Bytes) -> Result<(), CloseReason> {
-    let frame = Frame::decode(bytes).map_err(|e| local_close(close_code::MALFORMED, format!("malformed frame: {e}")))?;
+fn dispatch(
+    inner: &Arc<Inner>,
+    incoming: &mpsc::Sender<Incoming>,
+    bytes: bytes::Bytes,
+) -> Result<(), CloseReason> {
+    let frame = Frame::decode(bytes)
+        .map_err(|e| local_close(close_code::MALFORMED, format!("malformed frame: {e}")))?;
     match frame {
         Frame::Data { stream, payload } => {
             let state = inner.state.lock().expect("state lock");
             if let Some(slot) = state.streams.get(&stream) {
-                slot.deliver_data(payload, inner.config.window).map_err(|e| local_close(close_code::FLOW_CONTROL, e))?;
+                slot.deliver_data(payload, inner.config.window)
+                    .map_err(|e| local_close(close_code::FLOW_CONTROL, e))?;
             }
         }
         Frame::Fin { stream } => {
@@ -428,7 +458,12 @@ fn dispatch(inner: &Arc<Inner>, incoming: &mpsc::Sender<Incoming>, bytes: bytes:
             }
         }
         Frame::Reset { stream, reason } => {
-            let slot = inner.state.lock().expect("state lock").streams.remove(&stream);
+            let slot = inner
+                .state
+                .lock()
+                .expect("state lock")
+                .streams
+                .remove(&stream);
             if let Some(slot) = slot {
                 slot.fail(&reason);
             }
@@ -436,18 +471,33 @@ fn dispatch(inner: &Arc<Inner>, incoming: &mpsc::Sender<Incoming>, bytes: bytes:
         Frame::Credit { stream, bytes } => {
             let mut state = inner.state.lock().expect("state lock");
             if let Some(slot) = state.streams.get_mut(&stream) {
-                slot.grant(bytes, inner.config.window).map_err(|e| local_close(close_code::FLOW_CONTROL, e))?;
+                slot.grant(bytes, inner.config.window)
+                    .map_err(|e| local_close(close_code::FLOW_CONTROL, e))?;
             }
         }
         Frame::Opened { stream } => {
-            if let Some(slot) = inner.state.lock().expect("state lock").streams.get_mut(&stream) {
+            if let Some(slot) = inner
+                .state
+                .lock()
+                .expect("state lock")
+                .streams
+                .get_mut(&stream)
+            {
                 slot.confirm_open();
             }
         }
         Frame::Open { stream: id, target } => {
-            let duplicate = inner.state.lock().expect("state lock").streams.contains_key(&id);
+            let duplicate = inner
+                .state
+                .lock()
+                .expect("state lock")
+                .streams
+                .contains_key(&id);
             if !inner.side.opened_by_peer(id) || duplicate {
-                return Err(local_close(close_code::MALFORMED, format!("invalid stream id {id} in Open")));
+                return Err(local_close(
+                    close_code::MALFORMED,
+                    format!("invalid stream id {id} in Open"),
+                ));
             }
             let Ok(stream) = inner.register(id, false) else {
                 return Ok(());
@@ -466,7 +516,10 @@ fn dispatch(inner: &Arc<Inner>, incoming: &mpsc::Sender<Incoming>, bytes: bytes:
             let _ = incoming.try_send(Incoming::FlowEnd(flow));
         }
         Frame::Hello(_) | Frame::Welcome(_) => {
-            return Err(local_close(close_code::MALFORMED, "handshake frame after the handshake"));
+            return Err(local_close(
+                close_code::MALFORMED,
+                "handshake frame after the handshake",
+            ));
         }
     }
     Ok(())

@@ -41,9 +41,14 @@ impl StreamSlot {
     /// Queues data unless the peer overran the window it was granted.
     pub(crate) fn deliver_data(&self, payload: Bytes, window: u32) -> Result<(), String> {
         let len = payload.len() as u32;
-        let in_flight = self.in_flight.fetch_add(len, Ordering::AcqRel).saturating_add(len);
+        let in_flight = self
+            .in_flight
+            .fetch_add(len, Ordering::AcqRel)
+            .saturating_add(len);
         if in_flight > window {
-            return Err(format!("the peer sent {in_flight} bytes on a stream with a window of {window}"));
+            return Err(format!(
+                "the peer sent {in_flight} bytes on a stream with a window of {window}"
+            ));
         }
         self.deliver(Inbound::Data(payload));
         Ok(())
@@ -56,8 +61,15 @@ impl StreamSlot {
 
     /// Adds credit, refusing grants that exceed what was ever sent.
     pub(crate) fn grant(&mut self, bytes: u32, window: u32) -> Result<(), String> {
-        if self.credit.available_permits().saturating_add(bytes as usize) > window as usize {
-            return Err(format!("the peer granted {bytes} bytes of credit beyond the window of {window}"));
+        if self
+            .credit
+            .available_permits()
+            .saturating_add(bytes as usize)
+            > window as usize
+        {
+            return Err(format!(
+                "the peer granted {bytes} bytes of credit beyond the window of {window}"
+            ));
         }
         self.credit.add_permits(bytes as usize);
         Ok(())
@@ -105,7 +117,9 @@ pub struct Stream {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("side", &self.side).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("side", &self.side)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,7 +158,10 @@ impl Stream {
 
     /// Tells the peer that this side reached the stream's target.
     pub fn accept(&self) {
-        let _ = self.inner.control.send(frame(Frame::Opened { stream: self.id }));
+        let _ = self
+            .inner
+            .control
+            .send(frame(Frame::Opened { stream: self.id }));
     }
 
     /// Refuses or aborts the stream, telling the peer why.
@@ -170,7 +187,13 @@ impl Stream {
     {
         let result = {
             let up = upstream(self.id, &self.inner, &self.credit, reader);
-            let down = downstream(self.id, &self.inner, &mut self.inbound, &self.in_flight, writer);
+            let down = downstream(
+                self.id,
+                &self.inner,
+                &mut self.inbound,
+                &self.in_flight,
+                writer,
+            );
             tokio::try_join!(up, down).map(|_| ())
         };
         match &result {
@@ -214,7 +237,10 @@ async fn upstream<R: AsyncRead + Unpin>(
     let tunnel_closed = || StreamError::Peer("the tunnel closed".into());
     loop {
         let mut buf = data_frame_buffer(chunk);
-        let n = reader.read_buf(&mut buf).await.map_err(StreamError::Local)?;
+        let n = reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(StreamError::Local)?;
         if n == 0 {
             let fin = frame(Frame::Fin { stream: id });
             return inner.data.send(fin).await.map_err(|_| tunnel_closed());

@@ -101,7 +101,11 @@ fn socket_addr_after_tag(r: &mut Reader, family: u8) -> Result<SocketAddr, Decod
             octets.copy_from_slice(&r.take(16)?);
             IpAddr::V6(Ipv6Addr::from(octets))
         }
-        _ => return Err(DecodeError::Invalid { field: "address family" }),
+        _ => {
+            return Err(DecodeError::Invalid {
+                field: "address family",
+            })
+        }
     };
     Ok(SocketAddr::new(ip, r.u16()?))
 }

@@ -35,8 +35,14 @@ impl Datagram {
         let peer = get_socket_addr(r)?;
         let payload = r.rest();
         if payload.len() > MAX_PAYLOAD {
-            return Err(DecodeError::Invalid { field: "datagram length" });
+            return Err(DecodeError::Invalid {
+                field: "datagram length",
+            });
         }
-        Ok(Datagram { flow, peer, payload })
+        Ok(Datagram {
+            flow,
+            peer,
+            payload,
+        })
     }
 }

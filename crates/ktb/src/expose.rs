@@ -37,7 +37,10 @@ impl FromStr for Expose {
                 .ok_or_else(|| format!("invalid port {p:?} in --expose {s:?}: expected LOCAL[:REMOTE], e.g. 8080 or 8080:80"))
         };
         match s.split_once(':') {
-            None => Ok(Expose { local: port(s)?, remote: None }),
+            None => Ok(Expose {
+                local: port(s)?,
+                remote: None,
+            }),
             Some((local, remote)) => Ok(Expose {
                 local: port(local)?,
                 remote: Some(port(remote)?),
@@ -67,10 +70,20 @@ impl Routes {
                 Some(remote) => remote,
                 None if agent_ports.contains(&expose.local) => expose.local,
                 None if agent_ports.len() == 1 => agent_ports[0],
-                None => return Err(format!("--expose {}: which agent port? {}", expose.local, listing())),
+                None => {
+                    return Err(format!(
+                        "--expose {}: which agent port? {}",
+                        expose.local,
+                        listing()
+                    ))
+                }
             };
             if !agent_ports.contains(&remote) {
-                return Err(format!("--expose {}:{remote}: port {remote} is not exposed; {}", expose.local, listing()));
+                return Err(format!(
+                    "--expose {}:{remote}: port {remote} is not exposed; {}",
+                    expose.local,
+                    listing()
+                ));
             }
             let local = SocketAddr::from((Ipv4Addr::LOCALHOST, expose.local));
             if by_agent_port.insert(remote, local).is_some() {
@@ -99,7 +112,11 @@ pub struct LocalDialer {
 
 impl LocalDialer {
     pub fn new(routes: Routes, reporter: Reporter) -> Self {
-        let unreachable = routes.by_agent_port.values().map(|a| (*a, AtomicBool::new(false))).collect();
+        let unreachable = routes
+            .by_agent_port
+            .values()
+            .map(|a| (*a, AtomicBool::new(false)))
+            .collect();
         LocalDialer {
             routes: Arc::new(routes),
             unreachable: Arc::new(unreachable),
@@ -114,7 +131,9 @@ impl LocalDialer {
             return stream.reset("the ktb CLI accepts only exchanged connections from the agent");
         };
         let Some(&local) = self.routes.by_agent_port.get(&port) else {
-            return stream.reset(&format!("agent port {port} is not exposed by this ktb session"));
+            return stream.reset(&format!(
+                "agent port {port} is not exposed by this ktb session"
+            ));
         };
         let dialed = tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(local)).await;
         let mut tcp = match dialed {
@@ -124,12 +143,16 @@ impl LocalDialer {
             }
             Ok(Err(e)) => {
                 let error = e.to_string();
-                stream.reset(&format!("nothing listens on {local} on the developer's machine ({error})"));
+                stream.reset(&format!(
+                    "nothing listens on {local} on the developer's machine ({error})"
+                ));
                 return self.mark(local, Some(error));
             }
             Err(_) => {
                 let error = format!("no answer in {LOCAL_DIAL_TIMEOUT:?}");
-                stream.reset(&format!("{local} on the developer's machine did not accept ({error})"));
+                stream.reset(&format!(
+                    "{local} on the developer's machine did not accept ({error})"
+                ));
                 return self.mark(local, Some(error));
             }
         };
@@ -146,7 +169,9 @@ impl LocalDialer {
     fn mark(&self, local: SocketAddr, error: Option<String>) {
         let was_unreachable = self.unreachable[&local].swap(error.is_some(), Ordering::AcqRel);
         match error {
-            Some(error) if !was_unreachable => self.reporter.report(Event::LocalUnreachable { addr: local, error }),
+            Some(error) if !was_unreachable => self
+                .reporter
+                .report(Event::LocalUnreachable { addr: local, error }),
             None if was_unreachable => self.reporter.report(Event::LocalBack { addr: local }),
             _ => {}
         }
@@ -163,8 +188,20 @@ mod tests {
 
     #[test]
     fn expose_parses_local_and_remote() {
-        assert_eq!(expose("8080"), Expose { local: 8080, remote: None });
-        assert_eq!(expose("8080:80"), Expose { local: 8080, remote: Some(80) });
+        assert_eq!(
+            expose("8080"),
+            Expose {
+                local: 8080,
+                remote: None
+            }
+        );
+        assert_eq!(
+            expose("8080:80"),
+            Expose {
+                local: 8080,
+                remote: Some(80)
+            }
+        );
         for bad in ["", "x", "0", "8080:", "8080:http", "70000", "1:2:3"] {
             assert!(bad.parse::<Expose>().is_err(), "{bad:?} must be refused");
         }
@@ -181,9 +218,15 @@ mod tests {
     #[test]
     fn unknown_and_ambiguous_ports_list_what_exists() {
         let err = Routes::resolve(&[expose("8080:81")], &[80, 443]).unwrap_err();
-        assert!(err.contains("port 81 is not exposed") && err.contains("80, 443"), "{err}");
+        assert!(
+            err.contains("port 81 is not exposed") && err.contains("80, 443"),
+            "{err}"
+        );
         let err = Routes::resolve(&[expose("8080")], &[80, 443]).unwrap_err();
-        assert!(err.contains("which agent port") && err.contains("80, 443"), "{err}");
+        assert!(
+            err.contains("which agent port") && err.contains("80, 443"),
+            "{err}"
+        );
         assert!(Routes::resolve(&[expose("1:80"), expose("2:80")], &[80]).is_err());
     }
 }

@@ -10,7 +10,11 @@ use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb_proto::SessionConfig;
 
 #[derive(Parser)]
-#[command(name = "ktb", version, about = "kube traffic bridge: your laptop and a Kubernetes cluster as one network")]
+#[command(
+    name = "ktb",
+    version,
+    about = "kube traffic bridge: your laptop and a Kubernetes cluster as one network"
+)]
 struct Cli {
     /// More detail (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -62,11 +66,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let token = match (token_file, token) {
                 (Some(path), _) => std::fs::read_to_string(&path)
-                    .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", path.display()))?
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
+                    })?
                     .trim()
                     .to_owned(),
                 (None, Some(token)) => token,
-                (None, None) => anyhow::bail!("no session token: pass --token-file or set KTB_TOKEN"),
+                (None, None) => {
+                    anyhow::bail!("no session token: pass --token-file or set KTB_TOKEN")
+                }
             };
             let options = AttachOptions {
                 token,
@@ -99,6 +107,10 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KTB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KTB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The tunnel is up; `routes` pairs an agent port with a local address.
-    TunnelUp { agent: String, routes: Vec<(u16, SocketAddr)> },
+    TunnelUp {
+        agent: String,
+        routes: Vec<(u16, SocketAddr)>,
+    },
     /// The tunnel dropped or could not be set up; the next try is after `retry_in`.
     TunnelDown { reason: String, retry_in: Duration },
     /// A caller arrived but nothing accepts connections locally. Said once

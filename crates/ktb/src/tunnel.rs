@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ktb_proto::handshake::{client_handshake, close_code, websocket_config, HandshakeError};
@@ -24,6 +25,8 @@ use crate::report::{Event, Reporter};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the close frame to reach the agent.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How bytes reach the agent's HTTP endpoint: directly over TCP, or (for
 /// clusters) through a port-forward.
@@ -45,7 +48,12 @@ impl Transport for Direct {
     async fn connect(&self) -> io::Result<TcpStream> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {} in {CONNECT_TIMEOUT:?}", self.addr)))??;
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from {} in {CONNECT_TIMEOUT:?}", self.addr),
+                )
+            })??;
         tcp.set_nodelay(true)?;
         Ok(tcp)
     }
@@ -81,10 +89,17 @@ pub async fn attach<T: Transport>(
 ) -> Result<(), AttachError> {
     tokio::pin!(shutdown);
     let mut backoff = Backoff::default();
+    let live = Mutex::new(None);
     loop {
         let outcome = tokio::select! {
-            outcome = connect_and_serve(&transport, &options, &reporter, &mut backoff) => outcome,
-            _ = &mut shutdown => return Ok(()),
+            outcome = connect_and_serve(&transport, &options, &reporter, &mut backoff, &live) => outcome,
+            _ = &mut shutdown => {
+                let session = live.lock().expect("live session lock").take();
+                if let Some(session) = session {
+                    session.close_and_flush(1000, "the ktb client is shutting down", GOODBYE_TIMEOUT).await;
+                }
+                return Ok(());
+            }
         };
         let reason = match outcome {
             Err(Failure::Fatal(e)) => return Err(e),
@@ -105,13 +120,14 @@ enum Failure {
     Retry(String),
 }
 
-/// One tunnel's life: dial, handshake, serve until it drops. Closes the
-/// tunnel politely if the caller stops polling (shutdown).
+/// One tunnel's life: dial, handshake, serve until it drops. The live
+/// session is left in `live` so that shutdown can close it politely.
 async fn connect_and_serve<T: Transport>(
     transport: &T,
     options: &AttachOptions,
     reporter: &Reporter,
     backoff: &mut Backoff,
+    live: &Mutex<Option<Session>>,
 ) -> Result<String, Failure> {
     let where_to = transport.describe();
     let io = transport
@@ -119,31 +135,43 @@ async fn connect_and_serve<T: Transport>(
         .await
         .map_err(|e| Failure::Retry(format!("cannot reach the agent at {where_to}: {e}")))?;
     let url = format!("ws://{where_to}/tunnel");
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()))
-        .await
-        .map_err(|e| Failure::Retry(format!("the agent at {where_to} did not accept a tunnel: {e}")))?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()))
+            .await
+            .map_err(|e| {
+                Failure::Retry(format!(
+                    "the agent at {where_to} did not accept a tunnel: {e}"
+                ))
+            })?;
     let welcome = match client_handshake(&mut ws, &options.token).await {
         Ok(welcome) => welcome,
         Err(HandshakeError::Refused { code, reason })
             if code == close_code::UNAUTHORIZED || code == close_code::VERSION_MISMATCH =>
         {
-            return Err(Failure::Fatal(AttachError::Refused(format!("the agent refused the tunnel: {reason}"))))
+            return Err(Failure::Fatal(AttachError::Refused(format!(
+                "the agent refused the tunnel: {reason}"
+            ))))
         }
         Err(e) => return Err(Failure::Retry(e.to_string())),
     };
-    let routes = Routes::resolve(&options.exposes, &welcome.ports).map_err(|e| Failure::Fatal(AttachError::BadExpose(e)))?;
+    let routes = Routes::resolve(&options.exposes, &welcome.ports)
+        .map_err(|e| Failure::Fatal(AttachError::BadExpose(e)))?;
     backoff.reset();
     reporter.report(Event::TunnelUp {
         agent: welcome.agent,
         routes: routes.list(),
     });
     let (session, incoming) = Session::start(ws, Side::Client, options.session.clone());
-    let _close_on_drop = CloseOnDrop(session.clone());
+    *live.lock().expect("live session lock") = Some(session.clone());
     let dialer = LocalDialer::new(routes, reporter.clone());
     Ok(serve(session, incoming, dialer).await)
 }
 
-async fn serve(session: Session, mut incoming: tokio::sync::mpsc::Receiver<Incoming>, dialer: LocalDialer) -> String {
+async fn serve(
+    session: Session,
+    mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
+    dialer: LocalDialer,
+) -> String {
     while let Some(item) = incoming.recv().await {
         if let Incoming::Stream { stream, target } = item {
             let dialer = dialer.clone();
@@ -151,15 +179,6 @@ async fn serve(session: Session, mut incoming: tokio::sync::mpsc::Receiver<Incom
         }
     }
     session.closed().await.to_string()
-}
-
-/// Tells the agent we are leaving when the tunnel's task is cancelled.
-struct CloseOnDrop(Session);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(1000, "the ktb client is shutting down");
-    }
 }
 
 /// Exponential backoff with jitter, so many laptops that lost the same
@@ -170,7 +189,9 @@ struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: BACKOFF_FIRST }
+        Backoff {
+            next: BACKOFF_FIRST,
+        }
     }
 }
 

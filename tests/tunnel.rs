@@ -1,0 +1,532 @@
+//! The exchange data path on loopback: callers → agent's exposed port →
+//! WebSocket tunnel → CLI → local server, with agent and CLI in this process.
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use ktb::report::Event;
+use ktb::tunnel::{attach, AttachError, AttachOptions, Direct};
+use ktb_proto::handshake::{client_handshake, close_code, websocket_config, HandshakeError, Hello};
+use ktb_proto::session::Side;
+use ktb_proto::tcp::Target;
+use ktb_proto::udp::Datagram;
+use ktb_proto::{Frame, Incoming, Session, SessionConfig};
+use ktb_tests::harness::{Bridge, Events, RunningAgent, TOKEN};
+use ktb_tests::{servers, within, ByteSource};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Barrier, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+const MIB: usize = 1024 * 1024;
+
+/// Sends `total` pseudo-random bytes and reads the echo concurrently;
+/// returns the SHA-256 of what was sent and of what came back.
+async fn echo_round_trip(
+    addr: std::net::SocketAddr,
+    total: usize,
+    seed: u64,
+) -> ([u8; 32], [u8; 32], usize) {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connect to the exposed port");
+    echo_round_trip_on(tcp, total, seed).await
+}
+
+async fn echo_round_trip_on(
+    tcp: TcpStream,
+    total: usize,
+    seed: u64,
+) -> ([u8; 32], [u8; 32], usize) {
+    tcp.set_nodelay(true).unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let send = tokio::spawn(async move {
+        let mut source = ByteSource::new(seed);
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = buf.len().min(total - sent);
+            source.fill(&mut buf[..n]);
+            hash.update(&buf[..n]);
+            writer
+                .write_all(&buf[..n])
+                .await
+                .expect("write to the tunnel");
+            sent += n;
+        }
+        writer.shutdown().await.expect("half-close");
+        <[u8; 32]>::from(hash.finalize())
+    });
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0;
+    loop {
+        let n = reader.read(&mut buf).await.expect("read from the tunnel");
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        received += n;
+    }
+    (send.await.unwrap(), hash.finalize().into(), received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_arrive_intact_both_ways() {
+    let local = servers::echo().await;
+    let bridge = Bridge::start(local.addr).await;
+    let total = 256 * MIB;
+    let (sent, received, len) = within(
+        "256 MiB each way",
+        echo_round_trip(bridge.caller_addr(), total, 42),
+    )
+    .await;
+    assert_eq!(len, total, "every byte came back");
+    assert_eq!(
+        sent, received,
+        "SHA-256 of what came back equals what was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_is_honoured() {
+    let local = servers::count_then_reply().await;
+    let bridge = Bridge::start(local.addr).await;
+    let mut tcp = TcpStream::connect(bridge.caller_addr()).await.unwrap();
+    tcp.write_all(&vec![7u8; 3 * MIB + 5]).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut reply = String::new();
+    within("reply after our FIN", tcp.read_to_string(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, format!("received {} bytes", 3 * MIB + 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_all_complete() {
+    let local = servers::echo().await;
+    let bridge = Bridge::start(local.addr).await;
+    // All 1,000 connections are opened first, so 1,000 streams are open in
+    // the tunnel at once; connecting is paced as a real client pool would.
+    let connecting = Arc::new(Semaphore::new(64));
+    let all_open = Arc::new(Barrier::new(1001));
+    let callers: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let (connecting, all_open, addr) = (
+                Arc::clone(&connecting),
+                Arc::clone(&all_open),
+                bridge.caller_addr(),
+            );
+            tokio::spawn(async move {
+                let permit = connecting.acquire().await.unwrap();
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                drop(permit);
+                all_open.wait().await;
+                echo_round_trip_on(tcp, 16 * 1024, i).await
+            })
+        })
+        .collect();
+    within("all connections open", all_open.wait()).await;
+    let mut completed = 0;
+    for caller in callers {
+        let (sent, received, len) = within("concurrent stream", caller)
+            .await
+            .expect("caller task");
+        assert_eq!((sent, len), (received, 16 * 1024));
+        completed += 1;
+    }
+    assert_eq!(completed, 1000);
+}
+
+/// Time to push `total` bytes through an echo round trip.
+async fn timed_round_trip(addr: std::net::SocketAddr, total: usize) -> Duration {
+    let start = Instant::now();
+    let (sent, received, _) = within("timed round trip", echo_round_trip(addr, total, 7)).await;
+    assert_eq!(sent, received);
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_neither_slows_others_nor_buffers_without_bound() {
+    let local = servers::echo().await;
+    let bridge = Bridge::start(local.addr).await;
+    let fast = 48 * MIB;
+    let alone = timed_round_trip(bridge.caller_addr(), fast).await;
+
+    // A caller that writes but never reads: its echo backs up through the
+    // tunnel until every buffer on its path is full.
+    let stalled = TcpStream::connect(bridge.caller_addr()).await.unwrap();
+    let (_unread, mut writer) = stalled.into_split();
+    let limit = 256 * MIB;
+    let mut written = 0;
+    let chunk = vec![1u8; 64 * 1024];
+    while written < limit {
+        match tokio::time::timeout(Duration::from_millis(500), writer.write_all(&chunk)).await {
+            Ok(result) => {
+                result.unwrap();
+                written += chunk.len();
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < limit,
+        "a caller that never reads was able to push {written} bytes: nothing pushed back"
+    );
+
+    let beside_stalled = timed_round_trip(bridge.caller_addr(), fast).await;
+    let ratio = beside_stalled.as_secs_f64() / alone.as_secs_f64();
+    println!("stalled caller buffered {} KiB; fast stream alone {alone:?}, beside it {beside_stalled:?} (ratio {ratio:.2})", written / 1024);
+    assert!(
+        ratio < 4.0,
+        "a stalled stream slowed another by {ratio:.1}x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused_with_its_reason() {
+    let agent = RunningAgent::start(false).await;
+    let options = AttachOptions {
+        token: "not-the-token".into(),
+        exposes: vec!["8080".parse().unwrap()],
+        session: SessionConfig::default(),
+    };
+    let transport = Direct {
+        addr: agent.tunnel.to_string(),
+    };
+    let result = within(
+        "refusal",
+        attach(
+            transport,
+            options,
+            Events::default().reporter(),
+            std::future::pending(),
+        ),
+    )
+    .await;
+    match result {
+        Err(AttachError::Refused(reason)) => {
+            assert!(reason.contains("invalid session token"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// A raw WebSocket to the agent, for speaking the protocol wrongly on purpose.
+async fn raw_websocket(agent: &RunningAgent) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let tcp = TcpStream::connect(agent.tunnel).await.unwrap();
+    let url = format!("ws://{}/tunnel", agent.tunnel);
+    tokio_tungstenite::client_async_with_config(url, tcp, Some(websocket_config()))
+        .await
+        .expect("websocket upgrade")
+        .0
+}
+
+/// The close frame the agent answers with, as (code, reason).
+async fn close_reason(
+    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+) -> Option<(u16, String)> {
+    within("close frame", async {
+        while let Some(message) = ws.next().await {
+            match message {
+                Ok(Message::Close(Some(frame))) => {
+                    return Some((frame.code.into(), frame.reason.to_string()))
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_mismatch_names_both_versions() {
+    let agent = RunningAgent::start(false).await;
+    let mut ws = raw_websocket(&agent).await;
+    let hello = Hello {
+        min_version: 90,
+        max_version: 99,
+        token: TOKEN.into(),
+    };
+    ws.send(Message::Binary(Frame::Hello(hello).encode()))
+        .await
+        .unwrap();
+    let (code, reason) = close_reason(&mut ws)
+        .await
+        .expect("a close frame with a reason");
+    assert_eq!(code, close_code::VERSION_MISMATCH);
+    assert!(
+        reason.contains("client speaks 90..=99") && reason.contains("agent speaks 1..=1"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversize_frames_close_only_their_connection() {
+    let local = servers::echo().await;
+    let bridge = Bridge::start(local.addr).await;
+    let tunnel = bridge.agent.tunnel;
+
+    // Not HTTP at all.
+    let mut tcp = TcpStream::connect(tunnel).await.unwrap();
+    tcp.write_all(b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = within("garbage connection closed", tcp.read_to_end(&mut sink)).await;
+    assert!(
+        !String::from_utf8_lossy(&sink).contains("101"),
+        "garbage must not be upgraded"
+    );
+
+    // A WebSocket whose first frame is not a Hello.
+    let mut ws = raw_websocket(&bridge.agent).await;
+    ws.send(Message::Binary(vec![0xff, 0, 1, 2, 3].into()))
+        .await
+        .unwrap();
+    let (code, reason) = close_reason(&mut ws).await.expect("close frame");
+    assert_eq!(code, close_code::MALFORMED);
+    assert!(reason.contains("invalid Hello"), "{reason}");
+
+    // A frame over the size limit: the connection is dropped before buffering it.
+    let mut ws = raw_websocket(&bridge.agent).await;
+    let oversize = vec![0u8; ktb_proto::codec::MAX_FRAME_LEN + 1];
+    let _ = ws.send(Message::Binary(oversize.into())).await;
+    let closed = close_reason(&mut ws).await;
+    if let Some((code, reason)) = closed {
+        assert_eq!(code, close_code::MALFORMED, "{reason}");
+    }
+
+    // The attached developer was not disturbed.
+    let (sent, received, _) = within(
+        "echo after abuse",
+        echo_round_trip(bridge.caller_addr(), MIB, 3),
+    )
+    .await;
+    assert_eq!(sent, received);
+    assert_eq!(
+        bridge
+            .events
+            .count(|e| matches!(e, Event::TunnelDown { .. })),
+        0,
+        "the real tunnel stayed up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_local_port_resets_callers_and_is_reported_once() {
+    let local = servers::closed_port().await;
+    let bridge = Bridge::start(local).await;
+    for _ in 0..3 {
+        assert_eq!(
+            within("reset", call_once(bridge.caller_addr())).await,
+            Err(ErrorKind::ConnectionReset)
+        );
+    }
+    let unreachable =
+        |e: &Event| matches!(e, Event::LocalUnreachable { addr, .. } if *addr == local);
+    assert_eq!(
+        bridge.events.count(unreachable),
+        1,
+        "reported once: {:?}",
+        bridge.events.all()
+    );
+    let message = bridge
+        .events
+        .all()
+        .iter()
+        .find(|e| unreachable(e))
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with(&format!("nothing listens on {local}")),
+        "{message}"
+    );
+
+    // The developer starts the process: the next caller gets through, and the CLI says so.
+    let listener = tokio::net::TcpListener::bind(local).await.unwrap();
+    let server = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"hello from the laptop").await.unwrap();
+    });
+    let mut tcp = TcpStream::connect(bridge.caller_addr()).await.unwrap();
+    let mut reply = String::new();
+    within(
+        "reply from the restarted process",
+        tcp.read_to_string(&mut reply),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply, "hello from the laptop");
+    server.await.unwrap();
+    assert_eq!(
+        bridge
+            .events
+            .count(|e| matches!(e, Event::LocalBack { .. })),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_tunnel_fails_streams_in_flight_and_recovers() {
+    let local = servers::echo().await;
+    let bridge = Bridge::start(local.addr).await;
+
+    let in_flight = TcpStream::connect(bridge.caller_addr()).await.unwrap();
+    let (mut reader, mut writer) = in_flight.into_split();
+    writer.write_all(b"before the cut").await.unwrap();
+    let mut buf = [0u8; 14];
+    reader.read_exact(&mut buf).await.unwrap();
+
+    bridge.proxy.cut();
+    let outcome = within("in-flight stream fails", async {
+        let mut buf = [0u8; 64];
+        loop {
+            let _ = writer.write_all(b"after the cut").await;
+            match reader.read(&mut buf).await {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        outcome,
+        Err::<(), _>(ErrorKind::ConnectionReset),
+        "in-flight caller sees a reset, not a clean end"
+    );
+
+    bridge
+        .events
+        .wait_for(1, "tunnel down", |e| matches!(e, Event::TunnelDown { .. }))
+        .await;
+    bridge
+        .events
+        .wait_for(2, "tunnel back up", |e| matches!(e, Event::TunnelUp { .. }))
+        .await;
+    let (sent, received, _) = within(
+        "new stream after reconnect",
+        echo_round_trip(bridge.caller_addr(), MIB, 9),
+    )
+    .await;
+    assert_eq!(sent, received);
+    assert!(bridge.client_is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_client_attached_callers_are_refused_at_once() {
+    let agent = RunningAgent::start(false).await;
+    let result = tokio::time::timeout(Duration::from_secs(5), call_once(agent.exposed)).await;
+    assert_eq!(
+        result.expect("refused promptly, not left hanging"),
+        Err(ErrorKind::ConnectionReset)
+    );
+}
+
+/// One request as a cluster caller makes it: connect, send, read the answer.
+/// The reset of a refused caller may surface at any of the three steps.
+async fn call_once(addr: std::net::SocketAddr) -> Result<Vec<u8>, ErrorKind> {
+    let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.kind())?;
+    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .map_err(|e| e.kind())?;
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.map_err(|e| e.kind())?;
+    Ok(answer)
+}
+
+/// The client side of a connect-role tunnel, spoken directly with ktb-proto.
+async fn connect_role_session(
+    agent: &RunningAgent,
+) -> (Session, tokio::sync::mpsc::Receiver<Incoming>) {
+    let tcp = TcpStream::connect(agent.tunnel).await.unwrap();
+    let url = format!("ws://{}/tunnel", agent.tunnel);
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url, tcp, Some(websocket_config()))
+            .await
+            .unwrap();
+    client_handshake(&mut ws, TOKEN).await.expect("handshake");
+    Session::start(ws, Side::Client, SessionConfig::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_role_dials_tcp_and_relays_udp() {
+    let agent = RunningAgent::start(true).await;
+    let tcp_echo = servers::echo().await;
+    let udp_echo = servers::udp_echo().await;
+    let (session, mut incoming) = connect_role_session(&agent).await;
+
+    let mut stream = session.open(Target::Addr(tcp_echo.addr)).unwrap();
+    within("dial", stream.opened())
+        .await
+        .expect("agent reached the echo server");
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (r, w) = tokio::io::split(theirs);
+    let bridge = tokio::spawn(stream.bridge(r, w));
+    let (mut ours_r, mut ours_w) = tokio::io::split(ours);
+    ours_w.write_all(b"ping through the cluster").await.unwrap();
+    ours_w.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    within("echo", ours_r.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, b"ping through the cluster");
+    within("bridge ends", bridge)
+        .await
+        .unwrap()
+        .expect("clean end of stream");
+
+    let mut refused = session
+        .open(Target::Addr(servers::closed_port().await))
+        .unwrap();
+    let reason = within("refusal", refused.opened()).await.unwrap_err();
+    assert!(reason.contains("cannot reach"), "{reason}");
+
+    let datagram = Datagram {
+        flow: 1,
+        peer: udp_echo.addr,
+        payload: bytes::Bytes::from_static(b"dns-ish question"),
+    };
+    session.send_datagram(datagram).await.unwrap();
+    match within("datagram reply", incoming.recv()).await {
+        Some(Incoming::Datagram(reply)) => {
+            assert_eq!((reply.flow, reply.peer), (1, udp_echo.addr));
+            assert_eq!(&reply.payload[..], b"dns-ish question");
+        }
+        other => panic!("expected a datagram, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_agent_refuses_to_dial() {
+    let agent = RunningAgent::start(false).await;
+    let (session, _incoming) = connect_role_session(&agent).await;
+    let mut stream = session
+        .open(Target::Host {
+            host: "localhost".into(),
+            port: 1,
+        })
+        .unwrap();
+    let reason = within("refusal", stream.opened()).await.unwrap_err();
+    assert!(reason.contains("exchange role"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_refusal_is_an_error_not_a_session() {
+    let agent = RunningAgent::start(false).await;
+    let mut ws = raw_websocket(&agent).await;
+    match client_handshake(&mut ws, "wrong").await {
+        Err(HandshakeError::Refused { code, reason }) => {
+            assert_eq!(code, close_code::UNAUTHORIZED);
+            assert!(reason.contains("invalid session token"));
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+}
