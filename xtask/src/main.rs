@@ -5,6 +5,7 @@
 //! - `bench tunnel`: the loopback tunnel benchmark against direct TCP and `ssh -R`.
 //! - `test`: the one command that runs every test, as the README and CI call it.
 
+mod bench;
 mod cluster;
 
 use clap::{Parser, Subcommand};
@@ -23,10 +24,32 @@ enum Command {
         #[command(subcommand)]
         command: cluster::Command,
     },
+    /// Run a benchmark and print its figures side by side with baselines.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The tunnel on loopback against direct TCP and `ssh -R`.
+    Tunnel,
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cluster { command } => cluster::run(command),
+        Command::Bench {
+            bench: Bench::Tunnel,
+        } => bench::tunnel(&workspace()),
     }
 }

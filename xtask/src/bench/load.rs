@@ -1,0 +1,217 @@
+//! The load: a local server with two modes and the three measurements.
+//!
+//! The first byte of a connection picks the mode: `S` (sink: count bytes
+//! until FIN, answer the count) for throughput, `E` (echo) for latency and
+//! concurrency. The same server stands behind every path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// A step that takes longer than this is a failure, not a slow result.
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub throughput_gbps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub concurrent_ms: f64,
+    pub concurrent_errors: usize,
+}
+
+impl Figures {
+    pub fn median(rounds: &[Figures]) -> Figures {
+        let med = |f: fn(&Figures) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Figures {
+            throughput_gbps: med(|f| f.throughput_gbps),
+            p50_us: med(|f| f.p50_us),
+            p99_us: med(|f| f.p99_us),
+            concurrent_ms: med(|f| f.concurrent_ms),
+            concurrent_errors: rounds
+                .iter()
+                .map(|f| f.concurrent_errors)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+}
+
+pub struct LocalServer {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LocalServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(([127, 0, 0, 1], 0).into())?;
+        let listener: TcpListener = socket.listen(4096)?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp));
+            }
+        });
+        Ok(LocalServer { addr, task })
+    }
+}
+
+async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mode = tcp.read_u8().await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    match mode {
+        b'S' => {
+            let mut total = 0u64;
+            loop {
+                match tcp.read(&mut buf).await? {
+                    0 => break,
+                    n => total += n as u64,
+                }
+            }
+            tcp.write_u64(total).await?;
+        }
+        _ => {
+            let (mut r, mut w) = tcp.split();
+            tokio::io::copy(&mut r, &mut w).await?;
+        }
+    }
+    tcp.shutdown().await
+}
+
+async fn connect(addr: SocketAddr, mode: u8) -> anyhow::Result<TcpStream> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    tcp.write_u8(mode).await?;
+    Ok(tcp)
+}
+
+pub async fn measure(
+    addr: SocketAddr,
+    throughput_bytes: u64,
+    round_trips: usize,
+    connections: usize,
+    bytes_each: usize,
+) -> anyhow::Result<Figures> {
+    let throughput_gbps = limited("throughput", throughput(addr, throughput_bytes)).await?;
+    let (p50_us, p99_us) = limited("latency", latency(addr, round_trips)).await?;
+    let (concurrent_ms, concurrent_errors) =
+        limited("concurrency", concurrency(addr, connections, bytes_each)).await?;
+    Ok(Figures {
+        throughput_gbps,
+        p50_us,
+        p99_us,
+        concurrent_ms,
+        concurrent_errors,
+    })
+}
+
+async fn limited<T>(
+    what: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(STEP_LIMIT, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what} took longer than {STEP_LIMIT:?}"))?
+}
+
+/// One stream: `bytes` to the sink, timed until the sink confirms the count.
+async fn throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
+    let mut tcp = connect(addr, b'S').await?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        tcp.write_all(&chunk[..n]).await?;
+        sent += n as u64;
+    }
+    tcp.shutdown().await?;
+    let counted = tcp.read_u64().await?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        counted == bytes,
+        "the sink counted {counted} of {bytes} bytes"
+    );
+    Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
+}
+
+/// 1 KiB request, 1 KiB response, one at a time on one connection.
+async fn latency(addr: SocketAddr, round_trips: usize) -> anyhow::Result<(f64, f64)> {
+    let mut tcp = connect(addr, b'E').await?;
+    let request = vec![0x42u8; 1024];
+    let mut response = vec![0u8; 1024];
+    let mut samples = Vec::with_capacity(round_trips);
+    for _ in 0..round_trips {
+        let start = Instant::now();
+        tcp.write_all(&request).await?;
+        tcp.read_exact(&mut response).await?;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok((pick(0.50), pick(0.99)))
+}
+
+/// `connections` callers at once, each echoing `bytes_each`; connecting is
+/// paced (64 at a time) like a client pool, so the kernel's SYN-flood
+/// defence on loopback does not decide the result.
+async fn concurrency(
+    addr: SocketAddr,
+    connections: usize,
+    bytes_each: usize,
+) -> anyhow::Result<(f64, usize)> {
+    let pacing = Arc::new(Semaphore::new(64));
+    let start = Instant::now();
+    let callers: Vec<_> = (0..connections)
+        .map(|_| {
+            let pacing = Arc::clone(&pacing);
+            tokio::spawn(async move {
+                let permit = pacing.acquire_owned().await?;
+                let tcp = connect(addr, b'E').await?;
+                drop(permit);
+                echo_exactly(tcp, bytes_each).await
+            })
+        })
+        .collect();
+    let mut errors = 0;
+    for caller in callers {
+        if !matches!(caller.await, Ok(Ok(()))) {
+            errors += 1;
+        }
+    }
+    Ok((start.elapsed().as_secs_f64() * 1e3, errors))
+}
+
+async fn echo_exactly(tcp: TcpStream, bytes: usize) -> anyhow::Result<()> {
+    let (mut r, mut w) = tcp.into_split();
+    let payload = vec![0x17u8; bytes];
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await?;
+        w.shutdown().await
+    });
+    let mut back = Vec::with_capacity(bytes);
+    r.read_to_end(&mut back).await?;
+    writer.await??;
+    anyhow::ensure!(
+        back.len() == bytes && back.iter().all(|b| *b == 0x17),
+        "echo came back wrong"
+    );
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Setting up the two forwarding paths under test, as real processes:
+//! OpenSSH's `sshd` + `ssh -R`, and `ktb-agent` + `ktb attach` from the
+//! release build. Every process is started here and killed by its own
+//! handle when the path is dropped.
+
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::wait_until_listening;
+
+/// A child process killed (by its PID, through its handle) on drop.
+struct Process {
+    child: Child,
+}
+
+impl Process {
+    fn spawn(command: &mut Command, log: &Path) -> anyhow::Result<Process> {
+        let log = fs::File::create(log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+        Ok(Process { child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn build_release(workspace: &Path) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "ktb",
+            "-p",
+            "ktb-agent",
+        ])
+        .status()?;
+    anyhow::ensure!(status.success(), "building ktb and ktb-agent failed");
+    Ok(())
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {:?}", command.get_program()))?;
+    anyhow::ensure!(
+        status.success(),
+        "{:?} failed: {status}",
+        command.get_program()
+    );
+    Ok(())
+}
+
+/// `ssh -R`: callers connect to sshd's forwarded port; the ssh client
+/// carries each connection back to the local server.
+pub struct SshPath {
+    pub entry: SocketAddr,
+    _client: Process,
+    _server: Process,
+}
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+impl SshPath {
+    pub async fn start(scratch: &Path, local: SocketAddr) -> anyhow::Result<SshPath> {
+        ensure_sshd()?;
+        let host_key = scratch.join("host_key");
+        let client_key = scratch.join("client_key");
+        for key in [&host_key, &client_key] {
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(key))?;
+        }
+        let authorized = scratch.join("authorized_keys");
+        fs::copy(client_key.with_extension("pub"), &authorized)?;
+        // sshd refuses to start without its privilege separation directory.
+        fs::create_dir_all("/run/sshd")?;
+        let sshd_port = free_port()?;
+        let config = scratch.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nLogLevel ERROR\n",
+                host_key.display(),
+                scratch.join("sshd.pid").display(),
+                authorized.display()
+            ),
+        )?;
+        let server = Process::spawn(
+            Command::new(SSHD)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&config),
+            &scratch.join("sshd.log"),
+        )?;
+        wait_until_listening(([127, 0, 0, 1], sshd_port).into(), "sshd").await?;
+
+        let forwarded = free_port()?;
+        let user = String::from_utf8(Command::new("id").arg("-un").output()?.stdout)?
+            .trim()
+            .to_owned();
+        let client = Process::spawn(
+            Command::new("ssh")
+                .args([
+                    "-N",
+                    "-T",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                ])
+                .args([
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "ExitOnForwardFailure=yes",
+                    "-o",
+                    "LogLevel=ERROR",
+                ])
+                .arg("-i")
+                .arg(&client_key)
+                .arg("-p")
+                .arg(sshd_port.to_string())
+                .arg("-R")
+                .arg(format!("127.0.0.1:{forwarded}:{local}"))
+                .arg(format!("{user}@127.0.0.1")),
+            &scratch.join("ssh.log"),
+        )?;
+        let entry = ([127, 0, 0, 1], forwarded).into();
+        wait_until_listening(entry, "ssh -R").await?;
+        Ok(SshPath {
+            entry,
+            _client: client,
+            _server: server,
+        })
+    }
+}
+
+/// The benchmark compares against Debian's OpenSSH server; install it when
+/// missing (the machines run as root), and say so.
+fn ensure_sshd() -> anyhow::Result<()> {
+    if Path::new(SSHD).exists() {
+        return Ok(());
+    }
+    eprintln!("installing Debian's openssh-server for the ssh -R baseline");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "openssh-server",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("sshd is needed for the ssh -R baseline: apt-get install openssh-server")
+}
+
+/// The ktb tunnel: callers connect to the agent's exposed port.
+pub struct KtbPath {
+    pub entry: SocketAddr,
+    cli: Process,
+    agent: Process,
+}
+
+impl KtbPath {
+    pub async fn start(
+        workspace: &Path,
+        scratch: &Path,
+        local: SocketAddr,
+    ) -> anyhow::Result<KtbPath> {
+        let bin = |name: &str| -> PathBuf { workspace.join("target/release").join(name) };
+        let token = scratch.join("token");
+        let mut random = [0u8; 16];
+        fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+        fs::write(
+            &token,
+            random
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        )?;
+        let (tunnel_port, exposed_port) = (free_port()?, free_port()?);
+        let agent = Process::spawn(
+            Command::new(bin("ktb-agent"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{tunnel_port}"))
+                .arg("--token-file")
+                .arg(&token)
+                .args([
+                    "--expose-address",
+                    "127.0.0.1",
+                    "--expose-port",
+                    &exposed_port.to_string(),
+                ]),
+            &scratch.join("agent.log"),
+        )?;
+        wait_until_listening(([127, 0, 0, 1], tunnel_port).into(), "ktb-agent").await?;
+        let cli_log = scratch.join("ktb.log");
+        let cli = Process::spawn(
+            Command::new(bin("ktb"))
+                .args(["attach", "--agent", &format!("127.0.0.1:{tunnel_port}")])
+                .arg("--token-file")
+                .arg(&token)
+                .arg("--expose")
+                .arg(format!("{}:{exposed_port}", local.port())),
+            &cli_log,
+        )?;
+        for _ in 0..100 {
+            if fs::read_to_string(&cli_log)?.contains("tunnel up") {
+                return Ok(KtbPath {
+                    entry: ([127, 0, 0, 1], exposed_port).into(),
+                    cli,
+                    agent,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!(
+            "ktb attach did not report the tunnel up: {}",
+            fs::read_to_string(&cli_log)?
+        )
+    }
+
+    pub fn agent_peak_rss_kib(&self) -> anyhow::Result<u64> {
+        peak_rss_kib(self.agent.pid())
+    }
+
+    pub fn cli_peak_rss_kib(&self) -> anyhow::Result<u64> {
+        peak_rss_kib(self.cli.pid())
+    }
+}
+
+/// `VmHWM` of a process: the most resident memory it ever had.
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")
+}
