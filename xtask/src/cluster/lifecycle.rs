@@ -396,29 +396,50 @@ pub fn status(layout: &Layout) -> Result<()> {
         );
         return Ok(());
     }
-    let mut total = 0;
+    let (mut rss, mut pss) = (0, 0);
+    println!(
+        "{:<24} {:<12} {:<8} {:>8} {:>8}",
+        "", "", "", "RSS MiB", "PSS MiB"
+    );
     for d in &daemons {
         let alive = process::alive(d);
-        let rss = if alive { process::rss_kib(d.pid) } else { 0 };
-        total += rss;
+        let (r, p) = if alive {
+            process::memory_kib(d.pid)
+        } else {
+            (0, 0)
+        };
+        rss += r;
+        pss += p;
         println!(
-            "{:<24} pid {:<8} {:<8} {:>7} MiB",
+            "{:<24} pid {:<8} {:<8} {:>8} {:>8}",
             d.name,
             d.pid,
             if alive { "running" } else { "DEAD" },
-            rss / 1024
+            r / 1024,
+            p / 1024
         );
     }
-    let others: Vec<u32> = workload_pids(layout);
-    let others_rss: u64 = others.iter().map(|p| process::rss_kib(*p)).sum();
-    total += others_rss;
+    let others = workload_pids(layout);
+    let (r, p) = others
+        .iter()
+        .map(|pid| process::memory_kib(*pid))
+        .fold((0, 0), |(a, b), (r, p)| (a + r, b + p));
+    rss += r;
+    pss += p;
     println!(
-        "{:<24} {:<3} processes     {:>7} MiB",
+        "{:<24} {:<21} {:>8} {:>8}",
         "containers and shims",
-        others.len(),
-        others_rss / 1024
+        format!("{} processes", others.len()),
+        r / 1024,
+        p / 1024
     );
-    println!("{:<24} {:>28} MiB", "total RSS", total / 1024);
+    println!(
+        "{:<24} {:<21} {:>8} {:>8}",
+        "total",
+        "",
+        rss / 1024,
+        pss / 1024
+    );
     if apiserver_ready(layout) {
         let kc = layout.kubeconfig("admin");
         let out = process::run(
@@ -526,13 +547,33 @@ pub fn down(layout: &Layout) -> Result<()> {
             }
         }
     }
-    unmount_new(&before, &mut problems);
+    unmount_new(layout, &before, &mut problems);
     let now = snapshot::take()?;
+    // Only what the cluster names its interfaces (ours: ktb*, CNI's pod
+    // veths: veth*); anything else new is someone else's and only reported.
     for link in snapshot::added(&before, &now, "interface") {
-        // Deleting one end of a veth pair removes the other: ignore "not found".
-        let _ = process::run("ip", &["link", "del", &link]);
+        if link.starts_with("ktb") || link.starts_with("veth") {
+            // Deleting one end of a veth pair removes the other: ignore "not found".
+            let _ = process::run("ip", &["link", "del", &link]);
+        }
     }
+    // Tables the cluster creates: iptables-nft's (kubelet, kube-proxy,
+    // portmap), kube-proxy's own and the guard.
+    const CLUSTER_TABLES: &[&str] = &[
+        "filter",
+        "nat",
+        "mangle",
+        "raw",
+        "kube-proxy",
+        net::GUARD_TABLE,
+    ];
     for table in snapshot::added(&before, &now, "nft-table") {
+        if !CLUSTER_TABLES
+            .iter()
+            .any(|t| table.split_whitespace().nth(1) == Some(*t))
+        {
+            continue;
+        }
         let mut args = vec!["delete", "table"];
         args.extend(table.split_whitespace());
         if let Err(e) = process::run("nft", &args) {
@@ -549,6 +590,10 @@ pub fn down(layout: &Layout) -> Result<()> {
         }
     }
     for cgroup in snapshot::added(&before, &now, "cgroup") {
+        // The kubelet's (cgroupfs driver): kubepods and its children.
+        if !Path::new(&cgroup).ends_with("kubepods") {
+            continue;
+        }
         if let Err(e) = remove_cgroup(Path::new(&cgroup)) {
             problems.push(format!("removing cgroup {cgroup}: {e:#}"));
         }
@@ -601,15 +646,21 @@ pub fn down(layout: &Layout) -> Result<()> {
     }
 }
 
-/// Unmount every mount point that was not there before `up`, deepest first,
-/// in a few passes (stacked and propagated mounts reappear one level up).
-fn unmount_new(before: &snapshot::Snapshot, problems: &mut Vec<String>) {
+/// Unmount every mount point that was not there before `up` and lies in
+/// the state dir or a path the components write to, deepest first, in a
+/// few passes (stacked and propagated mounts reappear one level up).
+/// Other new mounts are not ours: the final comparison reports them.
+fn unmount_new(layout: &Layout, before: &snapshot::Snapshot, problems: &mut Vec<String>) {
     let old = before.get("mount").cloned().unwrap_or_default();
+    let ours = |m: &str| {
+        let m = Path::new(m);
+        m.starts_with(&layout.state) || snapshot::WATCHED_PATHS.iter().any(|p| m.starts_with(p))
+    };
     for pass in 0..5 {
         let Ok(now) = snapshot::mount_points() else {
             return;
         };
-        let mut new: Vec<&String> = now.difference(&old).collect();
+        let mut new: Vec<&String> = now.difference(&old).filter(|m| ours(m)).collect();
         if new.is_empty() {
             return;
         }

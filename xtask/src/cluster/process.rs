@@ -210,16 +210,21 @@ pub fn pids_with_arg(needle: &str) -> Vec<u32> {
     pids
 }
 
-/// Resident set size of a process in KiB (0 if it is gone).
-pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+/// Resident and proportional set size of a process in KiB (0 if it is
+/// gone). The Kubernetes daemons share one multi-call binary, so summing
+/// RSS counts its pages once per process; PSS divides shared pages.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let field = |file: &str, name: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    (field("status", "VmRSS:"), field("smaps_rollup", "Pss:"))
 }
 
 /// Run a command to completion, failing with its output if it fails.

@@ -80,7 +80,7 @@ fn http(target: &str, path: &str) -> Result<()> {
         .split_once("\r\n\r\n")
         .ok_or("malformed response")?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{}", head.lines().next().unwrap_or("")).into());
+        return Err(head.lines().next().unwrap_or("").to_owned().into());
     }
     print!("{body}");
     Ok(())
