@@ -34,7 +34,9 @@ pub struct SessionConfig {
     /// Bytes a sender may have in flight per stream; also the most a
     /// receiver ever buffers for one stream.
     pub window: u32,
-    /// Largest `Data` payload read from a socket at once.
+    /// Largest `Data` payload read from a socket at once. Reads start
+    /// smaller and grow while the socket keeps filling them, so idle
+    /// streams do not each pin a full chunk.
     pub chunk: usize,
     /// How often to ping the peer.
     pub keepalive_interval: Duration,
@@ -49,7 +51,10 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             window: 1024 * 1024,
-            chunk: 128 * 1024,
+            // One allocation of exactly 64 KiB per frame: large enough for
+            // few frames per byte, small enough to stay in malloc's arenas
+            // (larger blocks are mmapped and page-faulted in on every read).
+            chunk: 64 * 1024 - crate::codec::DATA_HEADER_LEN,
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(20),
             incoming_queue: 4096,
@@ -523,4 +528,121 @@ fn dispatch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! A session against a raw WebSocket peer that misbehaves on purpose.
+
+    use super::*;
+    use crate::handshake::websocket_config;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    async fn session_with_raw_peer() -> (
+        Session,
+        mpsc::Receiver<Incoming>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let ours =
+            WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
+        let peer =
+            WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
+        let (session, incoming) = Session::start(ours, Side::Agent, SessionConfig::default());
+        (session, incoming, peer)
+    }
+
+    /// Waits until the peer sees the tunnel end; returns the close code if
+    /// a close frame came first (the peer may instead hit the closed pipe
+    /// while answering a ping, which is just as much an end).
+    async fn peer_sees_the_end(peer: &mut WebSocketStream<tokio::io::DuplexStream>) -> Option<u16> {
+        let wait = async {
+            loop {
+                match peer.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
+                    Some(Ok(_)) => continue,
+                    _ => return None,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the tunnel ends in time")
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_handshake_closes_the_tunnel_with_a_reason() {
+        let (session, _incoming, mut peer) = session_with_raw_peer().await;
+        peer.send(Message::Binary(vec![0x7f, 1, 2].into()))
+            .await
+            .unwrap();
+        let reason = session.closed().await;
+        assert_eq!(reason.code, Some(close_code::MALFORMED));
+        assert!(
+            reason.reason.contains("unknown frame kind 0x7f"),
+            "{reason}"
+        );
+        assert_ne!(peer_sees_the_end(&mut peer).await, Some(1000));
+    }
+
+    #[tokio::test]
+    async fn overrunning_the_window_closes_the_tunnel() {
+        let (session, mut incoming, mut peer) = session_with_raw_peer().await;
+        let open = Frame::Open {
+            stream: 2,
+            target: Target::AgentPort { port: 80 },
+        };
+        peer.send(Message::Binary(open.encode())).await.unwrap();
+        let Some(Incoming::Stream {
+            stream: _kept_unread,
+            ..
+        }) = incoming.recv().await
+        else {
+            panic!("expected the stream");
+        };
+        let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+        let frames = SessionConfig::default().window as usize / chunk.len() + 1;
+        for _ in 0..frames {
+            let data = Frame::Data {
+                stream: 2,
+                payload: chunk.clone(),
+            };
+            if peer.send(Message::Binary(data.encode())).await.is_err() {
+                break;
+            }
+        }
+        let reason = session.closed().await;
+        assert_eq!(reason.code, Some(close_code::FLOW_CONTROL));
+        assert!(reason.reason.contains("window"), "{reason}");
+        assert_ne!(peer_sees_the_end(&mut peer).await, Some(1000));
+    }
+
+    #[tokio::test]
+    async fn a_peer_opening_with_our_parity_is_refused() {
+        let (session, _incoming, mut peer) = session_with_raw_peer().await;
+        let open = Frame::Open {
+            stream: 1,
+            target: Target::AgentPort { port: 80 },
+        };
+        peer.send(Message::Binary(open.encode())).await.unwrap();
+        assert_eq!(session.closed().await.code, Some(close_code::MALFORMED));
+        assert_ne!(peer_sees_the_end(&mut peer).await, Some(1000));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_declared_dead() {
+        let (a, _b) = tokio::io::duplex(1 << 16);
+        let ours =
+            WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
+        let config = SessionConfig {
+            keepalive_interval: Duration::from_millis(50),
+            keepalive_timeout: Duration::from_millis(200),
+            ..SessionConfig::default()
+        };
+        let (session, _incoming) = Session::start(ours, Side::Agent, config);
+        let reason = tokio::time::timeout(Duration::from_secs(10), session.closed())
+            .await
+            .unwrap();
+        assert_eq!(reason.code, Some(close_code::DEAD_PEER), "{reason}");
+    }
 }

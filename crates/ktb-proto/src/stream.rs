@@ -226,6 +226,21 @@ impl Drop for Stream {
     }
 }
 
+/// First read of a stream; later reads adapt (see [`next_read_size`]).
+const MIN_READ: usize = 4 * 1024;
+
+/// Doubles the read size after a read that filled the buffer (more is
+/// waiting), halves it after one that used less than a quarter.
+fn next_read_size(current: usize, read: usize, max: usize) -> usize {
+    if read >= current {
+        (current * 2).min(max)
+    } else if read < current / 4 {
+        (current / 2).max(MIN_READ.min(max))
+    } else {
+        current
+    }
+}
+
 /// Local → peer: read, wait for credit, send; `Fin` at end of input.
 async fn upstream<R: AsyncRead + Unpin>(
     id: StreamId,
@@ -233,14 +248,16 @@ async fn upstream<R: AsyncRead + Unpin>(
     credit: &Semaphore,
     mut reader: R,
 ) -> Result<(), StreamError> {
-    let chunk = inner.config.chunk.min(inner.config.window as usize);
+    let max_chunk = inner.config.chunk.min(inner.config.window as usize);
+    let mut read_size = max_chunk.min(MIN_READ);
     let tunnel_closed = || StreamError::Peer("the tunnel closed".into());
     loop {
-        let mut buf = data_frame_buffer(chunk);
+        let mut buf = data_frame_buffer(read_size);
         let n = reader
             .read_buf(&mut buf)
             .await
             .map_err(StreamError::Local)?;
+        read_size = next_read_size(read_size, n, max_chunk);
         if n == 0 {
             let fin = frame(Frame::Fin { stream: id });
             return inner.data.send(fin).await.map_err(|_| tunnel_closed());
@@ -287,5 +304,29 @@ async fn downstream<W: AsyncWrite + Unpin>(
             Inbound::Fin => return writer.shutdown().await.map_err(StreamError::Local),
             Inbound::Reset(reason) => return Err(StreamError::Peer(reason)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_size_grows_under_load_and_shrinks_when_idle() {
+        let max = 64 * 1024 - 5;
+        let mut size = MIN_READ;
+        for _ in 0..10 {
+            size = next_read_size(size, size, max);
+        }
+        assert_eq!(size, max, "a busy stream reaches the full chunk");
+        for _ in 0..10 {
+            size = next_read_size(size, 10, max);
+        }
+        assert_eq!(size, MIN_READ, "a trickle goes back to the smallest read");
+        assert_eq!(
+            next_read_size(8192, 4096, max),
+            8192,
+            "a half-full read keeps the size"
+        );
     }
 }
