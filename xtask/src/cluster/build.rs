@@ -87,7 +87,7 @@ fn go_build(layout: &Layout, name: &str, version: &str, ldflags: &str) -> Result
         return Ok(bin);
     }
     println!(
-        "  {name} {version}: building (cold builds take minutes; log in {})",
+        "  {name} {version}: building into {} (cold: minutes)",
         dir.display()
     );
     let tmp = layout
