@@ -7,6 +7,7 @@
 
 mod bench;
 mod cluster;
+mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,12 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: cluster::Command,
+    },
+    /// Run every test: the workspace's, then end-to-end on the test cluster.
+    Test {
+        /// Only the workspace's own tests (no cluster); for quick local runs.
+        #[arg(long)]
+        without_cluster: bool,
     },
     /// Run a benchmark and print its figures side by side with baselines.
     Bench {
@@ -48,6 +55,7 @@ fn workspace() -> std::path::PathBuf {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cluster { command } => cluster::run(command),
+        Command::Test { without_cluster } => test::run(&workspace(), without_cluster),
         Command::Bench {
             bench: Bench::Tunnel,
         } => bench::tunnel(&workspace()),
