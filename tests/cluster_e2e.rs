@@ -261,22 +261,26 @@ fn tcp_reachable(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).is_ok()
 }
 
-/// A DNS query for the cluster's own name; true if any reply arrives.
-fn dns_replies(server: SocketAddr) -> bool {
+/// One A query; the reply's (RCODE, answer count), or None without reply.
+fn dns_query(server: SocketAddr, name: &str) -> Option<(u8, u16)> {
     let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
     sock.set_read_timeout(Some(Duration::from_millis(1500)))
         .expect("timeout");
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in "kubernetes.default.svc.cluster.local".split('.') {
+    for label in name.split('.') {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    if sock.send_to(&q, server).is_err() {
-        return false;
-    }
+    sock.send_to(&q, server).ok()?;
     let mut buf = [0u8; 512];
-    sock.recv(&mut buf).is_ok()
+    let n = sock.recv(&mut buf).ok()?;
+    (n >= 12 && buf[..2] == q[..2]).then(|| (buf[3] & 0x0f, u16::from_be_bytes([buf[6], buf[7]])))
+}
+
+/// Whether the DNS server at `server` replies at all.
+fn dns_replies(server: SocketAddr) -> bool {
+    dns_query(server, "kubernetes.default.svc.cluster.local").is_some()
 }
 
 /// [`http_get`], retried for up to `timeout` (kube-proxy and port-forward
@@ -359,7 +363,20 @@ fn dns_and_service_load_balancing() {
             "{name} resolved to {addrs}"
         );
     }
-    // Names outside the cluster are not forwarded anywhere: they fail.
+    // CoreDNS answers the cluster's names and refuses (RCODE 5) all others:
+    // it forwards nothing off this machine.
+    let dns: SocketAddr = format!("{DNS_IP}:53").parse().expect("dns");
+    let kubernetes = dns_query(dns, "kubernetes.default.svc.cluster.local");
+    assert!(
+        matches!(kubernetes, Some((0, n)) if n > 0),
+        "kubernetes.default: {kubernetes:?}"
+    );
+    assert_eq!(
+        dns_query(dns, "example.com"),
+        Some((5, 0)),
+        "example.com was not refused"
+    );
+    // And through a pod's resolver, such names fail.
     let out = probe(ns, "echo-1", &["resolve", "example.com"]);
     assert!(
         !out.status.success(),
@@ -545,4 +562,111 @@ fn pods_cannot_reach_the_laptops() {
         "laptop-a reached laptop-b"
     );
     drop(listener);
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn images_are_imported() {
+    let images = kubectl(
+        As::Admin,
+        &[
+            "get",
+            "node",
+            "ktb-node",
+            "-o",
+            "jsonpath={.status.images[*].names[*]}",
+        ],
+    );
+    for image in [
+        "ktb.test/pause:dev",
+        "ktb.test/coredns:dev",
+        HTTP_ECHO_IMAGE,
+        "ktb.test/tcp-echo:dev",
+        "ktb.test/udp-echo:dev",
+        "ktb.test/ktb-agent:dev",
+    ] {
+        assert!(
+            images.split_whitespace().any(|i| i == image),
+            "{image} is not on the node (images: {images})"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn tcp_and_udp_echo_workloads() {
+    let ns = TempNamespace::new("e2e-echo");
+    for (name, image) in [
+        ("tcp", "ktb.test/tcp-echo:dev"),
+        ("udp", "ktb.test/udp-echo:dev"),
+    ] {
+        apply(
+            As::Admin,
+            &format!(
+                r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"{ns}","labels":{{"app":"echo"}}}},
+"spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"{image}","imagePullPolicy":"Never"}}]}}}}"#,
+                ns = ns.0
+            ),
+        );
+    }
+    wait_ready(As::Admin, &ns.0, "app=echo");
+    let ip = |pod: &str| {
+        kubectl(
+            As::Admin,
+            &[
+                "-n",
+                &ns.0,
+                "get",
+                "pod",
+                pod,
+                "-o",
+                "jsonpath={.status.podIP}",
+            ],
+        )
+        .trim()
+        .to_owned()
+    };
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+
+    let tcp: SocketAddr = format!("{}:9000", ip("tcp")).parse().expect("tcp addr");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = loop {
+        match TcpStream::connect_timeout(&tcp, Duration::from_secs(2)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() >= deadline => panic!("tcp-echo {tcp}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let writer = {
+        let mut w = conn.try_clone().expect("clone");
+        let payload = payload.clone();
+        std::thread::spawn(move || {
+            w.write_all(&payload).expect("write");
+            w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        })
+    };
+    let mut echoed = Vec::new();
+    conn.read_to_end(&mut echoed).expect("read echo");
+    writer.join().expect("writer");
+    assert!(
+        echoed == payload,
+        "tcp-echo returned {} bytes, not the {} sent",
+        echoed.len(),
+        payload.len()
+    );
+
+    let udp: SocketAddr = format!("{}:9001", ip("udp")).parse().expect("udp addr");
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 2048];
+    let got = (0..40).find_map(|i| {
+        let datagram = format!("datagram {i}");
+        sock.send_to(datagram.as_bytes(), udp).ok()?;
+        let n = sock.recv(&mut buf).ok()?;
+        (buf[..n] == *datagram.as_bytes()).then_some(i)
+    });
+    assert!(got.is_some(), "udp-echo at {udp} never echoed a datagram");
 }

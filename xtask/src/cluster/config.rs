@@ -395,6 +395,16 @@ pub fn args(layout: &Layout, files: &Files) -> Args {
                 "--kubelet-client-key={}",
                 pki("apiserver-kubelet-client.key")
             ),
+            &format!(
+                "--requestheader-client-ca-file={}",
+                pki("front-proxy-ca.crt")
+            ),
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            &format!("--proxy-client-cert-file={}", pki("front-proxy-client.crt")),
+            &format!("--proxy-client-key-file={}", pki("front-proxy-client.key")),
             &format!("--service-account-key-file={}", pki("sa.pub")),
             &format!("--service-account-signing-key-file={}", pki("sa.key")),
             &format!("--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}"),

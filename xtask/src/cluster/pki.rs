@@ -35,30 +35,11 @@ pub fn generate(layout: &Layout) -> Result<()> {
     std::fs::create_dir_all(layout.state.join("kubeconfig"))?;
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
 
-    process::run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.crt"),
-            "-days",
-            "3650",
-            "-subj",
-            "/CN=ktb-test-cluster-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        ],
-    )?;
+    new_ca(&dir, "ca", "ktb-test-cluster-ca")?;
+    // The aggregation layer's CA (kept apart from the client CA, as upstream
+    // recommends): the apiserver trusts X-Remote-User headers only from
+    // clients with a certificate from this one.
+    new_ca(&dir, "front-proxy-ca", "ktb-test-front-proxy-ca")?;
     // ServiceAccount token signing key pair.
     process::run(
         "openssl",
@@ -92,6 +73,13 @@ pub fn generate(layout: &Layout) -> Result<()> {
     for (name, cn, org) in CLIENTS {
         sign(&dir, name, &subject(cn, org), client_ext)?;
     }
+    sign_with(
+        &dir,
+        "front-proxy-ca",
+        "front-proxy-client",
+        "/CN=front-proxy-client",
+        client_ext,
+    )?;
     for laptop in &LAPTOPS {
         sign(
             &dir,
@@ -120,8 +108,43 @@ fn subject(cn: &str, org: &str) -> String {
     }
 }
 
-/// Key and certificate `NAME.key`/`NAME.crt` signed by the CA.
+/// A self-signed CA, `NAME.key` and `NAME.crt`.
+fn new_ca(dir: &Path, name: &str, cn: &str) -> Result<()> {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    process::run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p(&format!("{name}.key")),
+            "-out",
+            &p(&format!("{name}.crt")),
+            "-days",
+            "3650",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Key and certificate `NAME.key`/`NAME.crt` signed by the cluster CA.
 fn sign(dir: &Path, name: &str, subject: &str, extensions: &str) -> Result<()> {
+    sign_with(dir, "ca", name, subject, extensions)
+}
+
+/// Key and certificate `NAME.key`/`NAME.crt` signed by CA `ca`.
+fn sign_with(dir: &Path, ca: &str, name: &str, subject: &str, extensions: &str) -> Result<()> {
     let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let ext = p(&format!("{name}.ext"));
     std::fs::write(
@@ -150,9 +173,9 @@ fn sign(dir: &Path, name: &str, subject: &str, extensions: &str) -> Result<()> {
             "x509",
             "-req",
             "-CA",
-            &p("ca.crt"),
+            &p(&format!("{ca}.crt")),
             "-CAkey",
-            &p("ca.key"),
+            &p(&format!("{ca}.key")),
             "-CAcreateserial",
             "-days",
             "365",
