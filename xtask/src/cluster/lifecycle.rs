@@ -184,20 +184,23 @@ fn start(layout: &Layout, go: &build::GoBinaries, images: &[build::ImageArchive]
     };
     println!("Starting etcd, kube-apiserver...");
     spawn("etcd", bin.join("etcd"), &args.etcd)?;
-    wait_for("etcd health", Duration::from_secs(30), etcd_healthy)?;
+    wait_for(layout, "etcd health", Duration::from_secs(30), etcd_healthy)?;
     spawn(
         "kube-apiserver",
         bin.join("kube-apiserver"),
         &args.apiserver,
     )?;
-    wait_for("kube-apiserver /readyz", Duration::from_secs(90), || {
-        apiserver_ready(layout)
-    })?;
+    wait_for(
+        layout,
+        "kube-apiserver /readyz",
+        Duration::from_secs(90),
+        || apiserver_ready(layout),
+    )?;
 
     println!("Starting containerd, importing images...");
     spawn("containerd", "containerd".into(), &args.containerd)?;
     let sock = layout.containerd_socket();
-    wait_for("containerd socket", Duration::from_secs(30), || {
+    wait_for(layout, "containerd socket", Duration::from_secs(30), || {
         process::run("ctr", &["--address", &sock.to_string_lossy(), "version"]).is_ok()
     })?;
     for image in images {
@@ -246,7 +249,7 @@ fn start(layout: &Layout, go: &build::GoBinaries, images: &[build::ImageArchive]
         full.extend_from_slice(a);
         process::run(&layout.kubectl().to_string_lossy(), &full)
     };
-    wait_for("node Ready", Duration::from_secs(120), || {
+    wait_for(layout, "node Ready", Duration::from_secs(120), || {
         kubectl(&[
             "get",
             "node",
@@ -263,17 +266,18 @@ fn start(layout: &Layout, go: &build::GoBinaries, images: &[build::ImageArchive]
     );
     let addons = files.addons.to_string_lossy().into_owned();
     // RBAC bootstrap policy may still be settling: retry briefly.
-    wait_for("add-ons applied", Duration::from_secs(30), || {
+    wait_for(layout, "add-ons applied", Duration::from_secs(30), || {
         kubectl(&["apply", "--server-side", "-f", &addons]).is_ok()
     })?;
     for ns in ["default", SHARED_NAMESPACE, DEV_B_NAMESPACE] {
         wait_for(
+            layout,
             &format!("ServiceAccount {ns}/default"),
             Duration::from_secs(60),
             || kubectl(&["-n", ns, "get", "serviceaccount", "default"]).is_ok(),
         )?;
     }
-    wait_for("CoreDNS answers", Duration::from_secs(120), || {
+    wait_for(layout, "CoreDNS answers", Duration::from_secs(120), || {
         dns_answers(&format!("kubernetes.default.svc.{CLUSTER_DOMAIN}"))
     })?;
     println!(
@@ -295,12 +299,33 @@ fn symlink(target: &Path, link: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Poll `ready` every 250 ms for at most `timeout`.
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+/// Poll `ready` every 250 ms for at most `timeout`, failing at once (with
+/// the end of its log) if a daemon started so far has exited.
+fn wait_for(
+    layout: &Layout,
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if ready() {
             return Ok(());
+        }
+        if let Some(dead) = process::recorded(&layout.state)?
+            .into_iter()
+            .find(|d| !process::alive(d))
+        {
+            let log = layout.logs().join(format!("{}.log", dead.name));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            bail!(
+                "{} (pid {}) exited while waiting for {what}; end of {}:\n{}",
+                dead.name,
+                dead.pid,
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         if Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
