@@ -165,7 +165,7 @@ impl Frame {
             kind::FIN => Frame::Fin { stream: r.u32()? },
             kind::RESET => Frame::Reset {
                 stream: r.u32()?,
-                reason: String::from_utf8_lossy(&r.rest()).into_owned(),
+                reason: truncate_reason(&String::from_utf8_lossy(&r.rest())).to_owned(),
             },
             kind::CREDIT => Frame::Credit {
                 stream: r.u32()?,
@@ -381,6 +381,17 @@ mod tests {
                 len: MAX_FRAME_LEN + 1
             })
         );
+    }
+
+    #[test]
+    fn reasons_are_cut_the_same_way_when_decoded() {
+        // Found by `cargo fuzz run decode`: invalid UTF-8 grows into
+        // replacement characters past the limit, and must not decode to a
+        // reason that re-encodes differently.
+        let mut raw = vec![kind::RESET, 0, 0, 0, 1];
+        raw.extend(std::iter::repeat_n(0xff, 300));
+        let frame = Frame::decode(Bytes::from(raw)).unwrap();
+        assert_eq!(Frame::decode(frame.encode()), Ok(frame));
     }
 
     #[test]
