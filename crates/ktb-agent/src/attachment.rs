@@ -6,6 +6,7 @@
 //! attachment wins and the older one is closed with a reason.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ktb_proto::handshake::close_code;
 use ktb_proto::Session;
@@ -64,11 +65,17 @@ impl Attachment {
         true
     }
 
-    pub fn shut_down(&self) {
-        let mut current = self.current.lock().expect("attachment lock");
-        current.shut_down = true;
-        if let Some(session) = current.session.take() {
-            session.close(close_code::SHUTDOWN, "the agent is shutting down");
+    /// Refuses new attachments and closes the current one, waiting briefly
+    /// so its close frame (with the reason) reaches the client.
+    pub async fn shut_down(&self) {
+        let session = {
+            let mut current = self.current.lock().expect("attachment lock");
+            current.shut_down = true;
+            current.session.take()
+        };
+        if let Some(session) = session {
+            let reason = "the agent is shutting down";
+            session.close_and_flush(close_code::SHUTDOWN, reason, Duration::from_secs(1)).await;
         }
     }
 }

@@ -96,7 +96,7 @@ impl Agent {
         tracing::info!(tunnel = %self.config.listen, ports = ?attachment.ports(), connect = self.config.connect, "agent ready");
         shutdown.await;
         tracing::info!("shutting down");
-        attachment.shut_down();
+        attachment.shut_down().await;
         tasks.shutdown().await;
         Ok(())
     }
