@@ -29,6 +29,10 @@ pub fn agent_config(connect: bool) -> Config {
         expose_address: Ipv4Addr::LOCALHOST.into(),
         connect,
         dial_timeout: Duration::from_secs(5),
+        service: None,
+        lease: None,
+        namespace: None,
+        grace: Duration::from_secs(30),
         log_format: LogFormat::Text,
     }
 }

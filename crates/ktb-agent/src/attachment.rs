@@ -75,7 +75,9 @@ impl Attachment {
         };
         if let Some(session) = session {
             let reason = "the agent is shutting down";
-            session.close_and_flush(close_code::SHUTDOWN, reason, Duration::from_secs(1)).await;
+            session
+                .close_and_flush(close_code::SHUTDOWN, reason, Duration::from_secs(1))
+                .await;
         }
     }
 }

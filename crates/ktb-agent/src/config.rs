@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use ktb_kube::grace::parse_duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -53,6 +54,23 @@ pub struct Config {
     #[arg(long, env = "KTB_AGENT_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
 
+    /// The Service this agent stands in for: restored by the agent itself if
+    /// the laptop vanishes (needs --lease and --namespace too).
+    #[arg(long, env = "KTB_AGENT_SERVICE", requires_all = ["lease", "namespace"])]
+    pub service: Option<String>,
+
+    /// The session's Lease, renewed by the laptop while it lives.
+    #[arg(long, env = "KTB_AGENT_LEASE")]
+    pub lease: Option<String>,
+
+    /// The namespace of the Service and the Lease.
+    #[arg(long, env = "KTB_AGENT_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// How long the laptop may be silent before the agent restores the Service.
+    #[arg(long, env = "KTB_AGENT_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+
     /// Log format.
     #[arg(long, env = "KTB_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -72,37 +90,24 @@ impl Config {
         }
     }
 
+    /// The dead man's switch, when the agent stands in for a Service.
+    pub fn dead_man(&self) -> Option<crate::deadman::DeadMan> {
+        Some(crate::deadman::DeadMan {
+            namespace: self.namespace.clone()?,
+            service: self.service.clone()?,
+            lease: self.lease.clone()?,
+            grace: self.grace,
+        })
+    }
+
     pub fn token(&self) -> &str {
         self.token.as_deref().unwrap_or_default()
-    }
-}
-
-/// Durations as `250ms`, `10s` or `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").is_err());
-    }
 
     #[test]
     fn ports_come_comma_separated_from_the_environment() {

@@ -7,11 +7,14 @@
 //! caller to the attached laptop ([`exchange`]); in *connect* role it dials
 //! addresses and relays datagrams inside the cluster on the laptop's behalf
 //! ([`connect`]). One laptop is attached at a time; a newer attachment
-//! replaces an older one, which is what a reconnecting laptop needs.
+//! replaces an older one, which is what a reconnecting laptop needs. When it
+//! stands in for a Service, a dead man's switch ([`deadman`]) restores that
+//! Service if the laptop vanishes.
 
 pub mod attachment;
 pub mod config;
 pub mod connect;
+pub mod deadman;
 pub mod exchange;
 pub mod server;
 
@@ -94,8 +97,16 @@ impl Agent {
         }
         tasks.spawn(server::serve(self.tunnel, Arc::clone(&attachment)));
         tracing::info!(tunnel = %self.config.listen, ports = ?attachment.ports(), connect = self.config.connect, "agent ready");
-        shutdown.await;
-        tracing::info!("shutting down");
+        let session_over = async {
+            match self.config.dead_man() {
+                Some(dead_man) => dead_man.watch(Arc::clone(&attachment)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            _ = session_over => tracing::info!("session over: exiting"),
+        }
         attachment.shut_down().await;
         tasks.shutdown().await;
         Ok(())

@@ -7,6 +7,11 @@
 //! person at the terminal what is happening. The binary only parses flags
 //! and prints.
 
+pub mod cluster;
+pub mod exchange;
 pub mod expose;
+pub mod portforward;
+pub mod preflight;
+pub mod recover;
 pub mod report;
 pub mod tunnel;

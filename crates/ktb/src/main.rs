@@ -3,10 +3,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
+use ktb::cluster::{self, KubeArgs};
+use ktb::exchange::target::ExposeArg;
+use ktb::exchange::{self, ExchangeOptions};
 use ktb::expose::Expose;
 use ktb::report::Reporter;
 use ktb::tunnel::{attach, AttachOptions, Direct};
+use ktb_kube::grace::parse_duration;
 use ktb_proto::SessionConfig;
 
 #[derive(Parser)]
@@ -19,12 +25,44 @@ struct Cli {
     /// More detail (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    kube: KubeArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Send every caller of a cluster Service to a process on this machine;
+    /// Ctrl-C (or SIGTERM, SIGHUP, closing the terminal) restores the Service.
+    Exchange {
+        /// The Service (`orders`, `svc/orders`).
+        service: String,
+        /// LOCAL[:REMOTE]: the Service port REMOTE (number, name or target
+        /// port; default: its only port) goes to 127.0.0.1:LOCAL. Repeatable.
+        #[arg(long, required = true)]
+        expose: Vec<ExposeArg>,
+        /// How long the cluster waits for this machine after losing it
+        /// before restoring the Service on its own.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: Duration,
+        /// The agent image for the shadow pod.
+        #[arg(long, env = "KTB_AGENT_IMAGE", default_value = concat!("ktb-agent:", env!("CARGO_PKG_VERSION")))]
+        agent_image: String,
+        /// imagePullPolicy of the shadow pod.
+        #[arg(long, env = "KTB_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+        image_pull_policy: String,
+        /// How long to wait for the shadow pod to become ready.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+    },
+    /// Restore a Service that a vanished ktb session left exchanged.
+    Recover {
+        service: String,
+        /// Restore even if the session's ktb still renews its lock.
+        #[arg(long)]
+        force: bool,
+    },
     /// Attach to a running agent by address and serve its callers from local
     /// ports (what `exchange --transport direct` does once the agent exists).
     Attach {
@@ -51,7 +89,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    match run(cli.command).await {
+    match run(cli.kube, cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ktb: error: {e:#}");
@@ -60,8 +98,31 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Exchange {
+            service,
+            expose,
+            grace,
+            agent_image,
+            image_pull_policy,
+            ready_timeout,
+        } => {
+            let cluster = cluster::connect(&kube).await?;
+            let options = ExchangeOptions {
+                service,
+                exposes: expose,
+                grace,
+                agent_image,
+                pull_policy: image_pull_policy,
+                ready_timeout,
+            };
+            exchange::run(&cluster, options, shutdown_signal()).await
+        }
+        Command::Recover { service, force } => {
+            let cluster = cluster::connect(&kube).await?;
+            ktb::recover::run(&cluster, service.trim_start_matches("svc/"), force).await
+        }
         Command::Attach {
             agent,
             token_file,

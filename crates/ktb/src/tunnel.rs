@@ -35,6 +35,8 @@ pub trait Transport: Send + Sync + 'static {
     fn connect(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
     /// Shown in messages: where the tunnel goes.
     fn describe(&self) -> String;
+    /// `host:port` for the WebSocket request line.
+    fn authority(&self) -> String;
 }
 
 /// Plain TCP to an address the laptop can reach (`--transport direct`).
@@ -59,6 +61,10 @@ impl Transport for Direct {
     }
 
     fn describe(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn authority(&self) -> String {
         self.addr.clone()
     }
 }
@@ -134,7 +140,7 @@ async fn connect_and_serve<T: Transport>(
         .connect()
         .await
         .map_err(|e| Failure::Retry(format!("cannot reach the agent at {where_to}: {e}")))?;
-    let url = format!("ws://{where_to}/tunnel");
+    let url = format!("ws://{}/tunnel", transport.authority());
     let (mut ws, _) =
         tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()))
             .await

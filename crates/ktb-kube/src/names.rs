@@ -1,0 +1,25 @@
+//! Names, labels and annotations ktb puts on cluster objects.
+
+/// Prefix of every label and annotation ktb writes.
+pub const DOMAIN: &str = "ktb.dev";
+/// Annotation on an exchanged Service: its original selector as JSON.
+pub const ORIGINAL_SELECTOR: &str = "ktb.dev/original-selector";
+/// Annotation on an exchanged Service: which session holds it.
+pub const SESSION: &str = "ktb.dev/session";
+/// Label on every object a session creates: the session id.
+pub const SESSION_LABEL: &str = "ktb.dev/session";
+/// Label on every object ktb creates, whatever the session.
+pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_VALUE: &str = "ktb";
+/// Port the agent's tunnel endpoint listens on inside the pod.
+pub const AGENT_TUNNEL_PORT: u16 = 7777;
+
+/// The Lease that locks `service` for exchange.
+pub fn exchange_lease(service: &str) -> String {
+    format!("ktb-exchange-{service}")
+}
+
+/// Name of the objects (pod, secret, service account, role) of a session.
+pub fn session_objects(service: &str, session: &str) -> String {
+    format!("ktb-{service}-{session}")
+}

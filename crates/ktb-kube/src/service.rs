@@ -1,0 +1,165 @@
+//! Pointing a Service at a shadow pod, and back.
+//!
+//! Both directions are one merge patch carrying the Service's
+//! `resourceVersion`, so a concurrent change by someone else (a GitOps
+//! controller, a colleague) makes the patch fail instead of being silently
+//! overwritten. Restoring is idempotent: a Service without ktb's annotation
+//! is already original.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{json, Map, Value};
+
+use crate::names::{ORIGINAL_SELECTOR, SESSION};
+
+pub type Selector = BTreeMap<String, String>;
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restored {
+    /// The selector was put back.
+    Selector(Selector),
+    /// The Service carried no ktb annotation: nothing to do.
+    AlreadyOriginal,
+}
+
+pub fn selector_of(service: &Service) -> Selector {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default()
+}
+
+/// The selector ktb saved on the Service, if it is exchanged.
+pub fn saved_selector(service: &Service) -> anyhow::Result<Option<Selector>> {
+    let annotations = service.metadata.annotations.as_ref();
+    let Some(saved) = annotations.and_then(|a| a.get(ORIGINAL_SELECTOR)) else {
+        return Ok(None);
+    };
+    let selector = serde_json::from_str(saved)
+        .with_context(|| format!("annotation {ORIGINAL_SELECTOR} is not a selector"))?;
+    Ok(Some(selector))
+}
+
+/// A merge patch that makes the selector exactly `to` (keys of `from` that
+/// `to` lacks are deleted with `null`).
+fn selector_patch(from: &Selector, to: &Selector) -> Value {
+    let mut selector = Map::new();
+    for key in from.keys().filter(|k| !to.contains_key(*k)) {
+        selector.insert(key.clone(), Value::Null);
+    }
+    for (key, value) in to {
+        selector.insert(key.clone(), Value::String(value.clone()));
+    }
+    Value::Object(selector)
+}
+
+fn resource_version(service: &Service) -> anyhow::Result<&str> {
+    service
+        .metadata
+        .resource_version
+        .as_deref()
+        .context("the Service has no resourceVersion")
+}
+
+/// Points `service` at the pods labelled `shadow`, saving its selector.
+pub async fn point_at_shadow(
+    api: &Api<Service>,
+    service: &Service,
+    shadow: &Selector,
+    session: &str,
+) -> anyhow::Result<Service> {
+    let name = service
+        .metadata
+        .name
+        .as_deref()
+        .context("the Service has no name")?;
+    let original = selector_of(service);
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": resource_version(service)?,
+            "annotations": {
+                ORIGINAL_SELECTOR: serde_json::to_string(&original)?,
+                SESSION: session,
+            },
+        },
+        "spec": { "selector": selector_patch(&original, shadow) },
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("cannot point Service {name} at the shadow pod"))
+}
+
+/// Puts the saved selector back and removes ktb's annotations. Retries on
+/// a conflicting concurrent write, since restoring must not give up.
+pub async fn restore(api: &Api<Service>, name: &str) -> anyhow::Result<Restored> {
+    for _ in 0..5 {
+        let service = api
+            .get(name)
+            .await
+            .with_context(|| format!("cannot read Service {name}"))?;
+        let Some(original) = saved_selector(&service)? else {
+            return Ok(Restored::AlreadyOriginal);
+        };
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": resource_version(&service)?,
+                "annotations": { ORIGINAL_SELECTOR: null, SESSION: null },
+            },
+            "spec": { "selector": selector_patch(&selector_of(&service), &original) },
+        });
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(Restored::Selector(original)),
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot restore Service {name}")),
+        }
+    }
+    anyhow::bail!("cannot restore Service {name}: it kept changing under us (5 conflicts in a row)")
+}
+
+/// Renders a selector as `k=v,k=v`, as kubectl shows it.
+pub fn display(selector: &Selector) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(pairs: &[(&str, &str)]) -> Selector {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_patch_makes_the_selector_exactly_the_target() {
+        let from = selector(&[("app", "orders"), ("tier", "web")]);
+        let to = selector(&[("ktb.dev/session", "abc")]);
+        assert_eq!(
+            selector_patch(&from, &to),
+            json!({"app": null, "tier": null, "ktb.dev/session": "abc"})
+        );
+        assert_eq!(
+            selector_patch(&to, &from),
+            json!({"ktb.dev/session": null, "app": "orders", "tier": "web"})
+        );
+    }
+
+    #[test]
+    fn a_service_without_the_annotation_has_nothing_saved() {
+        assert_eq!(saved_selector(&Service::default()).unwrap(), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! Reaching the cluster as the developer: kubectl's flags and kubeconfig,
+//! and a first request that turns "cannot connect" into advice.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// kubectl-compatible connection flags.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Namespace (default: the context's namespace).
+    #[arg(short, long, global = true)]
+    pub namespace: Option<String>,
+}
+
+/// A connected cluster and the namespace commands work in.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub namespace: String,
+    pub server: String,
+}
+
+const FIRST_CONTACT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn connect(args: &KubeArgs) -> anyhow::Result<Cluster> {
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let mut config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &options).await?
+        }
+        None => Config::from_kubeconfig(&options)
+            .await
+            .context("cannot load a kubeconfig (set KUBECONFIG or pass --kubeconfig)")?,
+    };
+    config.connect_timeout = Some(FIRST_CONTACT_TIMEOUT);
+    let server = config.cluster_url.to_string();
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).context("invalid kubeconfig")?;
+    tokio::time::timeout(FIRST_CONTACT_TIMEOUT, client.apiserver_version())
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer in {FIRST_CONTACT_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| {
+            format!("cannot reach the cluster at {server}: check the kubeconfig context, VPN or network")
+        })?;
+    Ok(Cluster {
+        client,
+        namespace,
+        server,
+    })
+}
+
+impl Cluster {
+    /// The user name the apiserver knows this developer by.
+    pub async fn whoami(&self) -> anyhow::Result<String> {
+        let review = Api::<SelfSubjectReview>::all(self.client.clone())
+            .create(&PostParams::default(), &SelfSubjectReview::default())
+            .await
+            .context("cannot ask the cluster who we are (SelfSubjectReview)")?;
+        Ok(review
+            .status
+            .and_then(|s| s.user_info)
+            .and_then(|u| u.username)
+            .unwrap_or_else(|| "unknown".into()))
+    }
+}
+
+/// The name of this machine, for telling other developers who holds what.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}

@@ -1,0 +1,401 @@
+//! `ktb exchange`: callers of a cluster Service reach the developer's
+//! local process instead.
+//!
+//! The phases, each undone in reverse if a later one fails or the user
+//! stops: check the Service and ports (read-only) → check permissions
+//! (read-only) → lock the Service (Lease) → create the shadow pod and its
+//! objects → wait until it is ready → open the tunnel through a
+//! port-forward → point the Service at the shadow pod → serve, renewing the
+//! lock, until Ctrl-C / SIGTERM / SIGHUP → restore the Service, delete the
+//! session's objects, release the lock. The Service is switched only once
+//! the tunnel is up, so callers never meet a shadow pod with nobody behind
+//! it; and if the laptop vanishes, the agent restores the Service itself
+//! after the grace period.
+
+pub mod lock;
+pub mod shadow;
+pub mod target;
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::Api;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
+use ktb_kube::service::{self, display, selector_of, Restored};
+use ktb_proto::SessionConfig;
+
+use crate::cluster::Cluster;
+use crate::expose::Expose;
+use crate::portforward::PortForward;
+use crate::preflight::{self, need, Need};
+use crate::report::{Event, Reporter};
+use crate::tunnel::{self, AttachOptions};
+use lock::{Lock, Taken};
+use shadow::{Shadow, ShadowSpec};
+use target::{ExposeArg, PortRoute};
+
+/// Everything `exchange` is told.
+pub struct ExchangeOptions {
+    pub service: String,
+    pub exposes: Vec<ExposeArg>,
+    pub grace: Duration,
+    pub agent_image: String,
+    pub pull_policy: String,
+    pub ready_timeout: Duration,
+}
+
+/// Verbs the selector mode needs, checked before anything changes.
+const SELECTOR_MODE_NEEDS: &[Need] = &[
+    need("get", "", "services"),
+    need("patch", "", "services"),
+    need("create", "", "pods"),
+    need("get", "", "pods"),
+    need("delete", "", "pods"),
+    Need {
+        verb: "create",
+        group: "",
+        resource: "pods",
+        subresource: "portforward",
+    },
+    need("create", "", "secrets"),
+    need("delete", "", "secrets"),
+    need("create", "", "serviceaccounts"),
+    need("delete", "", "serviceaccounts"),
+    need("create", "rbac.authorization.k8s.io", "roles"),
+    need("delete", "rbac.authorization.k8s.io", "roles"),
+    need("create", "rbac.authorization.k8s.io", "rolebindings"),
+    need("delete", "rbac.authorization.k8s.io", "rolebindings"),
+    need("create", "coordination.k8s.io", "leases"),
+    need("get", "coordination.k8s.io", "leases"),
+    need("update", "coordination.k8s.io", "leases"),
+    need("patch", "coordination.k8s.io", "leases"),
+    need("delete", "coordination.k8s.io", "leases"),
+];
+
+fn say(message: impl std::fmt::Display) {
+    eprintln!("ktb: {message}");
+}
+
+/// Runs an exchange until `shutdown` completes; the cluster is left as it
+/// was found whether this returns `Ok` or `Err`.
+pub async fn run(
+    cluster: &Cluster,
+    options: ExchangeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let ns = cluster.namespace.clone();
+    let services = Api::<Service>::namespaced(cluster.client.clone(), &ns);
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), &ns);
+    let name = options
+        .service
+        .trim_start_matches("svc/")
+        .trim_start_matches("service/")
+        .to_owned();
+    let qualified = format!("{ns}/{name}");
+
+    let original = target::exchangeable_service(&services, &name, &ns).await?;
+    let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
+    preflight::check(cluster, SELECTOR_MODE_NEEDS).await?;
+    warn_about_closed_local_ports(&routes).await;
+
+    let session: String = format!("{:08x}", rand::rng().random::<u32>());
+    let identity = format!("{}@{}", cluster.whoami().await?, crate::cluster::hostname());
+    let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
+    let lock = lock_service(cluster, &leases, &name, &identity, &session, options.grace).await?;
+
+    let objects = session_objects(&name, &session);
+    let outcome = tokio::select! {
+        outcome = exchange_locked(cluster, &options, &name, &qualified, &session, &lock, &routes) => outcome,
+        _ = &mut shutdown => Err(Interrupted.into()),
+    };
+    let mut tunnel = match outcome {
+        Ok(tunnel) => tunnel,
+        Err(e) => {
+            say("undoing what this session changed");
+            teardown(cluster, &name, &objects, &lock).await;
+            return if e.is::<Interrupted>() {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+    };
+    let served = serve(&services, &name, &session, &lock, &mut shutdown).await;
+    tunnel.stop().await;
+    teardown(cluster, &name, &objects, &lock).await;
+    served
+}
+
+/// The user stopped ktb before the exchange was up; not an error.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+async fn lock_service(
+    cluster: &Cluster,
+    leases: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    session: &str,
+    grace: Duration,
+) -> anyhow::Result<Lock> {
+    let wanted = lock::new_lease(&exchange_lease(name), identity, session, grace);
+    match lock::take(leases, wanted.clone()).await? {
+        Taken::Fresh(lock) => Ok(lock),
+        Taken::Held(holder) => anyhow::bail!(
+            "Service {}/{name} is exchanged by {holder}; ask them to stop, or use `ktb mesh` to share it \
+             (only requests you mark reach you)",
+            cluster.namespace
+        ),
+        Taken::Stale(stale, holder) => {
+            say(format!("taking over the expired lock of {holder}: restoring what that session changed first"));
+            let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
+            service::restore(&services, name).await?;
+            lock::take_over(leases, stale, wanted).await
+        }
+    }
+}
+
+/// Creates the shadow pod, brings the tunnel up and switches the Service;
+/// on error, what it created is returned to the caller's teardown through
+/// the Lease (which owns everything) and an explicit delete.
+async fn exchange_locked(
+    cluster: &Cluster,
+    options: &ExchangeOptions,
+    name: &str,
+    qualified: &str,
+    session: &str,
+    lock: &Lock,
+    routes: &[PortRoute],
+) -> anyhow::Result<RunningTunnel> {
+    let ns = cluster.namespace.as_str();
+    let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
+    // The lock is ours now: a Service still marked by a vanished session
+    // whose Lease is gone gets its saved selector back before we save ours.
+    if let Restored::Selector(selector) = service::restore(&services, name).await? {
+        say(format!(
+            "restored Service {qualified} left behind by an earlier session (selector {})",
+            display(&selector)
+        ));
+    }
+    let original = services.get(name).await?;
+    let objects = session_objects(name, session);
+    let token = random_token();
+    let lease_name = lock.name();
+    let spec = ShadowSpec {
+        name: &objects,
+        session,
+        service: name,
+        lease: &lease_name,
+        token: &token,
+        target_ports: routes.iter().map(|r| r.target_port).collect(),
+        image: &options.agent_image,
+        pull_policy: &options.pull_policy,
+        grace: options.grace,
+        owner: lock.owner(),
+    };
+    say(format!("creating shadow pod {objects}"));
+    let shadow = Shadow::create(&cluster.client, ns, &spec).await?;
+    let started = async {
+        say("waiting for the shadow pod to be ready");
+        shadow.wait_ready(options.ready_timeout).await?;
+        say("opening the tunnel (port-forward through the apiserver)");
+        let tunnel = RunningTunnel::start(cluster, &objects, &token, routes).await?;
+        say(format!("pointing Service {qualified} at the shadow pod"));
+        service::point_at_shadow(&services, &original, &spec.labels(), session).await?;
+        Ok::<_, anyhow::Error>(tunnel)
+    };
+    match started.await {
+        Ok(tunnel) => {
+            let ports = routes
+                .iter()
+                .map(|r| format!("port {} → 127.0.0.1:{}", r.service_port, r.local))
+                .collect::<Vec<_>>()
+                .join(", ");
+            say(format!(
+                "✔ Service {qualified} now reaches this machine: {ports}. Ctrl-C restores it"
+            ));
+            Ok(tunnel)
+        }
+        Err(e) => {
+            shadow.delete().await;
+            Err(e)
+        }
+    }
+}
+
+/// Keeps the exchange alive: renews the lock, watches for someone else
+/// changing the Service, until shutdown or the lock is lost.
+async fn serve(
+    services: &Api<Service>,
+    name: &str,
+    session: &str,
+    lock: &Lock,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    let renew_every = Duration::from_secs((lock_duration(lock) / 3).max(1));
+    let mut renew = tokio::time::interval(renew_every);
+    let mut warned_drift = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(()),
+            _ = renew.tick() => {
+                lock.renew().await.context("lost the lock on the Service (was the session cleaned up from elsewhere?)")?;
+                if !warned_drift {
+                    warned_drift = warn_if_drifted(services, name, session).await;
+                }
+            }
+        }
+    }
+}
+
+fn lock_duration(lock: &Lock) -> u64 {
+    let seconds = lock
+        .lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.lease_duration_seconds)
+        .unwrap_or(30);
+    u64::try_from(seconds).unwrap_or(30)
+}
+
+/// Someone (a GitOps controller, a colleague) changed the selector while
+/// we hold it: say so once, and do not fight it.
+async fn warn_if_drifted(services: &Api<Service>, name: &str, session: &str) -> bool {
+    let Ok(current) = services.get(name).await else {
+        return false;
+    };
+    let selector = selector_of(&current);
+    if selector
+        .get(ktb_kube::names::SESSION_LABEL)
+        .map(String::as_str)
+        == Some(session)
+    {
+        return false;
+    }
+    say(format!(
+        "warning: Service {name}'s selector was changed by someone else while exchanged (now {}); \
+         traffic may no longer reach you. ktb will not fight it; on exit it restores the selector it saved",
+        display(&selector)
+    ));
+    true
+}
+
+/// Undoes the exchange in the order that never leaves callers stranded:
+/// Service first, then the session's objects, then the lock.
+async fn teardown(cluster: &Cluster, name: &str, objects: &str, lock: &Lock) {
+    let qualified = format!("{}/{name}", cluster.namespace);
+    let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
+    match service::restore(&services, name).await {
+        Ok(Restored::Selector(selector)) => say(format!("restored Service {qualified} (selector {})", display(&selector))),
+        Ok(Restored::AlreadyOriginal) => say(format!("restored Service {qualified} (it was never switched)")),
+        Err(e) => say(format!(
+            "error: could not restore Service {qualified}: {e:#}\n     run `ktb recover {name}` to retry; the agent will also restore it"
+        )),
+    }
+    Shadow::existing(&cluster.client, &cluster.namespace, objects)
+        .delete()
+        .await;
+    if let Err(e) = lock.release().await {
+        say(format!("warning: {e:#}"));
+    }
+}
+
+/// Says early that nothing listens locally; callers would be reset.
+async fn warn_about_closed_local_ports(routes: &[PortRoute]) {
+    for route in routes {
+        let local = std::net::SocketAddr::from(([127, 0, 0, 1], route.local));
+        let probe = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(local),
+        )
+        .await;
+        if !matches!(probe, Ok(Ok(_))) {
+            say(format!("warning: nothing listens on {local} yet; callers will be reset until something does"));
+        }
+    }
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tunnel task, the first-up signal and its stop switch.
+struct RunningTunnel {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tunnel::AttachError>>,
+}
+
+impl RunningTunnel {
+    async fn start(
+        cluster: &Cluster,
+        pod: &str,
+        token: &str,
+        routes: &[PortRoute],
+    ) -> anyhow::Result<RunningTunnel> {
+        const FIRST_TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
+        let transport = PortForward {
+            pods: Api::namespaced(cluster.client.clone(), &cluster.namespace),
+            pod: pod.into(),
+            port: AGENT_TUNNEL_PORT,
+        };
+        let options = AttachOptions {
+            token: token.into(),
+            exposes: routes
+                .iter()
+                .map(|r| Expose {
+                    local: r.local,
+                    remote: Some(r.target_port),
+                })
+                .collect(),
+            session: SessionConfig::default(),
+        };
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        let reporter = Reporter::new(move |event| {
+            if matches!(event, Event::TunnelUp { .. }) {
+                let _ = up_tx.send(());
+            }
+            match &event {
+                Event::TunnelUp { .. } => tracing::info!("{event}"),
+                _ => say(&event),
+            }
+        });
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(tunnel::attach(transport, options, reporter, async {
+            let _ = stopped.await;
+        }));
+        let mut running = RunningTunnel {
+            stop: Some(stop),
+            task,
+        };
+        match tokio::time::timeout(FIRST_TUNNEL_TIMEOUT, up_rx.recv()).await {
+            Ok(Some(())) => Ok(running),
+            _ if running.task.is_finished() => {
+                let result = (&mut running.task).await;
+                Err(match result {
+                    Ok(Err(e)) => anyhow::Error::from(e),
+                    _ => anyhow::anyhow!("the tunnel ended before it came up"),
+                })
+            }
+            _ => {
+                running.stop().await;
+                anyhow::bail!("the tunnel did not come up within {FIRST_TUNNEL_TIMEOUT:?}")
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), &mut self.task).await;
+    }
+}

@@ -1,0 +1,399 @@
+//! The shadow pod and what it needs: a Secret with the tunnel token, and a
+//! ServiceAccount whose Role allows exactly the restore the agent may have
+//! to do on its own (get/patch this Service, get/delete this Lease).
+//!
+//! Every object is owned by the session's Lease, so the garbage collector
+//! removes them when the Lease goes, whoever deletes it; the CLI still
+//! deletes them explicitly on exit so nothing lingers while GC catches up.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, ServiceAccount, Sysctl, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::Client;
+
+use ktb_kube::names::{AGENT_TUNNEL_PORT, MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
+
+const TOKEN_DIR: &str = "/var/run/ktb";
+
+/// What the shadow pod is for.
+pub struct ShadowSpec<'a> {
+    pub name: &'a str,
+    pub session: &'a str,
+    pub service: &'a str,
+    pub lease: &'a str,
+    pub token: &'a str,
+    pub target_ports: Vec<u16>,
+    pub image: &'a str,
+    pub pull_policy: &'a str,
+    pub grace: Duration,
+    pub owner: OwnerReference,
+}
+
+/// The objects of one session, for cleanup.
+pub struct Shadow {
+    client: Client,
+    namespace: String,
+    pub name: String,
+}
+
+impl ShadowSpec<'_> {
+    fn meta(&self) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(self.name.into()),
+            labels: Some(self.labels()),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    /// The labels the Service will select.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (SESSION_LABEL.to_owned(), self.session.to_owned()),
+            (MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned()),
+        ])
+    }
+
+    fn role(&self) -> Role {
+        let rule = |group: &str, resource: &str, name: &str, verbs: &[&str]| PolicyRule {
+            api_groups: Some(vec![group.into()]),
+            resources: Some(vec![resource.into()]),
+            resource_names: Some(vec![name.into()]),
+            verbs: verbs.iter().map(|v| (*v).into()).collect(),
+            ..PolicyRule::default()
+        };
+        Role {
+            metadata: self.meta(),
+            rules: Some(vec![
+                rule("", "services", self.service, &["get", "patch"]),
+                rule(
+                    "coordination.k8s.io",
+                    "leases",
+                    self.lease,
+                    &["get", "delete"],
+                ),
+            ]),
+        }
+    }
+
+    fn role_binding(&self, namespace: &str) -> RoleBinding {
+        RoleBinding {
+            metadata: self.meta(),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: self.name.into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: self.name.into(),
+                namespace: Some(namespace.into()),
+                ..Subject::default()
+            }]),
+        }
+    }
+
+    fn secret(&self) -> Secret {
+        Secret {
+            metadata: self.meta(),
+            string_data: Some(BTreeMap::from([(
+                "token".to_owned(),
+                self.token.to_owned(),
+            )])),
+            ..Secret::default()
+        }
+    }
+
+    fn pod(&self) -> Pod {
+        let env = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..EnvVar::default()
+        };
+        let ports = self
+            .target_ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut container_ports = vec![ContainerPort {
+            name: Some("tunnel".into()),
+            container_port: i32::from(AGENT_TUNNEL_PORT),
+            ..ContainerPort::default()
+        }];
+        container_ports.extend(self.target_ports.iter().map(|p| ContainerPort {
+            container_port: i32::from(*p),
+            ..ContainerPort::default()
+        }));
+        Pod {
+            metadata: self.meta(),
+            spec: Some(PodSpec {
+                service_account_name: Some(self.name.into()),
+                restart_policy: Some("OnFailure".into()),
+                termination_grace_period_seconds: Some(5),
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    run_as_user: Some(65532),
+                    run_as_group: Some(65532),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        ..SeccompProfile::default()
+                    }),
+                    // Lets the non-root agent listen on the Service's target
+                    // port even below 1024; a "safe" sysctl, namespaced to the pod.
+                    sysctls: Some(vec![Sysctl {
+                        name: "net.ipv4.ip_unprivileged_port_start".into(),
+                        value: "0".into(),
+                    }]),
+                    ..PodSecurityContext::default()
+                }),
+                containers: vec![Container {
+                    name: "agent".into(),
+                    image: Some(self.image.into()),
+                    image_pull_policy: Some(self.pull_policy.into()),
+                    env: Some(vec![
+                        env("KTB_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+                        env("KTB_AGENT_EXPOSE_PORTS", ports),
+                        env("KTB_AGENT_SERVICE", self.service.into()),
+                        env("KTB_AGENT_LEASE", self.lease.into()),
+                        env("KTB_AGENT_GRACE", format!("{}s", self.grace.as_secs())),
+                        env("KTB_AGENT_LOG_FORMAT", "json".into()),
+                        EnvVar {
+                            name: "KTB_AGENT_NAMESPACE".into(),
+                            value_from: Some(EnvVarSource {
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "metadata.namespace".into(),
+                                    ..ObjectFieldSelector::default()
+                                }),
+                                ..EnvVarSource::default()
+                            }),
+                            ..EnvVar::default()
+                        },
+                    ]),
+                    ports: Some(container_ports),
+                    readiness_probe: Some(Probe {
+                        http_get: Some(HTTPGetAction {
+                            path: Some("/readyz".into()),
+                            port: IntOrString::Int(i32::from(AGENT_TUNNEL_PORT)),
+                            ..HTTPGetAction::default()
+                        }),
+                        period_seconds: Some(1),
+                        ..Probe::default()
+                    }),
+                    resources: Some(ResourceRequirements {
+                        requests: Some(BTreeMap::from([
+                            ("cpu".to_owned(), Quantity("10m".into())),
+                            ("memory".to_owned(), Quantity("16Mi".into())),
+                        ])),
+                        limits: Some(BTreeMap::from([(
+                            "memory".to_owned(),
+                            Quantity("256Mi".into()),
+                        )])),
+                        ..ResourceRequirements::default()
+                    }),
+                    security_context: Some(SecurityContext {
+                        allow_privilege_escalation: Some(false),
+                        read_only_root_filesystem: Some(true),
+                        capabilities: Some(Capabilities {
+                            drop: Some(vec!["ALL".into()]),
+                            ..Capabilities::default()
+                        }),
+                        ..SecurityContext::default()
+                    }),
+                    volume_mounts: Some(vec![VolumeMount {
+                        name: "token".into(),
+                        mount_path: TOKEN_DIR.into(),
+                        read_only: Some(true),
+                        ..VolumeMount::default()
+                    }]),
+                    ..Container::default()
+                }],
+                volumes: Some(vec![Volume {
+                    name: "token".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(self.name.into()),
+                        default_mode: Some(0o440),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                }]),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        }
+    }
+}
+
+impl Shadow {
+    /// The objects of a session by name, e.g. to clean up after an
+    /// interrupted start.
+    pub fn existing(client: &Client, namespace: &str, name: &str) -> Shadow {
+        Shadow {
+            client: client.clone(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Creates the objects in dependency order; on failure, deletes what
+    /// was created before returning the error.
+    pub async fn create(
+        client: &Client,
+        namespace: &str,
+        spec: &ShadowSpec<'_>,
+    ) -> anyhow::Result<Shadow> {
+        let shadow = Shadow {
+            client: client.clone(),
+            namespace: namespace.into(),
+            name: spec.name.into(),
+        };
+        if let Err(e) = shadow.create_all(spec).await {
+            shadow.delete().await;
+            return Err(e);
+        }
+        Ok(shadow)
+    }
+
+    async fn create_all(&self, spec: &ShadowSpec<'_>) -> anyhow::Result<()> {
+        let pp = PostParams::default();
+        let ns = self.namespace.as_str();
+        let account = ServiceAccount {
+            metadata: spec.meta(),
+            ..ServiceAccount::default()
+        };
+        Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create(&pp, &account)
+            .await
+            .context("cannot create the agent's ServiceAccount")?;
+        Api::<Role>::namespaced(self.client.clone(), ns)
+            .create(&pp, &spec.role())
+            .await
+            .context("cannot create the agent's Role")?;
+        Api::<RoleBinding>::namespaced(self.client.clone(), ns)
+            .create(&pp, &spec.role_binding(ns))
+            .await
+            .context("cannot create the agent's RoleBinding")?;
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .create(&pp, &spec.secret())
+            .await
+            .context("cannot create the session Secret")?;
+        Api::<Pod>::namespaced(self.client.clone(), ns)
+            .create(&pp, &spec.pod())
+            .await
+            .context("cannot create the shadow pod")?;
+        Ok(())
+    }
+
+    /// Waits until the pod is Ready, failing early on errors that will not
+    /// fix themselves (image not found, crash loop).
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pod = pods
+                .get(&self.name)
+                .await
+                .context("cannot read the shadow pod")?;
+            let status = pod.status.unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if ready {
+                return Ok(());
+            }
+            let waiting = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+                .find(|w| {
+                    matches!(
+                        w.reason.as_deref(),
+                        Some(
+                            "ErrImagePull"
+                                | "ImagePullBackOff"
+                                | "ErrImageNeverPull"
+                                | "CrashLoopBackOff"
+                                | "CreateContainerConfigError"
+                                | "InvalidImageName"
+                        )
+                    )
+                });
+            if let Some(waiting) = waiting {
+                anyhow::bail!(
+                    "the shadow pod cannot start: {} ({})",
+                    waiting.reason.clone().unwrap_or_default(),
+                    waiting.message.clone().unwrap_or_default()
+                );
+            }
+            if status.phase.as_deref() == Some("Failed") {
+                anyhow::bail!(
+                    "the shadow pod failed: {}",
+                    status.message.unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the shadow pod was not ready within {timeout:?} (phase {})",
+                    status.phase.unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Deletes every object of the session; missing ones are fine.
+    pub async fn delete(&self) {
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::background()
+        };
+        let ns = self.namespace.as_str();
+        let name = self.name.as_str();
+        let results = [
+            Api::<Pod>::namespaced(self.client.clone(), ns)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Api::<Secret>::namespaced(self.client.clone(), ns)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Api::<RoleBinding>::namespaced(self.client.clone(), ns)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Api::<Role>::namespaced(self.client.clone(), ns)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+        ];
+        for result in results {
+            match result {
+                Ok(()) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not delete a session object (the Lease's garbage collection will)")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Which Service, and which of its ports go to which local port.
+//!
+//! Everything here only reads the cluster: a Service that cannot be
+//! exchanged, or an `--expose` that matches none (or several) of its ports,
+//! is refused before anything is changed, with the Service's ports listed.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams};
+
+use ktb_kube::service::{display, selector_of};
+
+/// `--expose LOCAL[:REMOTE]` for exchange: REMOTE names a Service port by
+/// name, number or target port; without it the Service's only port (or the
+/// one numbered like LOCAL) is meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposeArg {
+    pub local: u16,
+    pub remote: Option<String>,
+}
+
+impl FromStr for ExposeArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (local, remote) = match s.split_once(':') {
+            Some((local, remote)) if !remote.is_empty() && !remote.contains(':') => (local, Some(remote.to_owned())),
+            Some(_) => return Err(format!("invalid --expose {s:?}: expected LOCAL[:REMOTE], e.g. 8080 or 8080:80 or 8080:http")),
+            None => (s, None),
+        };
+        let local = local
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                format!("invalid local port in --expose {s:?}: expected a number from 1 to 65535")
+            })?;
+        Ok(ExposeArg { local, remote })
+    }
+}
+
+/// A Service port carried to a local port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRoute {
+    pub local: u16,
+    pub service_port: i32,
+    /// Where the Service sends traffic: the port the agent must listen on.
+    pub target_port: u16,
+}
+
+/// Reads the Service and checks that ktb can stand in for it.
+pub async fn exchangeable_service(
+    services: &Api<Service>,
+    name: &str,
+    namespace: &str,
+) -> anyhow::Result<Service> {
+    let service = match services.get_opt(name).await {
+        Ok(Some(service)) => service,
+        Ok(None) => anyhow::bail!(
+            "Service {name} not found in namespace {namespace} (`kubectl get services -n {namespace}` lists them; \
+             is the namespace right?)"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot read Service {name} in namespace {namespace}")),
+    };
+    let spec = service.spec.as_ref().context("the Service has no spec")?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        anyhow::bail!(
+            "Service {name} is an ExternalName alias for {:?}: it has no pods to stand in for",
+            spec.external_name
+        );
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        anyhow::bail!(
+            "Service {name} is headless (clusterIP: None): callers resolve pod addresses directly, \
+             so changing its selector would not move their traffic reliably"
+        );
+    }
+    if selector_of(&service).is_empty() {
+        anyhow::bail!(
+            "Service {name} has no selector: its endpoints are managed by hand or by a controller, \
+             and ktb can only exchange Services that select pods"
+        );
+    }
+    Ok(service)
+}
+
+fn describe_ports(ports: &[ServicePort]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            let name = p
+                .name
+                .as_deref()
+                .map(|n| format!("{n} "))
+                .unwrap_or_default();
+            let target = match &p.target_port {
+                Some(IntOrString::Int(t)) => t.to_string(),
+                Some(IntOrString::String(t)) => t.clone(),
+                None => p.port.to_string(),
+            };
+            format!("{name}{}→{target}", p.port)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Matches every `--expose` to exactly one Service port.
+pub async fn resolve_ports(
+    pods: &Api<Pod>,
+    service: &Service,
+    exposes: &[ExposeArg],
+) -> anyhow::Result<Vec<PortRoute>> {
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    let ports = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let listing = || format!("Service {name} has ports: {}", describe_ports(&ports));
+    let mut routes = Vec::new();
+    for expose in exposes {
+        let matches: Vec<&ServicePort> = match &expose.remote {
+            None if ports.len() == 1 => ports.iter().collect(),
+            None => ports
+                .iter()
+                .filter(|p| p.port == i32::from(expose.local))
+                .collect(),
+            Some(remote) => ports.iter().filter(|p| port_matches(p, remote)).collect(),
+        };
+        let wanted = expose
+            .remote
+            .clone()
+            .unwrap_or_else(|| expose.local.to_string());
+        let port = match matches.as_slice() {
+            [port] => *port,
+            [] => anyhow::bail!(
+                "--expose {}: no port {wanted} on the Service. {}",
+                expose.local,
+                listing()
+            ),
+            _ => anyhow::bail!(
+                "--expose {}: {wanted} matches several ports; name one as LOCAL:REMOTE. {}",
+                expose.local,
+                listing()
+            ),
+        };
+        let target_port = match &port.target_port {
+            None => port.port,
+            Some(IntOrString::Int(target)) => *target,
+            Some(IntOrString::String(named)) => named_target_port(pods, service, named).await?,
+        };
+        let target_port = u16::try_from(target_port)
+            .with_context(|| format!("invalid target port {target_port}"))?;
+        if routes
+            .iter()
+            .any(|r: &PortRoute| r.target_port == target_port)
+        {
+            anyhow::bail!("target port {target_port} is exposed twice");
+        }
+        routes.push(PortRoute {
+            local: expose.local,
+            service_port: port.port,
+            target_port,
+        });
+    }
+    Ok(routes)
+}
+
+fn port_matches(port: &ServicePort, remote: &str) -> bool {
+    let by_number = remote.parse::<i32>().ok();
+    port.name.as_deref() == Some(remote)
+        || by_number == Some(port.port)
+        || match &port.target_port {
+            Some(IntOrString::Int(t)) => by_number == Some(*t),
+            Some(IntOrString::String(t)) => t == remote,
+            None => false,
+        }
+}
+
+/// A named target port means whatever the selected pods call that name.
+async fn named_target_port(pods: &Api<Pod>, service: &Service, named: &str) -> anyhow::Result<i32> {
+    let selector = display(&selector_of(service));
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let found = list
+        .items
+        .iter()
+        .flat_map(|pod| pod.spec.iter().flat_map(|s| s.containers.iter()))
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(named))
+        .map(|p| p.container_port);
+    found.with_context(|| {
+        format!("the Service's target port {named:?} is a name, and no pod matching {selector} declares a port of that name")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expose_args_parse() {
+        assert_eq!(
+            "8080".parse(),
+            Ok(ExposeArg {
+                local: 8080,
+                remote: None
+            })
+        );
+        assert_eq!(
+            "8080:http".parse(),
+            Ok(ExposeArg {
+                local: 8080,
+                remote: Some("http".into())
+            })
+        );
+        for bad in ["", "0", "x", "8080:", "1:2:3", "99999"] {
+            assert!(bad.parse::<ExposeArg>().is_err(), "{bad:?}");
+        }
+    }
+
+    fn port(name: &str, port: i32, target: IntOrString) -> ServicePort {
+        ServicePort {
+            name: Some(name.into()),
+            port,
+            target_port: Some(target),
+            ..ServicePort::default()
+        }
+    }
+
+    #[test]
+    fn ports_match_by_name_number_or_target() {
+        let http = port("http", 80, IntOrString::Int(8080));
+        assert!(port_matches(&http, "http"));
+        assert!(port_matches(&http, "80"));
+        assert!(port_matches(&http, "8080"));
+        assert!(!port_matches(&http, "443"));
+        let named = port("web", 80, IntOrString::String("web-port".into()));
+        assert!(port_matches(&named, "web-port"));
+        assert_eq!(
+            describe_ports(&[http, named]),
+            "http 80→8080, web 80→web-port"
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! `ktb recover <svc>`: put an exchanged Service back from any machine.
+//!
+//! Reads the selector ktb saved on the Service itself, so it needs neither
+//! the laptop that exchanged it nor its Lease. Idempotent: a Service without
+//! ktb's annotation is reported as already original. A session whose lock
+//! is still renewed belongs to a live ktb elsewhere and is left alone unless
+//! forced; an expired one is removed with its Lease, and with the Lease, by
+//! garbage collection, every object that session created.
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams};
+
+use ktb_kube::names::exchange_lease;
+use ktb_kube::service::{self, display, Restored};
+
+use crate::cluster::Cluster;
+use crate::exchange::lock::holder_of;
+
+pub async fn run(cluster: &Cluster, name: &str, force: bool) -> anyhow::Result<()> {
+    let qualified = format!("{}/{name}", cluster.namespace);
+    let leases = Api::<Lease>::namespaced(cluster.client.clone(), &cluster.namespace);
+    let lease_name = exchange_lease(name);
+    let lease = leases.get_opt(&lease_name).await?;
+    if let Some(lease) = &lease {
+        let holder = holder_of(lease);
+        if !holder.expired && !force {
+            anyhow::bail!(
+                "Service {qualified} is exchanged by {holder}, whose ktb is alive and restores it on exit; \
+                 `ktb recover --force {name}` restores it anyway"
+            );
+        }
+    }
+    let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
+    match service::restore(&services, name).await? {
+        Restored::Selector(selector) => eprintln!(
+            "ktb: restored Service {qualified} (selector {})",
+            display(&selector)
+        ),
+        Restored::AlreadyOriginal => eprintln!("ktb: Service {qualified} is already original"),
+    }
+    if let Some(lease) = lease {
+        match leases
+            .delete(&lease_name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        eprintln!(
+            "ktb: removed the session of {} and its objects",
+            holder_of(&lease)
+        );
+    }
+    Ok(())
+}
