@@ -108,6 +108,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             image_pull_policy,
             ready_timeout,
         } => {
+            let shutdown = shutdown_signal();
             let cluster = cluster::connect(&kube).await?;
             let options = ExchangeOptions {
                 service,
@@ -117,7 +118,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 pull_policy: image_pull_policy,
                 ready_timeout,
             };
-            exchange::run(&cluster, options, shutdown_signal()).await
+            exchange::run(&cluster, options, shutdown).await
         }
         Command::Recover { service, force } => {
             let cluster = cluster::connect(&kube).await?;
@@ -147,22 +148,29 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 session: SessionConfig::default(),
             };
             let reporter = Reporter::new(|event| eprintln!("ktb: {event}"));
-            attach(Direct { addr: agent }, options, reporter, shutdown_signal()).await?;
+            let shutdown = shutdown_signal();
+            attach(Direct { addr: agent }, options, reporter, shutdown).await?;
             eprintln!("ktb: detached");
             Ok(())
         }
     }
 }
 
-/// Ctrl-C, SIGTERM or SIGHUP (the terminal closing).
-async fn shutdown_signal() {
+/// Ctrl-C, SIGTERM or SIGHUP (the terminal closing). The handlers are
+/// installed when this is called, not when the future is first polled, so
+/// a signal during start-up is held for the command to act on (undoing what
+/// it already changed) instead of killing the process half-way.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-        _ = hangup.recv() => {}
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+        }
     }
 }
 

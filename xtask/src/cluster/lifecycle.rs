@@ -203,31 +203,7 @@ fn start(layout: &Layout, go: &build::GoBinaries, images: &[build::ImageArchive]
     wait_for(layout, "containerd socket", Duration::from_secs(30), || {
         process::run("ctr", &["--address", &sock.to_string_lossy(), "version"]).is_ok()
     })?;
-    for image in images {
-        match &image.archive {
-            Ok(path) => {
-                process::run(
-                    "ctr",
-                    &[
-                        "--address",
-                        &sock.to_string_lossy(),
-                        "-n",
-                        "k8s.io",
-                        "images",
-                        "import",
-                        &path.to_string_lossy(),
-                    ],
-                )
-                .with_context(|| format!("importing {}", image.reference))?;
-                println!("  {}: imported", image.reference);
-            }
-            Err(e) => println!(
-                "  {}: NOT AVAILABLE, the rest of the cluster works without it:\n{}",
-                image.reference,
-                indent(&format!("{e:#}"))
-            ),
-        }
-    }
+    import_images(layout, images)?;
 
     println!("Starting kube-controller-manager, kube-scheduler, kubelet, kube-proxy...");
     spawn(
@@ -735,4 +711,49 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Loads image archives into the cluster's containerd; an image that could
+/// not be built is reported and skipped.
+fn import_images(layout: &Layout, images: &[build::ImageArchive]) -> Result<()> {
+    let sock = layout.containerd_socket();
+    for image in images {
+        match &image.archive {
+            Ok(path) => {
+                process::run(
+                    "ctr",
+                    &[
+                        "--address",
+                        &sock.to_string_lossy(),
+                        "-n",
+                        "k8s.io",
+                        "images",
+                        "import",
+                        &path.to_string_lossy(),
+                    ],
+                )
+                .with_context(|| format!("importing {}", image.reference))?;
+                println!("  {}: imported", image.reference);
+            }
+            Err(e) => println!(
+                "  {}: NOT AVAILABLE, the rest of the cluster works without it:\n{}",
+                image.reference,
+                indent(&format!("{e:#}"))
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds the images made from the workspace (agent, workloads) and
+/// imports them into the running cluster, so a changed agent can be tried
+/// without restarting the cluster. New pods get the new images.
+pub fn reload_images(layout: &Layout) -> Result<()> {
+    require_root()?;
+    if !apiserver_ready(layout) {
+        bail!("the test cluster is not up: run `cargo xtask cluster up`");
+    }
+    let go = build::go_binaries(layout)?;
+    let images = build::images(layout, &go, &layout.run().join("images"))?;
+    import_images(layout, &images)
 }

@@ -37,6 +37,9 @@ pub enum Command {
     Up,
     /// Stop everything `up` started and restore the machine.
     Down,
+    /// Rebuild the workspace's images (agent, workloads) and import them
+    /// into the running cluster.
+    Images,
     /// Show what is running.
     Status,
     /// Print the environment for `admin`, `dev-a` or `dev-b`.
@@ -49,6 +52,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Up => lifecycle::up(&layout),
         Command::Down => lifecycle::down(&layout),
         Command::Status => lifecycle::status(&layout),
+        Command::Images => lifecycle::reload_images(&layout),
         Command::Env { name } => {
             print!("{}", env_script(&layout, &name)?);
             Ok(())

@@ -57,8 +57,9 @@ const SELECTOR_MODE_NEEDS: &[Need] = &[
     need("create", "", "pods"),
     need("get", "", "pods"),
     need("delete", "", "pods"),
+    // kube's port-forward is a WebSocket, authorized as `get`.
     Need {
-        verb: "create",
+        verb: "get",
         group: "",
         resource: "pods",
         subresource: "portforward",
@@ -119,7 +120,8 @@ pub async fn run(
         Ok(tunnel) => tunnel,
         Err(e) => {
             say("undoing what this session changed");
-            teardown(cluster, &name, &objects, &lock).await;
+            restore_service(cluster, &name).await;
+            remove_session(cluster, &objects, &lock).await;
             return if e.is::<Interrupted>() {
                 Ok(())
             } else {
@@ -128,8 +130,11 @@ pub async fn run(
         }
     };
     let served = serve(&services, &name, &session, &lock, &mut shutdown).await;
+    // Callers go back to the original pods first; only then does the
+    // tunnel that was serving them close.
+    restore_service(cluster, &name).await;
     tunnel.stop().await;
-    teardown(cluster, &name, &objects, &lock).await;
+    remove_session(cluster, &objects, &lock).await;
     served
 }
 
@@ -288,9 +293,9 @@ async fn warn_if_drifted(services: &Api<Service>, name: &str, session: &str) -> 
     true
 }
 
-/// Undoes the exchange in the order that never leaves callers stranded:
-/// Service first, then the session's objects, then the lock.
-async fn teardown(cluster: &Cluster, name: &str, objects: &str, lock: &Lock) {
+/// Puts the Service back; on failure says how to retry (the agent will
+/// also restore it once the grace period has passed).
+async fn restore_service(cluster: &Cluster, name: &str) {
     let qualified = format!("{}/{name}", cluster.namespace);
     let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
     match service::restore(&services, name).await {
@@ -300,6 +305,11 @@ async fn teardown(cluster: &Cluster, name: &str, objects: &str, lock: &Lock) {
             "error: could not restore Service {qualified}: {e:#}\n     run `ktb recover {name}` to retry; the agent will also restore it"
         )),
     }
+}
+
+/// Deletes the session's objects, then releases the lock: never the lock
+/// first, or another session could start while ours is still in place.
+async fn remove_session(cluster: &Cluster, objects: &str, lock: &Lock) {
     Shadow::existing(&cluster.client, &cluster.namespace, objects)
         .delete()
         .await;

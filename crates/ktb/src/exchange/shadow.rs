@@ -147,6 +147,8 @@ impl ShadowSpec<'_> {
                     run_as_non_root: Some(true),
                     run_as_user: Some(65532),
                     run_as_group: Some(65532),
+                    // The token file is group-readable by this group only.
+                    fs_group: Some(65532),
                     seccomp_profile: Some(SeccompProfile {
                         type_: "RuntimeDefault".into(),
                         ..SeccompProfile::default()
