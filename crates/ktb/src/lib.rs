@@ -7,6 +7,7 @@
 //! person at the terminal what is happening. The binary only parses flags
 //! and prints.
 
+pub mod clean;
 pub mod cluster;
 pub mod exchange;
 pub mod expose;

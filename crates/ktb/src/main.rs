@@ -56,6 +56,13 @@ enum Command {
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         ready_timeout: Duration,
     },
+    /// Repair what vanished sessions left in the namespace; live sessions
+    /// of other developers are never touched.
+    Clean {
+        /// Only say what would be repaired.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Restore a Service that a vanished ktb session left exchanged.
     Recover {
         service: String,
@@ -119,6 +126,10 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 ready_timeout,
             };
             exchange::run(&cluster, options, shutdown).await
+        }
+        Command::Clean { dry_run } => {
+            let cluster = cluster::connect(&kube).await?;
+            ktb::clean::run(&cluster, dry_run).await
         }
         Command::Recover { service, force } => {
             let cluster = cluster::connect(&kube).await?;
