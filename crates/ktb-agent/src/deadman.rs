@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams};
 
 use crate::attachment::Attachment;
@@ -42,7 +41,6 @@ impl DeadMan {
             }
         };
         let leases = Api::<Lease>::namespaced(client.clone(), &self.namespace);
-        let services = Api::<Service>::namespaced(client, &self.namespace);
         let mut last_alive = Instant::now();
         let mut last_renewal = None;
         loop {
@@ -61,14 +59,20 @@ impl DeadMan {
                 }
                 Ok(None) => {
                     tracing::info!(lease = %self.lease, "the session's Lease is gone: the session has ended");
-                    self.restore(&services).await;
-                    return;
+                    if self.restore(&client).await {
+                        return;
+                    }
+                    continue;
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read the session's Lease"),
             }
             if last_alive.elapsed() > self.grace {
                 tracing::warn!(grace = ?self.grace, "no sign of the laptop for the grace period: restoring the Service");
-                self.restore(&services).await;
+                if !self.restore(&client).await {
+                    // Keep the Lease: it is how `ktb clean` finds this
+                    // session. Try again on the next round.
+                    continue;
+                }
                 match leases
                     .delete(&self.lease, &DeleteParams::background())
                     .await
@@ -83,11 +87,16 @@ impl DeadMan {
         }
     }
 
-    async fn restore(&self, services: &Api<Service>) {
-        match ktb_kube::service::restore(services, &self.service).await {
-            Ok(restored) => tracing::info!(service = %self.service, ?restored, "Service restored"),
+    /// Whether the Service is back as it was.
+    async fn restore(&self, client: &kube::Client) -> bool {
+        match ktb_kube::service::restore(client, &self.namespace, &self.service).await {
+            Ok(restored) => {
+                tracing::info!(service = %self.service, %restored, "Service restored");
+                true
+            }
             Err(e) => {
-                tracing::error!(service = %self.service, error = format!("{e:#}"), "cannot restore the Service")
+                tracing::error!(service = %self.service, error = format!("{e:#}"), "cannot restore the Service");
+                false
             }
         }
     }

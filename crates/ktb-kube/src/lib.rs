@@ -10,3 +10,4 @@
 pub mod grace;
 pub mod names;
 pub mod service;
+pub mod workload;

@@ -6,6 +6,9 @@ pub const DOMAIN: &str = "ktb.dev";
 pub const ORIGINAL_SELECTOR: &str = "ktb.dev/original-selector";
 /// Annotation on an exchanged Service: which session holds it.
 pub const SESSION: &str = "ktb.dev/session";
+/// Annotation on a Service exchanged in scale mode: the workload behind it
+/// and its replica count, e.g. `Deployment/orders=3`.
+pub const ORIGINAL_REPLICAS: &str = "ktb.dev/original-replicas";
 /// Label on every object a session creates: the session id.
 pub const SESSION_LABEL: &str = "ktb.dev/session";
 /// Label on every object ktb creates, whatever the session.

@@ -1,29 +1,60 @@
 //! Pointing a Service at a shadow pod, and back.
 //!
-//! Both directions are one merge patch carrying the Service's
-//! `resourceVersion`, so a concurrent change by someone else (a GitOps
-//! controller, a colleague) makes the patch fail instead of being silently
-//! overwritten. Restoring is idempotent: a Service without ktb's annotation
-//! is already original.
+//! Selector mode rewrites the selector; scale mode leaves the spec alone and
+//! scales the workload behind it to zero. Either way what was changed is
+//! written in an annotation on the Service itself, so whoever restores
+//! (the CLI, the agent, `ktb recover` on another machine) finds it there.
+//! Every write is a merge patch carrying the Service's `resourceVersion`,
+//! so a concurrent change by someone else (a GitOps controller, a
+//! colleague) makes it fail instead of being silently overwritten.
+//! Restoring is idempotent: a Service without ktb's annotations is already
+//! original.
 
 use std::collections::BTreeMap;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
 use serde_json::{json, Map, Value};
 
-use crate::names::{ORIGINAL_SELECTOR, SESSION};
+use crate::names::{ORIGINAL_REPLICAS, ORIGINAL_SELECTOR, SESSION};
+use crate::workload::{self, Replicas};
 
 pub type Selector = BTreeMap<String, String>;
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restored {
-    /// The selector was put back.
-    Selector(Selector),
     /// The Service carried no ktb annotation: nothing to do.
     AlreadyOriginal,
+    /// The selector was put back (selector mode) and/or the workload
+    /// scaled back (scale mode).
+    Changed {
+        selector: Option<Selector>,
+        replicas: Option<Replicas>,
+    },
+}
+
+impl std::fmt::Display for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Restored::AlreadyOriginal => write!(f, "already original"),
+            Restored::Changed { selector, replicas } => {
+                let mut parts = Vec::new();
+                if let Some(selector) = selector {
+                    parts.push(format!("selector {}", display(selector)));
+                }
+                if let Some(r) = replicas {
+                    parts.push(format!(
+                        "{:?} {} back to {} replicas",
+                        r.kind, r.name, r.replicas
+                    ));
+                }
+                write!(f, "{}", parts.join(", "))
+            }
+        }
+    }
 }
 
 pub fn selector_of(service: &Service) -> Selector {
@@ -94,29 +125,67 @@ pub async fn point_at_shadow(
         .with_context(|| format!("cannot point Service {name} at the shadow pod"))
 }
 
-/// Puts the saved selector back and removes ktb's annotations. Retries on
-/// a conflicting concurrent write, since restoring must not give up.
-pub async fn restore(api: &Api<Service>, name: &str) -> anyhow::Result<Restored> {
+/// Scale mode: records the workload's replica count on the Service (its
+/// spec is left as it is) before the workload is scaled to zero.
+pub async fn mark_scaled(
+    api: &Api<Service>,
+    service: &Service,
+    replicas: &Replicas,
+    session: &str,
+) -> anyhow::Result<()> {
+    let name = service
+        .metadata
+        .name
+        .as_deref()
+        .context("the Service has no name")?;
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": resource_version(service)?,
+            "annotations": { ORIGINAL_REPLICAS: replicas.to_string(), SESSION: session },
+        },
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+        .with_context(|| format!("cannot record the replica count on Service {name}"))
+}
+
+/// Undoes whatever ktb recorded on the Service: scales the workload back,
+/// puts the selector back, removes the annotations. Retries on conflicting
+/// concurrent writes, since restoring must not give up.
+pub async fn restore(client: &Client, ns: &str, name: &str) -> anyhow::Result<Restored> {
+    let api = Api::<Service>::namespaced(client.clone(), ns);
     for _ in 0..5 {
         let service = api
             .get(name)
             .await
             .with_context(|| format!("cannot read Service {name}"))?;
-        let Some(original) = saved_selector(&service)? else {
-            return Ok(Restored::AlreadyOriginal);
+        let annotations = service.metadata.annotations.clone().unwrap_or_default();
+        let selector = saved_selector(&service)?;
+        let replicas = match annotations.get(ORIGINAL_REPLICAS) {
+            Some(saved) => Some(saved.parse::<Replicas>().map_err(anyhow::Error::msg)?),
+            None => None,
         };
-        let patch = json!({
+        if selector.is_none() && replicas.is_none() && !annotations.contains_key(SESSION) {
+            return Ok(Restored::AlreadyOriginal);
+        }
+        if let Some(r) = &replicas {
+            workload::scale(client, ns, r.kind, &r.name, r.replicas).await?;
+        }
+        let mut patch = json!({
             "metadata": {
                 "resourceVersion": resource_version(&service)?,
-                "annotations": { ORIGINAL_SELECTOR: null, SESSION: null },
+                "annotations": { ORIGINAL_SELECTOR: null, ORIGINAL_REPLICAS: null, SESSION: null },
             },
-            "spec": { "selector": selector_patch(&selector_of(&service), &original) },
         });
+        if let Some(original) = &selector {
+            patch["spec"] = json!({ "selector": selector_patch(&selector_of(&service), original) });
+        }
         match api
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => return Ok(Restored::Selector(original)),
+            Ok(_) => return Ok(Restored::Changed { selector, replicas }),
             Err(kube::Error::Api(status)) if status.code == 409 => continue,
             Err(e) => return Err(e).with_context(|| format!("cannot restore Service {name}")),
         }

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams};
 
 use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE, SESSION, SESSION_LABEL};
-use ktb_kube::service::{self, display, Restored};
+use ktb_kube::service;
 
 use crate::cluster::Cluster;
 use crate::exchange::lock::holder_of;
@@ -62,10 +62,10 @@ pub async fn run(cluster: &Cluster, dry_run: bool) -> anyhow::Result<()> {
             say(format!(
                 "would restore Service {ns}/{name} (left by session {session})"
             ));
-        } else if let Restored::Selector(selector) = service::restore(&services, &name).await? {
+        } else {
+            let restored = service::restore(&cluster.client, ns, &name).await?;
             say(format!(
-                "restored Service {ns}/{name} (selector {}), left by session {session}",
-                display(&selector)
+                "restored Service {ns}/{name} ({restored}), left by session {session}"
             ));
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ktb::cluster::{self, KubeArgs};
 use ktb::exchange::target::ExposeArg;
-use ktb::exchange::{self, ExchangeOptions};
+use ktb::exchange::{self, ExchangeOptions, Mode};
 use ktb::expose::Expose;
 use ktb::report::Reporter;
 use ktb::tunnel::{attach, AttachOptions, Direct};
@@ -42,6 +42,10 @@ enum Command {
         /// port; default: its only port) goes to 127.0.0.1:LOCAL. Repeatable.
         #[arg(long, required = true)]
         expose: Vec<ExposeArg>,
+        /// How traffic moves: rewrite the Service's selector, or scale the
+        /// workload behind it to zero while the shadow pod takes its labels.
+        #[arg(long, value_enum, default_value_t = Mode::Selector)]
+        mode: Mode,
         /// How long the cluster waits for this machine after losing it
         /// before restoring the Service on its own.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -110,6 +114,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
         Command::Exchange {
             service,
             expose,
+            mode,
             grace,
             agent_image,
             image_pull_policy,
@@ -119,6 +124,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let cluster = cluster::connect(&kube).await?;
             let options = ExchangeOptions {
                 service,
+                mode,
                 exposes: expose,
                 grace,
                 agent_image,

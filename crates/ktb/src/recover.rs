@@ -8,11 +8,10 @@
 //! garbage collection, every object that session created.
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams};
 
 use ktb_kube::names::exchange_lease;
-use ktb_kube::service::{self, display, Restored};
+use ktb_kube::service::{self, Restored};
 
 use crate::cluster::Cluster;
 use crate::exchange::lock::holder_of;
@@ -31,13 +30,9 @@ pub async fn run(cluster: &Cluster, name: &str, force: bool) -> anyhow::Result<(
             );
         }
     }
-    let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
-    match service::restore(&services, name).await? {
-        Restored::Selector(selector) => eprintln!(
-            "ktb: restored Service {qualified} (selector {})",
-            display(&selector)
-        ),
+    match service::restore(&cluster.client, &cluster.namespace, name).await? {
         Restored::AlreadyOriginal => eprintln!("ktb: Service {qualified} is already original"),
+        restored => eprintln!("ktb: restored Service {qualified} ({restored})"),
     }
     if let Some(lease) = lease {
         match leases

@@ -161,6 +161,9 @@ impl Lock {
             kind: "Lease".into(),
             name: self.name(),
             uid: self.lease.metadata.uid.clone().unwrap_or_default(),
+            // As the controller, so no ReplicaSet or StatefulSet whose
+            // selector matches the shadow pod (scale mode) adopts it.
+            controller: Some(true),
             ..OwnerReference::default()
         }
     }

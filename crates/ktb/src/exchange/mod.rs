@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
 use ktb_kube::service::{self, display, selector_of, Restored};
+use ktb_kube::workload::{self, Found, Kind};
 use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
@@ -37,12 +38,13 @@ use crate::preflight::{self, need, Need};
 use crate::report::{Event, Reporter};
 use crate::tunnel::{self, AttachOptions};
 use lock::{Lock, Taken};
-use shadow::{Shadow, ShadowSpec};
+use shadow::{session_labels, Shadow, ShadowSpec};
 use target::{ExposeArg, PortRoute};
 
 /// Everything `exchange` is told.
 pub struct ExchangeOptions {
     pub service: String,
+    pub mode: Mode,
     pub exposes: Vec<ExposeArg>,
     pub grace: Duration,
     pub agent_image: String,
@@ -50,8 +52,24 @@ pub struct ExchangeOptions {
     pub ready_timeout: Duration,
 }
 
-/// Verbs the selector mode needs, checked before anything changes.
-const SELECTOR_MODE_NEEDS: &[Need] = &[
+/// How the Service's traffic is moved to the shadow pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Point the Service's selector at the shadow pod; the original pods
+    /// keep running untouched.
+    Selector,
+    /// The shadow pod takes the workload's pod labels and the Deployment or
+    /// StatefulSet behind the Service is scaled to zero; the Service's spec
+    /// is not touched.
+    Scale,
+}
+
+/// How long teardown keeps the shadow pod while a scaled-down workload
+/// comes back.
+const WORKLOAD_BACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Verbs every mode needs, checked before anything changes.
+const COMMON_NEEDS: &[Need] = &[
     need("get", "", "services"),
     need("patch", "", "services"),
     need("create", "", "pods"),
@@ -79,6 +97,26 @@ const SELECTOR_MODE_NEEDS: &[Need] = &[
     need("delete", "coordination.k8s.io", "leases"),
 ];
 
+/// What scale mode needs on top, for the kind of workload found.
+fn scale_needs(kind: Kind) -> [Need; 3] {
+    let (resource, group) = (kind.resource(), "apps");
+    [
+        need("get", group, resource),
+        Need {
+            verb: "get",
+            group,
+            resource,
+            subresource: "scale",
+        },
+        Need {
+            verb: "patch",
+            group,
+            resource,
+            subresource: "scale",
+        },
+    ]
+}
+
 fn say(message: impl std::fmt::Display) {
     eprintln!("ktb: {message}");
 }
@@ -103,7 +141,18 @@ pub async fn run(
 
     let original = target::exchangeable_service(&services, &name, &ns).await?;
     let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
-    preflight::check(cluster, SELECTOR_MODE_NEEDS).await?;
+    let mut needs = COMMON_NEEDS.to_vec();
+    let workload = match options.mode {
+        Mode::Selector => None,
+        Mode::Scale => {
+            needs.extend([need("list", "", "pods"), need("get", "apps", "replicasets")]);
+            let found =
+                workload::behind_service(&cluster.client, &ns, &selector_of(&original)).await?;
+            needs.extend(scale_needs(found.replicas.kind));
+            Some(found)
+        }
+    };
+    preflight::check(cluster, &needs).await?;
     warn_about_closed_local_ports(&routes).await;
 
     let session: String = format!("{:08x}", rand::rng().random::<u32>());
@@ -113,7 +162,7 @@ pub async fn run(
 
     let objects = session_objects(&name, &session);
     let outcome = tokio::select! {
-        outcome = exchange_locked(cluster, &options, &name, &qualified, &session, &lock, &routes) => outcome,
+        outcome = exchange_locked(cluster, &options, &name, &qualified, &session, &lock, &routes, workload.as_ref()) => outcome,
         _ = &mut shutdown => Err(Interrupted.into()),
     };
     let mut tunnel = match outcome {
@@ -129,7 +178,16 @@ pub async fn run(
             };
         }
     };
-    let served = serve(&services, &name, &session, &lock, &mut shutdown).await;
+    let watch_selector = options.mode == Mode::Selector;
+    let served = serve(
+        &services,
+        &name,
+        &session,
+        watch_selector,
+        &lock,
+        &mut shutdown,
+    )
+    .await;
     // Callers go back to the original pods first; only then does the
     // tunnel that was serving them close.
     restore_service(cluster, &name).await;
@@ -161,8 +219,7 @@ async fn lock_service(
         ),
         Taken::Stale(stale, holder) => {
             say(format!("taking over the expired lock of {holder}: restoring what that session changed first"));
-            let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
-            service::restore(&services, name).await?;
+            service::restore(&cluster.client, &cluster.namespace, name).await?;
             lock::take_over(leases, stale, wanted).await
         }
     }
@@ -179,15 +236,16 @@ async fn exchange_locked(
     session: &str,
     lock: &Lock,
     routes: &[PortRoute],
+    workload: Option<&Found>,
 ) -> anyhow::Result<RunningTunnel> {
     let ns = cluster.namespace.as_str();
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
     // The lock is ours now: a Service still marked by a vanished session
     // whose Lease is gone gets its saved selector back before we save ours.
-    if let Restored::Selector(selector) = service::restore(&services, name).await? {
+    if let restored @ Restored::Changed { .. } = service::restore(&cluster.client, ns, name).await?
+    {
         say(format!(
-            "restored Service {qualified} left behind by an earlier session (selector {})",
-            display(&selector)
+            "restored Service {qualified} left behind by an earlier session ({restored})"
         ));
     }
     let original = services.get(name).await?;
@@ -205,6 +263,16 @@ async fn exchange_locked(
         pull_policy: &options.pull_policy,
         grace: options.grace,
         owner: lock.owner(),
+        labels: match workload {
+            None => session_labels(session),
+            Some(found) => found
+                .template_labels
+                .clone()
+                .into_iter()
+                .chain(session_labels(session))
+                .collect(),
+        },
+        scaled: workload.map(|f| (f.replicas.kind, f.replicas.name.clone())),
     };
     say(format!("creating shadow pod {objects}"));
     let shadow = Shadow::create(&cluster.client, ns, &spec).await?;
@@ -213,8 +281,22 @@ async fn exchange_locked(
         shadow.wait_ready(options.ready_timeout).await?;
         say("opening the tunnel (port-forward through the apiserver)");
         let tunnel = RunningTunnel::start(cluster, &objects, &token, routes).await?;
-        say(format!("pointing Service {qualified} at the shadow pod"));
-        service::point_at_shadow(&services, &original, &spec.labels(), session).await?;
+        match workload {
+            None => {
+                say(format!("pointing Service {qualified} at the shadow pod"));
+                service::point_at_shadow(&services, &original, &session_labels(session), session)
+                    .await?;
+            }
+            Some(found) => {
+                let r = &found.replicas;
+                say(format!(
+                    "scaling {:?} {} from {} to 0 replicas",
+                    r.kind, r.name, r.replicas
+                ));
+                service::mark_scaled(&services, &original, r, session).await?;
+                workload::scale(&cluster.client, ns, r.kind, &r.name, 0).await?;
+            }
+        }
         Ok::<_, anyhow::Error>(tunnel)
     };
     match started.await {
@@ -242,12 +324,13 @@ async fn serve(
     services: &Api<Service>,
     name: &str,
     session: &str,
+    watch_selector: bool,
     lock: &Lock,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
     let renew_every = Duration::from_secs((lock_duration(lock) / 3).max(1));
     let mut renew = tokio::time::interval(renew_every);
-    let mut warned_drift = false;
+    let mut warned_drift = !watch_selector;
     loop {
         tokio::select! {
             _ = shutdown.as_mut() => return Ok(()),
@@ -297,10 +380,18 @@ async fn warn_if_drifted(services: &Api<Service>, name: &str, session: &str) -> 
 /// also restore it once the grace period has passed).
 async fn restore_service(cluster: &Cluster, name: &str) {
     let qualified = format!("{}/{name}", cluster.namespace);
-    let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
-    match service::restore(&services, name).await {
-        Ok(Restored::Selector(selector)) => say(format!("restored Service {qualified} (selector {})", display(&selector))),
+    match service::restore(&cluster.client, &cluster.namespace, name).await {
         Ok(Restored::AlreadyOriginal) => say(format!("restored Service {qualified} (it was never switched)")),
+        Ok(restored) => {
+            say(format!("restored Service {qualified} ({restored})"));
+            if let Restored::Changed { replicas: Some(r), .. } = restored {
+                // Keep the shadow pod serving until the originals are back.
+                let ready = workload::wait_ready(&cluster.client, &cluster.namespace, r.kind, &r.name, r.replicas.min(1), WORKLOAD_BACK_TIMEOUT);
+                if !ready.await {
+                    say(format!("warning: {:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}", r.kind, r.name));
+                }
+            }
+        }
         Err(e) => say(format!(
             "error: could not restore Service {qualified}: {e:#}\n     run `ktb recover {name}` to retry; the agent will also restore it"
         )),

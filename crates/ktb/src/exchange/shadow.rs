@@ -24,6 +24,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::Client;
 
 use ktb_kube::names::{AGENT_TUNNEL_PORT, MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
+use ktb_kube::workload::Kind;
 
 const TOKEN_DIR: &str = "/var/run/ktb";
 
@@ -39,6 +40,11 @@ pub struct ShadowSpec<'a> {
     pub pull_policy: &'a str,
     pub grace: Duration,
     pub owner: OwnerReference,
+    /// The labels the pod carries: the session's own (selector mode), or the
+    /// workload's pod labels plus the session's (scale mode).
+    pub labels: BTreeMap<String, String>,
+    /// Scale mode: the workload the agent may have to scale back.
+    pub scaled: Option<(Kind, String)>,
 }
 
 /// The objects of one session, for cleanup.
@@ -48,22 +54,22 @@ pub struct Shadow {
     pub name: String,
 }
 
+/// The labels that mark an object as this session's.
+pub fn session_labels(session: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (SESSION_LABEL.to_owned(), session.to_owned()),
+        (MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned()),
+    ])
+}
+
 impl ShadowSpec<'_> {
     fn meta(&self) -> ObjectMeta {
         ObjectMeta {
             name: Some(self.name.into()),
-            labels: Some(self.labels()),
+            labels: Some(session_labels(self.session)),
             owner_references: Some(vec![self.owner.clone()]),
             ..ObjectMeta::default()
         }
-    }
-
-    /// The labels the Service will select.
-    pub fn labels(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (SESSION_LABEL.to_owned(), self.session.to_owned()),
-            (MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned()),
-        ])
     }
 
     fn role(&self) -> Role {
@@ -76,15 +82,28 @@ impl ShadowSpec<'_> {
         };
         Role {
             metadata: self.meta(),
-            rules: Some(vec![
-                rule("", "services", self.service, &["get", "patch"]),
-                rule(
-                    "coordination.k8s.io",
-                    "leases",
-                    self.lease,
-                    &["get", "delete"],
-                ),
-            ]),
+            rules: Some(
+                [
+                    Some(rule("", "services", self.service, &["get", "patch"])),
+                    Some(rule(
+                        "coordination.k8s.io",
+                        "leases",
+                        self.lease,
+                        &["get", "delete"],
+                    )),
+                    self.scaled.as_ref().map(|(kind, name)| {
+                        rule(
+                            "apps",
+                            &format!("{}/scale", kind.resource()),
+                            name,
+                            &["get", "patch"],
+                        )
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ),
         }
     }
 
@@ -117,6 +136,8 @@ impl ShadowSpec<'_> {
     }
 
     fn pod(&self) -> Pod {
+        let mut meta = self.meta();
+        meta.labels = Some(self.labels.clone());
         let env = |name: &str, value: String| EnvVar {
             name: name.into(),
             value: Some(value),
@@ -138,7 +159,7 @@ impl ShadowSpec<'_> {
             ..ContainerPort::default()
         }));
         Pod {
-            metadata: self.meta(),
+            metadata: meta,
             spec: Some(PodSpec {
                 service_account_name: Some(self.name.into()),
                 restart_policy: Some("OnFailure".into()),
