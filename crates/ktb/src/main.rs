@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ktb::cluster::{self, KubeArgs};
 use ktb::exchange::target::ExposeArg;
-use ktb::exchange::{self, ExchangeOptions, Mode};
+use ktb::exchange::{self, ExchangeOptions, Mode, TransportKind};
 use ktb::expose::Expose;
 use ktb::report::Reporter;
 use ktb::tunnel::{attach, AttachOptions, Direct};
@@ -46,6 +46,9 @@ enum Command {
         /// workload behind it to zero while the shadow pod takes its labels.
         #[arg(long, value_enum, default_value_t = Mode::Selector)]
         mode: Mode,
+        /// How this machine reaches the agent.
+        #[arg(long, value_enum, default_value_t = TransportKind::PortForward)]
+        transport: TransportKind,
         /// How long the cluster waits for this machine after losing it
         /// before restoring the Service on its own.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -115,6 +118,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             service,
             expose,
             mode,
+            transport,
             grace,
             agent_image,
             image_pull_policy,
@@ -125,6 +129,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let options = ExchangeOptions {
                 service,
                 mode,
+                transport,
                 exposes: expose,
                 grace,
                 agent_image,

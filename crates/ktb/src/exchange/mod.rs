@@ -36,7 +36,7 @@ use crate::expose::Expose;
 use crate::portforward::PortForward;
 use crate::preflight::{self, need, Need};
 use crate::report::{Event, Reporter};
-use crate::tunnel::{self, AttachOptions};
+use crate::tunnel::{self, AttachOptions, Direct, Transport};
 use lock::{Lock, Taken};
 use shadow::{session_labels, Shadow, ShadowSpec};
 use target::{ExposeArg, PortRoute};
@@ -45,11 +45,31 @@ use target::{ExposeArg, PortRoute};
 pub struct ExchangeOptions {
     pub service: String,
     pub mode: Mode,
+    pub transport: TransportKind,
     pub exposes: Vec<ExposeArg>,
     pub grace: Duration,
     pub agent_image: String,
     pub pull_policy: String,
     pub ready_timeout: Duration,
+}
+
+/// How the laptop reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// A port-forward through the apiserver: works wherever kubectl does.
+    PortForward,
+    /// TCP straight to the pod's IP, for laptops that can reach pod IPs
+    /// (a VPN into the cluster network, or `ktb connect`).
+    Direct,
+}
+
+impl TransportKind {
+    fn describe(self) -> &'static str {
+        match self {
+            TransportKind::PortForward => "port-forward through the apiserver",
+            TransportKind::Direct => "direct to the pod IP",
+        }
+    }
 }
 
 /// How the Service's traffic is moved to the shadow pod.
@@ -161,8 +181,15 @@ pub async fn run(
     let lock = lock_service(cluster, &leases, &name, &identity, &session, options.grace).await?;
 
     let objects = session_objects(&name, &session);
+    let plan = Plan {
+        name: &name,
+        qualified: &qualified,
+        session: &session,
+        routes: &routes,
+        workload: workload.as_ref(),
+    };
     let outcome = tokio::select! {
-        outcome = exchange_locked(cluster, &options, &name, &qualified, &session, &lock, &routes, workload.as_ref()) => outcome,
+        outcome = exchange_locked(cluster, &options, &plan, &lock) => outcome,
         _ = &mut shutdown => Err(Interrupted.into()),
     };
     let mut tunnel = match outcome {
@@ -225,19 +252,33 @@ async fn lock_service(
     }
 }
 
+/// What was decided before the lock: the session and how its ports and
+/// workload map.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    name: &'a str,
+    qualified: &'a str,
+    session: &'a str,
+    routes: &'a [PortRoute],
+    workload: Option<&'a Found>,
+}
+
 /// Creates the shadow pod, brings the tunnel up and switches the Service;
 /// on error, what it created is returned to the caller's teardown through
 /// the Lease (which owns everything) and an explicit delete.
 async fn exchange_locked(
     cluster: &Cluster,
     options: &ExchangeOptions,
-    name: &str,
-    qualified: &str,
-    session: &str,
+    plan: &Plan<'_>,
     lock: &Lock,
-    routes: &[PortRoute],
-    workload: Option<&Found>,
 ) -> anyhow::Result<RunningTunnel> {
+    let Plan {
+        name,
+        qualified,
+        session,
+        routes,
+        workload,
+    } = *plan;
     let ns = cluster.namespace.as_str();
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
     // The lock is ours now: a Service still marked by a vanished session
@@ -279,8 +320,27 @@ async fn exchange_locked(
     let started = async {
         say("waiting for the shadow pod to be ready");
         shadow.wait_ready(options.ready_timeout).await?;
-        say("opening the tunnel (port-forward through the apiserver)");
-        let tunnel = RunningTunnel::start(cluster, &objects, &token, routes).await?;
+        say(format!(
+            "opening the tunnel ({})",
+            options.transport.describe()
+        ));
+        let tunnel = match options.transport {
+            TransportKind::PortForward => {
+                let transport = PortForward {
+                    pods: Api::namespaced(cluster.client.clone(), ns),
+                    pod: objects.clone(),
+                    port: AGENT_TUNNEL_PORT,
+                };
+                RunningTunnel::start(transport, &token, routes).await?
+            }
+            TransportKind::Direct => {
+                let ip = shadow.pod_ip().await?;
+                let transport = Direct {
+                    addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
+                };
+                RunningTunnel::start(transport, &token, routes).await?
+            }
+        };
         match workload {
             None => {
                 say(format!("pointing Service {qualified} at the shadow pod"));
@@ -437,17 +497,11 @@ struct RunningTunnel {
 
 impl RunningTunnel {
     async fn start(
-        cluster: &Cluster,
-        pod: &str,
+        transport: impl Transport,
         token: &str,
         routes: &[PortRoute],
     ) -> anyhow::Result<RunningTunnel> {
         const FIRST_TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
-        let transport = PortForward {
-            pods: Api::namespaced(cluster.client.clone(), &cluster.namespace),
-            pod: pod.into(),
-            port: AGENT_TUNNEL_PORT,
-        };
         let options = AttachOptions {
             token: token.into(),
             exposes: routes

@@ -379,6 +379,18 @@ impl Shadow {
         }
     }
 
+    /// The pod's IP, once it has one.
+    pub async fn pod_ip(&self) -> anyhow::Result<std::net::IpAddr> {
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .get(&self.name)
+            .await?;
+        let ip = pod
+            .status
+            .and_then(|s| s.pod_ip)
+            .context("the shadow pod has no IP")?;
+        ip.parse().with_context(|| format!("invalid pod IP {ip}"))
+    }
+
     /// Deletes every object of the session; missing ones are fine.
     pub async fn delete(&self) {
         let dp = DeleteParams {
