@@ -42,6 +42,8 @@ enum Command {
 enum Bench {
     /// The tunnel on loopback against direct TCP and `ssh -R`.
     Tunnel,
+    /// `ktb exchange` on the test cluster against `kubectl port-forward`.
+    Exchange,
 }
 
 /// The workspace root: xtask lives one level below it.
@@ -59,5 +61,8 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Tunnel,
         } => bench::tunnel(&workspace()),
+        Command::Bench {
+            bench: Bench::Exchange,
+        } => bench::exchange(&workspace()),
     }
 }

@@ -55,7 +55,7 @@ pub async fn connect(args: &KubeArgs) -> anyhow::Result<Cluster> {
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).context("invalid kubeconfig")?;
+    let client = client_without_nagle(config).context("invalid kubeconfig")?;
     tokio::time::timeout(FIRST_CONTACT_TIMEOUT, client.apiserver_version())
         .await
         .map_err(|_| anyhow::anyhow!("no answer in {FIRST_CONTACT_TIMEOUT:?}"))
@@ -92,4 +92,29 @@ pub fn hostname() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// kube's default client, but with TCP_NODELAY on its connections to the
+/// apiserver. The tunnel's port-forward rides one of them, and with Nagle's
+/// algorithm every small frame (a new stream, a credit update, a short
+/// reply) waits for the previous one's delayed ACK: ~40 ms at p99.
+fn client_without_nagle(config: Config) -> anyhow::Result<Client> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use kube::client::ConfigExt;
+    use tower::ServiceBuilder;
+
+    let mut connector = HttpConnector::new();
+    connector.enforce_http(false);
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(connector)?;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
 }

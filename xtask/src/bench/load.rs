@@ -95,11 +95,20 @@ async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
-async fn connect(addr: SocketAddr, mode: u8) -> anyhow::Result<TcpStream> {
+/// Connects and, for servers of this module, sends the mode byte; plain
+/// echo servers (in-cluster workloads) get `None`.
+async fn connect(addr: SocketAddr, mode: Option<u8>) -> anyhow::Result<TcpStream> {
     let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    tcp.write_u8(mode).await?;
+    if let Some(mode) = mode {
+        tcp.write_u8(mode).await?;
+    }
     Ok(tcp)
+}
+
+/// The value at quantile `q` of sorted samples.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
 pub async fn measure(
@@ -110,7 +119,7 @@ pub async fn measure(
     bytes_each: usize,
 ) -> anyhow::Result<Figures> {
     let throughput_gbps = limited("throughput", throughput(addr, throughput_bytes)).await?;
-    let (p50_us, p99_us) = limited("latency", latency(addr, round_trips)).await?;
+    let (p50_us, p99_us) = limited("latency", latency(addr, Some(b'E'), round_trips)).await?;
     let (concurrent_ms, concurrent_errors) =
         limited("concurrency", concurrency(addr, connections, bytes_each)).await?;
     Ok(Figures {
@@ -133,7 +142,7 @@ async fn limited<T>(
 
 /// One stream: `bytes` to the sink, timed until the sink confirms the count.
 async fn throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
-    let mut tcp = connect(addr, b'S').await?;
+    let mut tcp = connect(addr, Some(b'S')).await?;
     let chunk = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
     let mut sent = 0u64;
@@ -153,8 +162,13 @@ async fn throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
 }
 
 /// 1 KiB request, 1 KiB response, one at a time on one connection.
-async fn latency(addr: SocketAddr, round_trips: usize) -> anyhow::Result<(f64, f64)> {
-    let mut tcp = connect(addr, b'E').await?;
+/// p50 and p99 in µs of 1 KiB request/response round trips on one connection.
+pub async fn latency(
+    addr: SocketAddr,
+    mode: Option<u8>,
+    round_trips: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut tcp = connect(addr, mode).await?;
     let request = vec![0x42u8; 1024];
     let mut response = vec![0u8; 1024];
     let mut samples = Vec::with_capacity(round_trips);
@@ -165,8 +179,7 @@ async fn latency(addr: SocketAddr, round_trips: usize) -> anyhow::Result<(f64, f
         samples.push(start.elapsed().as_secs_f64() * 1e6);
     }
     samples.sort_by(f64::total_cmp);
-    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok((pick(0.50), pick(0.99)))
+    Ok((quantile(&samples, 0.50), quantile(&samples, 0.99)))
 }
 
 /// `connections` callers at once, each echoing `bytes_each`; connecting is
@@ -184,7 +197,7 @@ async fn concurrency(
             let pacing = Arc::clone(&pacing);
             tokio::spawn(async move {
                 let permit = pacing.acquire_owned().await?;
-                let tcp = connect(addr, b'E').await?;
+                let tcp = connect(addr, Some(b'E')).await?;
                 drop(permit);
                 echo_exactly(tcp, bytes_each).await
             })
@@ -214,4 +227,58 @@ async fn echo_exactly(tcp: TcpStream, bytes: usize) -> anyhow::Result<()> {
         "echo came back wrong"
     );
     Ok(())
+}
+
+/// MiB/s of `bytes` echoed back (written and read at once on one
+/// connection): the bulk figure for paths whose far end only echoes.
+pub async fn echo_throughput(
+    addr: SocketAddr,
+    mode: Option<u8>,
+    bytes: usize,
+) -> anyhow::Result<f64> {
+    let tcp = connect(addr, mode).await?;
+    let start = Instant::now();
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0x33u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            w.write_all(&chunk[..n]).await?;
+            sent += n;
+        }
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0;
+    while received < bytes {
+        match r.read(&mut buf).await? {
+            0 => anyhow::bail!("the echo ended after {received} of {bytes} bytes"),
+            n => received += n,
+        }
+    }
+    let elapsed = start.elapsed();
+    drop(writer.await??);
+    Ok(bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64())
+}
+
+/// p50 and p99 in µs of a new connection until its first echoed byte.
+pub async fn new_connection(
+    addr: SocketAddr,
+    mode: Option<u8>,
+    connections: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut samples = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let start = Instant::now();
+        let mut tcp = connect(addr, mode).await?;
+        tcp.write_u8(0x7e).await?;
+        anyhow::ensure!(
+            tcp.read_u8().await? == 0x7e,
+            "the echo answered the wrong byte"
+        );
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok((quantile(&samples, 0.50), quantile(&samples, 0.99)))
 }

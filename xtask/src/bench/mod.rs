@@ -8,8 +8,11 @@
 //! hits every path alike, and medians are reported. Results go to the
 //! terminal and to `target/bench/tunnel.json`.
 
+mod exchange;
 mod load;
 mod paths;
+
+pub use exchange::exchange;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -15,12 +15,12 @@ use anyhow::Context;
 use super::wait_until_listening;
 
 /// A child process killed (by its PID, through its handle) on drop.
-struct Process {
+pub(super) struct Process {
     child: Child,
 }
 
 impl Process {
-    fn spawn(command: &mut Command, log: &Path) -> anyhow::Result<Process> {
+    pub(super) fn spawn(command: &mut Command, log: &Path) -> anyhow::Result<Process> {
         let log = fs::File::create(log)?;
         let child = command
             .stdin(Stdio::null())
@@ -31,8 +31,20 @@ impl Process {
         Ok(Process { child })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub(super) fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("process {} did not exit within {timeout:?}", self.pid())
     }
 }
 
@@ -62,7 +74,7 @@ pub fn build_release(workspace: &Path) -> anyhow::Result<()> {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -1,0 +1,366 @@
+//! `cargo xtask bench exchange`: what `ktb exchange` costs on the project's
+//! cluster, against raw `kubectl port-forward` over the same apiserver.
+//!
+//! Both paths cross the apiserver → kubelet → containerd port-forward
+//! chain; ktb adds its agent, its tunnel framing and the Service hop.
+//! Callers are on the node itself (it reaches ClusterIPs), and ktb runs
+//! there as the cluster admin: the bytes take the same path as from a
+//! laptop, and the load generator needs no network namespace. Also timed:
+//! from starting `ktb exchange` to the first request served locally, and
+//! from Ctrl-C to the Service restored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::load::{self, LocalServer};
+use super::paths::{free_port, Process};
+use super::wait_until_listening;
+
+const NAMESPACE: &str = "ktb-bench";
+const SERVICE: &str = "bench-echo";
+const ROUNDS: usize = 3;
+const BULK_BYTES: usize = 256 << 20;
+const ROUND_TRIPS: usize = 2000;
+const NEW_CONNECTIONS: usize = 200;
+
+struct Cluster {
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn find() -> anyhow::Result<Cluster> {
+        let state = PathBuf::from(
+            std::env::var("KTB_CLUSTER_DIR").unwrap_or_else(|_| "/var/lib/ktb-cluster".into()),
+        );
+        let cluster = Cluster {
+            kubectl: state.join("bin/kubectl"),
+            kubeconfig: state.join("kubeconfig/admin.yaml"),
+        };
+        cluster
+            .kubectl(&["get", "--raw", "/readyz"])
+            .context("the test cluster is not up: run `cargo xtask cluster up` first")?;
+        Ok(cluster)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.kubectl);
+        command.env("KUBECONFIG", &self.kubeconfig).args(args);
+        command
+    }
+
+    fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn apply(&self, manifest: &str) -> anyhow::Result<()> {
+        let path = std::env::temp_dir().join(format!("ktb-bench-{}.yaml", std::process::id()));
+        std::fs::write(&path, manifest)?;
+        let result = self
+            .kubectl(&["apply", "-f", &path.to_string_lossy()])
+            .map(drop);
+        let _ = std::fs::remove_file(path);
+        result
+    }
+
+    fn selector(&self) -> anyhow::Result<String> {
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "svc",
+            SERVICE,
+            "-o",
+            "jsonpath={.spec.selector}",
+        ])
+    }
+}
+
+const WORKLOAD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: ktb-bench}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: bench-echo, namespace: ktb-bench}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: bench-echo}}
+  template:
+    metadata: {labels: {app: bench-echo}}
+    spec:
+      containers:
+      - {name: echo, image: "ktb.test/tcp-echo:dev", imagePullPolicy: Never, ports: [{containerPort: 9000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bench-echo, namespace: ktb-bench}
+spec:
+  selector: {app: bench-echo}
+  ports: [{port: 9000, targetPort: 9000}]
+"#;
+
+/// Figures of one path.
+#[derive(Default, Clone)]
+struct Figures {
+    mib_per_s: f64,
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+    connect_p50_us: f64,
+    connect_p99_us: f64,
+    cpu_s_per_gib: f64,
+}
+
+pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
+    super::paths::build_release(workspace)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cluster = Cluster::find()?;
+    cluster.apply(WORKLOAD)?;
+    cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "deployment",
+        SERVICE,
+        "--timeout=90s",
+    ])?;
+    let result = runtime.block_on(run(workspace, &cluster));
+    let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
+    result
+}
+
+async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
+    let scratch = super::tempdir(workspace)?;
+    let service_ip = cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "svc",
+        SERVICE,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let service: SocketAddr = format!("{service_ip}:9000").parse()?;
+    let pod = cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "pods",
+        "-l",
+        "app=bench-echo",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let original_selector = cluster.selector()?;
+    let local = LocalServer::start().await?;
+
+    let forwarded_port = free_port()?;
+    let _port_forward = Process::spawn(
+        &mut cluster.command(&[
+            "-n",
+            NAMESPACE,
+            "port-forward",
+            &format!("pod/{pod}"),
+            &format!("{forwarded_port}:9000"),
+        ]),
+        &scratch.join("port-forward.log"),
+    )?;
+    let forwarded: SocketAddr = ([127, 0, 0, 1], forwarded_port).into();
+    wait_until_listening(forwarded, "kubectl port-forward").await?;
+
+    let ktb = workspace.join("target/release/ktb");
+    let mut ready = Vec::new();
+    let mut restore = Vec::new();
+    let mut figures: [Vec<Figures>; 2] = Default::default();
+    for round in 1..=ROUNDS {
+        eprintln!("round {round}/{ROUNDS}: starting ktb exchange");
+        let started = Instant::now();
+        let exchange = Process::spawn(
+            Command::new(&ktb)
+                .env("KUBECONFIG", &cluster.kubeconfig)
+                .args([
+                    "exchange",
+                    SERVICE,
+                    "-n",
+                    NAMESPACE,
+                    "--expose",
+                    &format!("{}:9000", local.addr.port()),
+                ])
+                .args([
+                    "--agent-image",
+                    "ktb.test/ktb-agent:dev",
+                    "--image-pull-policy",
+                    "Never",
+                ]),
+            &scratch.join(format!("ktb-{round}.log")),
+        )?;
+        wait_until_served_locally(service).await?;
+        ready.push(started.elapsed().as_secs_f64());
+
+        eprintln!("round {round}/{ROUNDS}: measuring ktb exchange and kubectl port-forward");
+        figures[0].push(
+            measure(forwarded, None)
+                .await
+                .context("kubectl port-forward")?,
+        );
+        figures[1].push(measure(service, Some(b'E')).await.context("ktb exchange")?);
+
+        let interrupted = Instant::now();
+        Command::new("kill")
+            .args(["-INT", &exchange.pid().to_string()])
+            .status()?;
+        let deadline = interrupted + Duration::from_secs(60);
+        while cluster.selector()? != original_selector {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the Service was not restored within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        restore.push(interrupted.elapsed().as_secs_f64());
+        exchange.wait_exit(Duration::from_secs(30))?;
+    }
+
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let med = |f: &[Figures], pick: fn(&Figures) -> f64| median(f.iter().map(pick).collect());
+    let summary = |f: &[Figures]| Figures {
+        mib_per_s: med(f, |x| x.mib_per_s),
+        rr_p50_us: med(f, |x| x.rr_p50_us),
+        rr_p99_us: med(f, |x| x.rr_p99_us),
+        connect_p50_us: med(f, |x| x.connect_p50_us),
+        connect_p99_us: med(f, |x| x.connect_p99_us),
+        cpu_s_per_gib: med(f, |x| x.cpu_s_per_gib),
+    };
+    let (raw, ktb) = (summary(&figures[0]), summary(&figures[1]));
+    let (ready_s, restore_s) = (median(ready), median(restore));
+    println!();
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "path", "MiB/s", "RR p50", "RR p99", "conn p50", "conn p99", "CPU s/GiB"
+    );
+    for (name, f) in [("kubectl port-forward", &raw), ("ktb exchange", &ktb)] {
+        println!(
+            "{:<22} {:>10.0} {:>7.0} µs {:>7.0} µs {:>9.0} µs {:>9.0} µs {:>10.1}",
+            name,
+            f.mib_per_s,
+            f.rr_p50_us,
+            f.rr_p99_us,
+            f.connect_p50_us,
+            f.connect_p99_us,
+            f.cpu_s_per_gib
+        );
+    }
+    let ratio = |a: f64, b: f64| a / b;
+    println!();
+    println!(
+        "ktb vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x, CPU per GiB {:.2}x",
+        ratio(ktb.mib_per_s, raw.mib_per_s),
+        ratio(ktb.rr_p50_us, raw.rr_p50_us),
+        ratio(ktb.connect_p50_us, raw.connect_p50_us),
+        ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib)
+    );
+    println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
+    let path = |f: &Figures| {
+        json!({
+            "mib_per_s": f.mib_per_s, "rr_p50_us": f.rr_p50_us, "rr_p99_us": f.rr_p99_us,
+            "connect_p50_us": f.connect_p50_us, "connect_p99_us": f.connect_p99_us, "cpu_s_per_gib": f.cpu_s_per_gib,
+        })
+    };
+    let report = json!({
+        "rounds": ROUNDS,
+        "port_forward": path(&raw),
+        "ktb": path(&ktb),
+        "ready_s": ready_s,
+        "restore_s": restore_s,
+        "ratio_vs_port_forward": {
+            "throughput": ratio(ktb.mib_per_s, raw.mib_per_s),
+            "rr_p50": ratio(ktb.rr_p50_us, raw.rr_p50_us),
+            "connect_p50": ratio(ktb.connect_p50_us, raw.connect_p50_us),
+            "cpu_per_gib": ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib),
+        },
+    });
+    let out = workspace.join("target/bench/exchange.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("written to {}", out.display());
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+async fn measure(addr: SocketAddr, mode: Option<u8>) -> anyhow::Result<Figures> {
+    let cpu_before = machine_cpu_seconds()?;
+    let mib_per_s = load::echo_throughput(addr, mode, BULK_BYTES).await?;
+    let cpu = machine_cpu_seconds()? - cpu_before;
+    let gib_moved = 2.0 * BULK_BYTES as f64 / f64::from(1u32 << 30);
+    let (rr_p50_us, rr_p99_us) = load::latency(addr, mode, ROUND_TRIPS).await?;
+    let (connect_p50_us, connect_p99_us) =
+        load::new_connection(addr, mode, NEW_CONNECTIONS).await?;
+    Ok(Figures {
+        mib_per_s,
+        rr_p50_us,
+        rr_p99_us,
+        connect_p50_us,
+        connect_p99_us,
+        cpu_s_per_gib: cpu / gib_moved,
+    })
+}
+
+/// Busy CPU seconds of the whole machine so far (all of /proc/stat's `cpu`
+/// line except idle and iowait).
+fn machine_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let busy: f64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(busy / 100.0)
+}
+
+/// Polls the Service until a request is answered by the local server: it
+/// echoes what follows the mode byte, while the original echo pods echo
+/// the mode byte itself.
+async fn wait_until_served_locally(service: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let attempt = async {
+            let mut tcp = TcpStream::connect(service).await?;
+            tcp.write_all(b"Ex").await?;
+            tcp.read_u8().await
+        };
+        if let Ok(Ok(b'x')) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("ktb exchange did not start serving within 120 s")
+}
