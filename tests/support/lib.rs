@@ -5,6 +5,7 @@
 //! Everything binds to 127.0.0.1 on ephemeral ports and every wait is
 //! bounded, so tests cannot hang or touch anything off this machine.
 
+pub mod cluster;
 pub mod harness;
 pub mod proxy;
 pub mod servers;
