@@ -327,7 +327,8 @@ async fn exchange_locked(
         let tunnel = match options.transport {
             TransportKind::PortForward => {
                 let transport = PortForward {
-                    pods: Api::namespaced(cluster.client.clone(), ns),
+                    client: cluster.client.clone(),
+                    namespace: ns.to_owned(),
                     pod: objects.clone(),
                     port: AGENT_TUNNEL_PORT,
                 };
