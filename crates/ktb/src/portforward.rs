@@ -105,11 +105,8 @@ where
                 DATA | ERROR if !initialised[usize::from(channel)] => {
                     initialised[usize::from(channel)] = true
                 }
-                DATA => {
-                    if to_tunnel.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                }
+                DATA if to_tunnel.write_all(&bytes).await.is_err() => return,
+                DATA => {}
                 ERROR => {
                     tracing::warn!(%pod, error = %String::from_utf8_lossy(&bytes), "port-forward error");
                     return;
