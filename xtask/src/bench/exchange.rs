@@ -77,16 +77,14 @@ impl Cluster {
         result
     }
 
+    /// A field of the benchmark's Service, by JSONPath.
+    fn service_field(&self, jsonpath: &str) -> anyhow::Result<String> {
+        let output = format!("jsonpath={{{jsonpath}}}");
+        self.kubectl(&["-n", NAMESPACE, "get", "svc", SERVICE, "-o", &output])
+    }
+
     fn selector(&self) -> anyhow::Result<String> {
-        self.kubectl(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "svc",
-            SERVICE,
-            "-o",
-            "jsonpath={.spec.selector}",
-        ])
+        self.service_field(".spec.selector")
     }
 }
 
@@ -149,15 +147,7 @@ pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
 
 async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
-    let service_ip = cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "get",
-        "svc",
-        SERVICE,
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])?;
+    let service_ip = cluster.service_field(".spec.clusterIP")?;
     let service: SocketAddr = format!("{service_ip}:9000").parse()?;
     let pod = cluster.kubectl(&[
         "-n",

@@ -400,26 +400,11 @@ impl Shadow {
         let ns = self.namespace.as_str();
         let name = self.name.as_str();
         let results = [
-            Api::<Pod>::namespaced(self.client.clone(), ns)
-                .delete(name, &dp)
-                .await
-                .map(drop),
-            Api::<Secret>::namespaced(self.client.clone(), ns)
-                .delete(name, &dp)
-                .await
-                .map(drop),
-            Api::<RoleBinding>::namespaced(self.client.clone(), ns)
-                .delete(name, &dp)
-                .await
-                .map(drop),
-            Api::<Role>::namespaced(self.client.clone(), ns)
-                .delete(name, &dp)
-                .await
-                .map(drop),
-            Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
-                .delete(name, &dp)
-                .await
-                .map(drop),
+            delete::<Pod>(&self.client, ns, name, &dp).await,
+            delete::<Secret>(&self.client, ns, name, &dp).await,
+            delete::<RoleBinding>(&self.client, ns, name, &dp).await,
+            delete::<Role>(&self.client, ns, name, &dp).await,
+            delete::<ServiceAccount>(&self.client, ns, name, &dp).await,
         ];
         for result in results {
             match result {
@@ -431,4 +416,22 @@ impl Shadow {
             }
         }
     }
+}
+
+async fn delete<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    dp: &DeleteParams,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .delete(name, dp)
+        .await
+        .map(drop)
 }
