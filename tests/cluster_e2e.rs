@@ -20,8 +20,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, echo_pod_manifest, in_laptop, kubectl, kubectl_cmd, kubectl_forbidden, probe, probe_ok,
-    wait_ready, As, TempNamespace, TempPods, DNS_IP, HTTP_ECHO_IMAGE, NAMESPACE, NODE_IP,
+    apply, echo_pod_manifest, free_port, in_laptop, kubectl, kubectl_cmd, kubectl_forbidden, probe,
+    probe_ok, wait_ready, As, TempNamespace, TempObjects, TempPods, DNS_IP, HTTP_ECHO_IMAGE,
+    NAMESPACE, NODE_IP,
 };
 
 fn tcp_reachable(addr: SocketAddr) -> bool {
@@ -192,6 +193,11 @@ fn laptop_reaches_apiserver_and_port_forward_only() {
 "spec":{{"selector":{{"app":"{pod}"}},"ports":[{{"port":80,"targetPort":8080}}]}}}}"#
         ),
     );
+    let _service = TempObjects {
+        who: As::Admin,
+        namespace: NAMESPACE.into(),
+        objects: vec![format!("service/{pod}")],
+    };
     wait_ready(As::DevA, NAMESPACE, &format!("app={pod}"));
     let pod_ip = kubectl(
         As::DevA,
@@ -236,7 +242,7 @@ fn laptop_reaches_apiserver_and_port_forward_only() {
     }
 
     // kubectl port-forward from the laptop, as dev-a, to the pod.
-    let port = 18080u16;
+    let port = free_port(&["laptop-a"]);
     let mut pf: Child = kubectl_cmd(
         As::DevA,
         &[

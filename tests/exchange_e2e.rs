@@ -28,9 +28,9 @@ use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, command_as, echo_deployment_manifest, echo_pod_manifest, get_json, http_probe, kubectl,
-    local_echo, service_manifest, try_kubectl, wait_ready, wait_rollout, wait_until, workspace_bin,
-    As, Spawned, TempNamespace, AGENT_IMAGE, NAMESPACE,
+    apply, command_as, echo_deployment_manifest, echo_pod_manifest, free_port, get_json,
+    http_probe, kubectl, local_echo, service_manifest, try_kubectl, wait_ready, wait_rollout,
+    wait_until, workspace_bin, As, Spawned, TempNamespace, AGENT_IMAGE, NAMESPACE,
 };
 use serde_json::{json, Value};
 
@@ -496,8 +496,9 @@ fn describe(status: ExitStatus) -> String {
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn selector_exchange_reaches_laptop_and_restores_on_sigint() {
     let w = Workload::deploy(NAMESPACE, "exh-happy");
-    let _local = local_echo("laptop-a", 18101, LOCAL_A);
-    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, 18101, "5s"));
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
     wait_ready_line(&mut ktb);
 
     // Every caller in the cluster reaches the laptop.
@@ -531,9 +532,10 @@ fn selector_exchange_reaches_laptop_and_restores_on_sigint() {
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn sigterm_and_sighup_restore_like_sigint() {
     let w = Workload::deploy(NAMESPACE, "exh-signals");
-    let _local = local_echo("laptop-a", 18108, LOCAL_A);
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
-        let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, 18108, "5s"));
+        let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
         wait_ready_line(&mut ktb);
         w.wait_reaches_local(LOCAL_A);
         stop_ktb(&mut ktb, signal, NAMESPACE, &w.name);
@@ -548,9 +550,10 @@ fn sigterm_and_sighup_restore_like_sigint() {
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn agent_restores_service_after_ktb_is_killed() {
     let w = Workload::deploy(NAMESPACE, "exh-sigkill");
-    let _local = local_echo("laptop-a", 18102, LOCAL_A);
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
     let grace = Duration::from_secs(5);
-    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, 18102, "5s"));
+    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
     wait_ready_line(&mut ktb);
     w.wait_reaches_local(LOCAL_A);
     assert_ne!(w.selector_now(), w.original_selector(), "not exchanged");
@@ -625,9 +628,10 @@ fn agent_restores_service_after_ktb_is_killed() {
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn sigterm_while_the_shadow_pod_is_created_leaves_nothing() {
     let w = Workload::deploy(NAMESPACE, "exh-early");
-    let _local = local_echo("laptop-a", 18103, LOCAL_A);
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
     let started = Instant::now();
-    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, 18103, "5s"));
+    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
 
     // Signal as soon as the shadow pod exists (it is then being created
     // and started), or 3 s after the start at the latest.
@@ -683,16 +687,17 @@ fn sigterm_while_the_shadow_pod_is_created_leaves_nothing() {
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn second_developer_is_refused_until_the_first_is_done() {
     let w = Workload::deploy(NAMESPACE, "exh-lock");
-    let _local_a = local_echo("laptop-a", 18104, LOCAL_A);
-    let _local_b = local_echo("laptop-b", 18104, LOCAL_B);
-    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, 18104, "5s"));
+    let port = free_port(&["laptop-a", "laptop-b"]);
+    let _local_a = local_echo("laptop-a", port, LOCAL_A);
+    let _local_b = local_echo("laptop-b", port, LOCAL_B);
+    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
     wait_ready_line(&mut ktb_a);
     w.wait_reaches_local(LOCAL_A);
     let held_by_a = w.service()["metadata"]["annotations"]["ktb.dev/session"].clone();
     let objects_a = w.ktb_objects();
 
     // dev-b, on the other laptop, is told who holds it and since when.
-    let out = run_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, 18104, "5s"));
+    let out = run_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port, "5s"));
     expect_exit(&out, 1, "dev-b exchanging a Service dev-a holds");
     expect_stderr(&out, "is exchanged by dev-a@", "dev-b refused");
     expect_stderr(&out, "since", "dev-b refused");
@@ -713,7 +718,7 @@ fn second_developer_is_refused_until_the_first_is_done() {
     w.assert_restored("after dev-a's SIGINT");
 
     // Now dev-b gets it.
-    let mut ktb_b = start_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, 18104, "5s"));
+    let mut ktb_b = start_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port, "5s"));
     wait_ready_line(&mut ktb_b);
     w.wait_reaches_local(LOCAL_B);
     stop_ktb(&mut ktb_b, libc::SIGINT, NAMESPACE, &w.name);
@@ -725,8 +730,9 @@ fn second_developer_is_refused_until_the_first_is_done() {
 /// Exchange, SIGKILL ktb, and at once (long before the grace of 60 s runs
 /// out and the agent would restore it) `ktb recover [--force]` as dev-a:
 /// it restores the Service, and a second run finds it already original.
-fn recover_after_sigkill(name: &str, local_port: u16, force: bool) {
+fn recover_after_sigkill(name: &str, force: bool) {
     let w = Workload::deploy(NAMESPACE, name);
+    let local_port = free_port(&["laptop-a"]);
     let _local = local_echo("laptop-a", local_port, LOCAL_A);
     // A long grace: the agent must not restore the Service before recover does.
     let mut ktb = start_ktb(
@@ -811,13 +817,13 @@ fn recover_after_sigkill(name: &str, local_port: u16, force: bool) {
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn recover_restores_a_service_left_exchanged() {
-    recover_after_sigkill("exh-recover", 18105, false);
+    recover_after_sigkill("exh-recover", false);
 }
 
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn recover_force_restores_a_service_left_exchanged() {
-    recover_after_sigkill("exh-forced", 18109, true);
+    recover_after_sigkill("exh-forced", true);
 }
 
 /// `deploy/rbac/developer.yaml` for `namespace`, bound to user dev-a only,
@@ -931,9 +937,10 @@ fn preflight_refuses(ns: &str, keep_verbs: &[&str]) {
     }
 
     let w = Workload::deploy(ns, "exh-preflight");
-    let _local = local_echo("laptop-a", 18106, LOCAL_A);
+    let local_port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", local_port, LOCAL_A);
     let before = namespace_inventory(ns);
-    let out = run_ktb(As::DevA, &exchange_args(&w.name, ns, 18106, "5s"));
+    let out = run_ktb(As::DevA, &exchange_args(&w.name, ns, local_port, "5s"));
     let what = format!("exchange without {removed:?} pods/portforward");
     expect_exit(&out, 1, &what);
     expect_stderr(&out, "missing permission", &what);
@@ -1004,7 +1011,10 @@ fn unknown_service_is_not_found_and_nothing_is_created() {
     let before = ktb_objects(NAMESPACE, Some(name));
     assert!(before.is_empty(), "leftovers before the test: {before:?}");
 
-    let out = run_ktb(As::DevA, &exchange_args(name, NAMESPACE, 18107, "5s"));
+    let out = run_ktb(
+        As::DevA,
+        &exchange_args(name, NAMESPACE, free_port(&["laptop-a"]), "5s"),
+    );
     expect_exit(&out, 1, "exchange of a Service that does not exist");
     expect_stderr(
         &out,

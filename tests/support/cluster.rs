@@ -396,6 +396,31 @@ impl Drop for TempPods {
     }
 }
 
+/// Objects (`KIND/NAME`) of the test's own in an existing namespace,
+/// deleted (without waiting) when dropped.
+pub struct TempObjects {
+    pub who: As,
+    pub namespace: String,
+    pub objects: Vec<String>,
+}
+
+impl Drop for TempObjects {
+    fn drop(&mut self) {
+        if self.objects.is_empty() {
+            return;
+        }
+        let mut args = vec![
+            "-n",
+            self.namespace.as_str(),
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+        ];
+        args.extend(self.objects.iter().map(String::as_str));
+        let _ = run_bounded(kubectl_cmd(self.who, &args), Duration::from_secs(30));
+    }
+}
+
 /// A pod of `ktb.test/http-echo:dev` labelled `app=APP`, Ready when it listens.
 pub fn echo_pod_manifest(name: &str, namespace: &str, app: &str) -> String {
     format!(
@@ -645,10 +670,43 @@ impl Drop for Spawned {
     }
 }
 
+/// A TCP port nothing listens on in any of `netns` (asked of the kernel:
+/// an ephemeral port bound and released in the first, checked in the rest).
+pub fn free_port(netns: &[&str]) -> u16 {
+    for _ in 0..20 {
+        let port = in_laptop(netns[0], || {
+            std::net::TcpListener::bind("[::]:0")
+                .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("bind an ephemeral port")
+                .local_addr()
+                .expect("local_addr")
+                .port()
+        });
+        if netns.iter().all(|ns| port_is_free(ns, port)) {
+            return port;
+        }
+    }
+    panic!("no port free in all of {netns:?}");
+}
+
+/// Whether `port` can be bound on every address of `netns` (as http-echo
+/// binds it).
+pub fn port_is_free(netns: &str, port: u16) -> bool {
+    in_laptop(netns, move || {
+        std::net::TcpListener::bind(("::", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    })
+}
+
 /// The http-echo workload (built from `crates/ktb-workloads`) running on a
 /// laptop as the developer's local process: it answers `pod_name` on every
-/// address of the laptop, port `port`. Ready when this returns.
+/// address of the laptop, port `port`. Ready, and checked to be the one
+/// answering on that port, when this returns.
 pub fn local_echo(netns: &str, port: u16, pod_name: &str) -> Spawned {
+    assert!(
+        port_is_free(netns, port),
+        "port {port} is already in use in {netns} by a process this test did not start"
+    );
     let bin = workspace_bin("http-echo", "ktb-workloads");
     let mut cmd = netns_command(netns, bin);
     cmd.env("PORT", port.to_string()).env("POD_NAME", pod_name);
@@ -656,23 +714,37 @@ pub fn local_echo(netns: &str, port: u16, pod_name: &str) -> Spawned {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let reachable = in_laptop(netns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-        });
-        if reachable {
-            return echo;
-        }
+        let answer = in_laptop(netns, move || http_body(addr));
         if let Some(status) = echo.try_status() {
             panic!(
                 "local http-echo on {netns}:{port} exited ({status}): {}",
                 echo.stderr()
             );
         }
-        assert!(
-            Instant::now() < deadline,
-            "local http-echo on {netns}:{port} not listening after 10 s: {}",
-            echo.stderr()
-        );
+        match answer {
+            Ok(body) if body.trim() == pod_name => return echo,
+            Ok(body) => {
+                panic!("127.0.0.1:{port} in {netns} is answered by {body:?}, not {pod_name}")
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "local http-echo on {netns}:{port} not answering after 10 s ({e}): {}",
+                echo.stderr()
+            ),
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// One `GET /` over HTTP/1.1 with `connection: close`; the body.
+fn http_body(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
 }
