@@ -20,7 +20,17 @@ pub fn run(workspace: &Path, without_cluster: bool) -> anyhow::Result<()> {
     // The end-to-end tests run these binaries as a developer would.
     cargo(workspace, &["build", "-p", "ktb", "-p", "ktb-workloads"])?;
     cluster::run(cluster::Command::Up)?;
-    let tests = cargo(workspace, &["test", "-p", "ktb-tests", "--", "--ignored", "--test-threads=1"]);
+    let tests = cargo(
+        workspace,
+        &[
+            "test",
+            "-p",
+            "ktb-tests",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ],
+    );
     let down = cluster::run(cluster::Command::Down);
     tests?;
     down

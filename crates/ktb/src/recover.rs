@@ -2,9 +2,10 @@
 //!
 //! Reads the selector ktb saved on the Service itself, so it needs neither
 //! the laptop that exchanged it nor its Lease. Idempotent: a Service without
-//! ktb's annotation is reported as already original. A session whose lock
-//! is still renewed belongs to a live ktb elsewhere and is left alone unless
-//! forced; an expired one is removed with its Lease, and with the Lease, by
+//! ktb's annotation is reported as already original. Your own sessions are
+//! always recovered (after a crash the lock still looks live until the grace
+//! period ends); another developer's session whose lock is still renewed is
+//! left alone unless forced. The session's Lease is removed, and with it, by
 //! garbage collection, every object that session created.
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -23,10 +24,12 @@ pub async fn run(cluster: &Cluster, name: &str, force: bool) -> anyhow::Result<(
     let lease = leases.get_opt(&lease_name).await?;
     if let Some(lease) = &lease {
         let holder = holder_of(lease);
-        if !holder.expired && !force {
+        let me = cluster.whoami().await?;
+        let mine = holder.identity.split('@').next() == Some(me.as_str());
+        if !holder.expired && !mine && !force {
             anyhow::bail!(
-                "Service {qualified} is exchanged by {holder}, whose ktb is alive and restores it on exit; \
-                 `ktb recover --force {name}` restores it anyway"
+                "Service {qualified} is exchanged by {holder}, whose lock is still being renewed (their ktb \
+                 may be running and restores it on exit); `ktb recover --force {name}` restores it anyway"
             );
         }
     }

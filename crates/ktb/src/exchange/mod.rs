@@ -95,9 +95,16 @@ const COMMON_NEEDS: &[Need] = &[
     need("create", "", "pods"),
     need("get", "", "pods"),
     need("delete", "", "pods"),
-    // kube's port-forward is a WebSocket, authorized as `get`.
+    // kube's port-forward is a WebSocket, authorized as `get`; from
+    // Kubernetes 1.35 the apiserver also requires `create` for it.
     Need {
         verb: "get",
+        group: "",
+        resource: "pods",
+        subresource: "portforward",
+    },
+    Need {
+        verb: "create",
         group: "",
         resource: "pods",
         subresource: "portforward",
