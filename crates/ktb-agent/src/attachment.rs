@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ktb_proto::handshake::close_code;
+use ktb_proto::handshake::{close_code, Welcome};
 use ktb_proto::Session;
 
 use crate::Config;
@@ -50,12 +50,18 @@ impl Attachment {
 
     /// Makes `session` the attached tunnel, closing the one it replaces.
     /// Returns false (and closes `session`) when the agent is shutting down.
-    pub fn attach(&self, session: Session) -> bool {
+    ///
+    /// The `Welcome` is queued under the same lock that publishes the
+    /// session: the client counts the tunnel as up when it reads Welcome,
+    /// so no caller may find the agent unattached after that, and no stream
+    /// may be opened on the tunnel ahead of it.
+    pub fn attach(&self, session: Session, welcome: Welcome) -> bool {
         let mut current = self.current.lock().expect("attachment lock");
         if current.shut_down {
             session.close(close_code::SHUTDOWN, "the agent is shutting down");
             return false;
         }
+        session.welcome(welcome);
         if let Some(old) = current.session.replace(session) {
             old.close(
                 close_code::REPLACED,

@@ -15,7 +15,7 @@ use hyper::body::Incoming as Body;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use ktb_proto::handshake::{agent_handshake, websocket_config};
+use ktb_proto::handshake::{agent_handshake, websocket_config, Welcome};
 use ktb_proto::session::Side;
 use ktb_proto::{Session, SessionConfig};
 use tokio::net::TcpListener;
@@ -116,20 +116,20 @@ where
 {
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config())).await;
     let config = attachment.config();
-    let agent_build = concat!("ktb-agent ", env!("CARGO_PKG_VERSION"));
-    if let Err(e) = agent_handshake(
-        &mut ws,
-        config.token(),
-        attachment.ports().to_vec(),
-        agent_build,
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "refused a tunnel");
-        return;
-    }
+    let version = match agent_handshake(&mut ws, config.token()).await {
+        Ok(version) => version,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a tunnel");
+            return;
+        }
+    };
     let (session, incoming) = Session::start(ws, Side::Agent, SessionConfig::default());
-    if !attachment.attach(session.clone()) {
+    let welcome = Welcome {
+        version,
+        ports: attachment.ports().to_vec(),
+        agent: concat!("ktb-agent ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    if !attachment.attach(session.clone(), welcome) {
         return;
     }
     tracing::info!("client attached");

@@ -1,7 +1,5 @@
 //! Names, labels and annotations ktb puts on cluster objects.
 
-/// Prefix of every label and annotation ktb writes.
-pub const DOMAIN: &str = "ktb.dev";
 /// Annotation on an exchanged Service: its original selector as JSON.
 pub const ORIGINAL_SELECTOR: &str = "ktb.dev/original-selector";
 /// Annotation on an exchanged Service: which session holds it.

@@ -201,13 +201,14 @@ where
     }
 }
 
-/// Agent side: wait for `Hello`, check version and token, answer `Welcome`
-/// or close with the reason. `ports` goes into the `Welcome`.
+/// Agent side: waits for `Hello` and checks version and token, closing
+/// with the reason when they fail. Returns the version to speak; the agent
+/// answers `Welcome` through [`crate::Session::welcome`] once it is ready to
+/// carry streams, so a client never hears "welcome" before callers can be
+/// served.
 pub async fn agent_handshake<S>(
     ws: &mut WebSocketStream<S>,
     token: &str,
-    ports: Vec<u16>,
-    agent: &str,
 ) -> Result<u16, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -249,13 +250,6 @@ where
         let reason = "invalid session token: this agent belongs to another ktb session";
         return refuse(ws, close_code::UNAUTHORIZED, reason.into()).await;
     }
-    let welcome = Welcome {
-        version,
-        ports,
-        agent: agent.to_owned(),
-    };
-    ws.send(Message::Binary(Frame::Welcome(welcome).encode()))
-        .await?;
     Ok(version)
 }
 

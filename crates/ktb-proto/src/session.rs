@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::codec::{Frame, StreamId};
-use crate::handshake::{close_code, close_frame};
+use crate::handshake::{close_code, close_frame, Welcome};
 use crate::stream::{Inbound, Stream, StreamSlot};
 use crate::tcp::Target;
 use crate::udp::{Datagram, FlowId};
@@ -200,6 +200,12 @@ impl Session {
         Ok(stream)
     }
 
+    /// Agent side: completes the handshake. Sent ahead of anything else on
+    /// the tunnel, so call it before the session can open streams.
+    pub fn welcome(&self, welcome: Welcome) {
+        let _ = self.inner.control.send(frame(Frame::Welcome(welcome)));
+    }
+
     /// Sends a datagram; waits only when the tunnel's send queue is full.
     pub async fn send_datagram(&self, datagram: Datagram) -> Result<(), SessionClosed> {
         self.inner
@@ -242,11 +248,6 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         self.inner.closed.borrow().is_some()
-    }
-
-    /// Streams currently open, for diagnostics and tests of cleanup.
-    pub fn open_streams(&self) -> usize {
-        self.inner.state.lock().expect("state lock").streams.len()
     }
 
     fn closed_error(&self) -> SessionClosed {
