@@ -233,16 +233,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(program, args, out)
 }
 
 /// Like [`run`], feeding `input` on stdin.
@@ -261,6 +252,11 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<Strin
         .context("stdin")?
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
+    stdout_of(program, args, out)
+}
+
+/// The output of a finished command, or an error quoting all it printed.
+fn stdout_of(program: &str, args: &[&str], out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "{program} {} failed ({}): {}{}",
