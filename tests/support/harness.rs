@@ -28,6 +28,8 @@ pub fn agent_config(connect: bool) -> Config {
         expose_ports: vec![0],
         expose_address: Ipv4Addr::LOCALHOST.into(),
         connect,
+        resolv_conf: "/etc/resolv.conf".into(),
+        resolver: Default::default(),
         dial_timeout: Duration::from_secs(5),
         service: None,
         lease: None,

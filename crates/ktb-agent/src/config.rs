@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ktb_kube::grace::parse_duration;
+use ktb_proto::handshake::Resolver;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -50,6 +51,19 @@ pub struct Config {
     #[arg(long, env = "KTB_AGENT_CONNECT")]
     pub connect: bool,
 
+    /// Connect role: the resolver configuration whose nameservers and search
+    /// path the client uses for cluster names.
+    #[arg(
+        long,
+        env = "KTB_AGENT_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub resolv_conf: PathBuf,
+
+    /// Read from `resolv_conf` at start (connect role only).
+    #[arg(skip)]
+    pub resolver: Resolver,
+
     /// Timeout for dialing a destination in connect role.
     #[arg(long, env = "KTB_AGENT_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
@@ -59,8 +73,9 @@ pub struct Config {
     #[arg(long, env = "KTB_AGENT_SERVICE", requires_all = ["lease", "namespace"])]
     pub service: Option<String>,
 
-    /// The session's Lease, renewed by the laptop while it lives.
-    #[arg(long, env = "KTB_AGENT_LEASE")]
+    /// The session's Lease, renewed by the laptop while it lives; deleted by
+    /// the agent when the laptop vanishes, which ends the session's objects.
+    #[arg(long, env = "KTB_AGENT_LEASE", requires = "namespace")]
     pub lease: Option<String>,
 
     /// The namespace of the Service and the Lease.
@@ -90,11 +105,25 @@ impl Config {
         }
     }
 
-    /// The dead man's switch, when the agent stands in for a Service.
+    /// In connect role, what the pod's resolver is configured with.
+    pub fn read_resolver(&mut self) -> anyhow::Result<()> {
+        if self.connect {
+            let text = std::fs::read_to_string(&self.resolv_conf).with_context(|| {
+                format!(
+                    "cannot read the resolver configuration {}",
+                    self.resolv_conf.display()
+                )
+            })?;
+            self.resolver = Resolver::parse_resolv_conf(&text);
+        }
+        Ok(())
+    }
+
+    /// The dead man's switch, when the agent belongs to a session's Lease.
     pub fn dead_man(&self) -> Option<crate::deadman::DeadMan> {
         Some(crate::deadman::DeadMan {
             namespace: self.namespace.clone()?,
-            service: self.service.clone()?,
+            service: self.service.clone(),
             lease: self.lease.clone()?,
             grace: self.grace,
         })

@@ -158,5 +158,5 @@ async fn relay_replies(session: Session, flow: FlowId, socket: Arc<UdpSocket>) {
             return;
         }
     }
-    session.end_flow(flow).await;
+    session.end_flow(flow);
 }

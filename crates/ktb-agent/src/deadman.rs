@@ -1,5 +1,5 @@
 //! The dead man's switch: if the laptop vanishes, the agent restores the
-//! Service itself.
+//! Service itself (exchange) and ends the session (exchange and connect).
 //!
 //! The laptop shows it is alive in two ways: an attached tunnel, and the
 //! renewals of the session's Lease (which continue while a tunnel
@@ -24,7 +24,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct DeadMan {
     pub namespace: String,
-    pub service: String,
+    /// The Service to restore; `None` for a connect session, which changed none.
+    pub service: Option<String>,
     pub lease: String,
     pub grace: Duration,
 }
@@ -67,7 +68,7 @@ impl DeadMan {
                 Err(e) => tracing::warn!(error = %e, "cannot read the session's Lease"),
             }
             if last_alive.elapsed() > self.grace {
-                tracing::warn!(grace = ?self.grace, "no sign of the laptop for the grace period: restoring the Service");
+                tracing::warn!(grace = ?self.grace, "no sign of the laptop for the grace period: ending the session");
                 if !self.restore(&client).await {
                     // Keep the Lease: it is how `ktb clean` finds this
                     // session. Try again on the next round.
@@ -87,15 +88,18 @@ impl DeadMan {
         }
     }
 
-    /// Whether the Service is back as it was.
+    /// Whether the Service (if any) is back as it was.
     async fn restore(&self, client: &kube::Client) -> bool {
-        match ktb_kube::service::restore(client, &self.namespace, &self.service).await {
+        let Some(service) = &self.service else {
+            return true;
+        };
+        match ktb_kube::service::restore(client, &self.namespace, service).await {
             Ok(restored) => {
-                tracing::info!(service = %self.service, %restored, "Service restored");
+                tracing::info!(%service, %restored, "Service restored");
                 true
             }
             Err(e) => {
-                tracing::error!(service = %self.service, error = format!("{e:#}"), "cannot restore the Service");
+                tracing::error!(%service, error = format!("{e:#}"), "cannot restore the Service");
                 false
             }
         }

@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
     init_logging(config.log_format);
     config.resolve_token()?;
+    config.read_resolver()?;
     let agent = Agent::bind(config).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

@@ -128,6 +128,7 @@ where
         version,
         ports: attachment.ports().to_vec(),
         agent: concat!("ktb-agent ", env!("CARGO_PKG_VERSION")).into(),
+        resolver: config.resolver.clone(),
     };
     if !attachment.attach(session.clone(), welcome) {
         return;

@@ -20,6 +20,11 @@ pub fn exchange_lease(service: &str) -> String {
     format!("ktb-exchange-{service}")
 }
 
+/// The Lease of a `ktb connect` session, which owns its agent pod.
+pub fn connect_lease(session: &str) -> String {
+    format!("ktb-connect-{session}")
+}
+
 /// Name of the objects (pod, secret, service account, role) of a session.
 pub fn session_objects(service: &str, session: &str) -> String {
     format!("ktb-{service}-{session}")

@@ -289,7 +289,7 @@ pub(crate) fn put_short_string(out: &mut BytesMut, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handshake::PROTOCOL_VERSION;
+    use crate::handshake::{Resolver, PROTOCOL_VERSION};
     use proptest::prelude::*;
     use std::net::{IpAddr, SocketAddr};
 
@@ -314,13 +314,23 @@ mod tests {
                 max_version: v.saturating_add(1),
                 token,
             })),
-            (proptest::collection::vec(any::<u16>(), 0..8), "[ -~]{0,40}").prop_map(
-                |(ports, agent)| Frame::Welcome(Welcome {
-                    version: PROTOCOL_VERSION,
-                    ports,
-                    agent,
-                })
-            ),
+            (
+                proptest::collection::vec(any::<u16>(), 0..8),
+                "[ -~]{0,40}",
+                proptest::collection::vec(addr(), 0..3),
+                proptest::collection::vec("[a-z0-9.-]{1,40}", 0..6),
+            )
+                .prop_map(|(ports, agent, nameservers, search)| Frame::Welcome(
+                    Welcome {
+                        version: PROTOCOL_VERSION,
+                        ports,
+                        agent,
+                        resolver: Resolver {
+                            nameservers,
+                            search,
+                        },
+                    }
+                )),
             (any::<u32>(), target()).prop_map(|(stream, target)| Frame::Open { stream, target }),
             any::<u32>().prop_map(|stream| Frame::Opened { stream }),
             (any::<u32>(), payload.clone())

@@ -6,6 +6,7 @@
 //! [`close_code`] and a reason that names what to do, because the person
 //! reading it is a developer staring at a terminal, not a protocol engineer.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -18,12 +19,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::codec::{put_short_string, DecodeError, Frame, Reader, MAX_FRAME_LEN};
+use crate::tcp::{get_socket_addr, put_socket_addr};
 
 /// The version this build speaks. Bump it for any incompatible change to the
 /// wire format, and keep [`MIN_PROTOCOL_VERSION`] at the oldest one still
 /// understood.
-pub const PROTOCOL_VERSION: u16 = 1;
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: `Welcome` tells the client the agent's resolver (for `ktb connect`).
+pub const PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Four bytes that make a stray connection (or another protocol) obvious.
 pub const MAGIC: &[u8; 4] = b"ktb!";
 /// How long the agent waits for `Hello` before dropping the connection.
@@ -62,6 +66,37 @@ pub struct Welcome {
     pub ports: Vec<u16>,
     /// The agent's build, for diagnostics.
     pub agent: String,
+    /// How the agent resolves names: what `ktb connect` asks for cluster
+    /// names, with the search path of the agent's namespace.
+    pub resolver: Resolver,
+}
+
+/// The agent's DNS configuration, as its pod's `resolv.conf` gives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolver {
+    pub nameservers: Vec<SocketAddr>,
+    /// Search domains, most specific first (`ns.svc.cluster.local`, …).
+    pub search: Vec<String>,
+}
+
+impl Resolver {
+    /// Reads `nameserver` and `search` lines of a `resolv.conf`.
+    pub fn parse_resolv_conf(text: &str) -> Resolver {
+        let mut resolver = Resolver::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") => {
+                    if let Some(ip) = words.next().and_then(|w| w.parse::<IpAddr>().ok()) {
+                        resolver.nameservers.push(SocketAddr::new(ip, 53));
+                    }
+                }
+                Some("search") => resolver.search = words.map(str::to_owned).collect(),
+                _ => {}
+            }
+        }
+        resolver
+    }
 }
 
 impl Hello {
@@ -100,16 +135,41 @@ impl Welcome {
             out.put_u16(*port);
         }
         put_short_string(out, &self.agent);
+        let Resolver {
+            nameservers,
+            search,
+        } = &self.resolver;
+        out.put_u8(nameservers.len().min(u8::MAX.into()) as u8);
+        for server in nameservers.iter().take(u8::MAX.into()) {
+            put_socket_addr(out, server);
+        }
+        out.put_u8(search.len().min(u8::MAX.into()) as u8);
+        for domain in search.iter().take(u8::MAX.into()) {
+            put_short_string(out, domain);
+        }
     }
 
     pub(crate) fn decode_body(r: &mut Reader) -> Result<Self, DecodeError> {
         let version = r.u16()?;
         let count = r.u16()?;
         let ports = (0..count).map(|_| r.u16()).collect::<Result<_, _>>()?;
+        let agent = r.short_string("agent build")?;
+        let count = r.u8()?;
+        let nameservers = (0..count)
+            .map(|_| get_socket_addr(r))
+            .collect::<Result<_, _>>()?;
+        let count = r.u8()?;
+        let search = (0..count)
+            .map(|_| r.short_string("search domain"))
+            .collect::<Result<_, _>>()?;
         Ok(Welcome {
             version,
             ports,
-            agent: r.short_string("agent build")?,
+            agent,
+            resolver: Resolver {
+                nameservers,
+                search,
+            },
         })
     }
 }
@@ -270,6 +330,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolv_conf_gives_nameservers_and_search_path() {
+        let resolver = Resolver::parse_resolv_conf(
+            "# pod\nsearch team-a.svc.cluster.local svc.cluster.local cluster.local\n\
+             nameserver 10.96.0.10\nnameserver not-an-ip\noptions ndots:5\n",
+        );
+        assert_eq!(resolver.nameservers, vec!["10.96.0.10:53".parse().unwrap()]);
+        assert_eq!(
+            resolver.search,
+            [
+                "team-a.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ]
+        );
+    }
 
     #[test]
     fn negotiation_picks_the_highest_common_version() {

@@ -215,7 +215,8 @@ impl Session {
             .map_err(|_| self.closed_error())
     }
 
-    pub async fn end_flow(&self, flow: FlowId) {
+    /// Tells the peer that this side is done with `flow`.
+    pub fn end_flow(&self, flow: FlowId) {
         let _ = self.inner.control.send(frame(Frame::FlowEnd { flow }));
     }
 

@@ -24,6 +24,29 @@ fn say(message: impl std::fmt::Display) {
     eprintln!("ktb: {message}");
 }
 
+/// `ktb clean --local`: undoes what a `ktb connect` that did not exit
+/// cleanly changed on this machine, from its journal.
+pub fn local(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = crate::connect::journal::journal_path(state_dir);
+    let Some(journal) = crate::connect::journal::Journal::load(&path)? else {
+        say(format!(
+            "nothing to clean on this machine (no journal at {})",
+            path.display()
+        ));
+        return Ok(());
+    };
+    if let Some(pid) = journal.live_owner() {
+        anyhow::bail!("`ktb connect` (pid {pid}) still runs and will undo its changes itself: stop it with Ctrl-C");
+    }
+    let count = journal.changes().len();
+    journal.undo()?;
+    say(format!(
+        "undid {count} local changes of an earlier `ktb connect` ({})",
+        path.display()
+    ));
+    Ok(())
+}
+
 pub async fn run(cluster: &Cluster, dry_run: bool) -> anyhow::Result<()> {
     let ns = &cluster.namespace;
     let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));

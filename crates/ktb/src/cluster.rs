@@ -71,6 +71,23 @@ pub async fn connect(args: &KubeArgs) -> anyhow::Result<Cluster> {
 }
 
 impl Cluster {
+    /// The apiserver's addresses, as this machine resolves them: what must
+    /// stay out of any route ktb adds, since the tunnel itself rides on it.
+    pub async fn apiserver_addresses(&self) -> Vec<std::net::IpAddr> {
+        let Ok(uri) = self.server.parse::<http::Uri>() else {
+            return Vec::new();
+        };
+        let Some(host) = uri.host() else {
+            return Vec::new();
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(443);
+        tokio::net::lookup_host((host, port))
+            .await
+            .map(|addrs| addrs.map(|a| a.ip()).collect())
+            .unwrap_or_default()
+    }
+
     /// The user name the apiserver knows this developer by.
     pub async fn whoami(&self) -> anyhow::Result<String> {
         let review = Api::<SelfSubjectReview>::all(self.client.clone())

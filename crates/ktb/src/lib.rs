@@ -3,12 +3,15 @@
 //! This library holds everything the `ktb` binary does, so tests can drive
 //! it in-process: [`tunnel`] keeps a tunnel to an agent up (handshake,
 //! reconnect with backoff), [`expose`] carries the streams the agent sends
-//! to the developer's local processes, and [`report`] is how both tell the
-//! person at the terminal what is happening. The binary only parses flags
-//! and prints.
+//! to the developer's local processes, [`exchange`] moves a Service's
+//! callers to this machine, [`connect`] puts this machine into the
+//! cluster's network (TUN or SOCKS5, DNS, routes, with a journal of every
+//! local change), and [`report`] is how they tell the person at the
+//! terminal what is happening. The binary only parses flags and prints.
 
 pub mod clean;
 pub mod cluster;
+pub mod connect;
 pub mod exchange;
 pub mod expose;
 pub mod portforward;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ktb::cluster::{self, KubeArgs};
+use ktb::connect;
 use ktb::exchange::target::ExposeArg;
 use ktb::exchange::{self, ExchangeOptions, Mode, TransportKind};
 use ktb::expose::Expose;
@@ -53,15 +54,43 @@ enum Command {
         /// before restoring the Service on its own.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         grace: Duration,
-        /// The agent image for the shadow pod.
-        #[arg(long, env = "KTB_AGENT_IMAGE", default_value = concat!("ktb-agent:", env!("CARGO_PKG_VERSION")))]
-        agent_image: String,
-        /// imagePullPolicy of the shadow pod.
-        #[arg(long, env = "KTB_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
-        image_pull_policy: String,
-        /// How long to wait for the shadow pod to become ready.
-        #[arg(long, default_value = "120s", value_parser = parse_duration)]
-        ready_timeout: Duration,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Reach pod IPs, ClusterIPs and cluster DNS names from this machine;
+    /// Ctrl-C puts the machine's routes and DNS back as they were.
+    Connect {
+        /// tun: every program (root or CAP_NET_ADMIN); socks5: a proxy on
+        /// loopback for programs told to use it (no root).
+        #[arg(long, value_enum, default_value_t = connect::Mode::Tun)]
+        mode: connect::Mode,
+        /// How cluster names reach this machine's resolver (tun mode).
+        #[arg(long, value_enum, default_value_t = connect::DnsMode::Resolv)]
+        dns: connect::DnsMode,
+        /// A range to route into the cluster instead of the discovered ones (repeatable).
+        #[arg(long = "cidr")]
+        cidrs: Vec<ipnet::Ipv4Net>,
+        /// A range to keep out of the tunnel (repeatable).
+        #[arg(long = "exclude")]
+        excludes: Vec<ipnet::Ipv4Net>,
+        /// Route ranges even where they overlap a route this machine already has.
+        #[arg(long)]
+        force_routes: bool,
+        /// Name of the TUN device.
+        #[arg(long, default_value = "ktb0")]
+        device: String,
+        /// Where the SOCKS5 proxy listens (socks5 mode).
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        socks: std::net::SocketAddr,
+        /// Where the journal of local changes is kept.
+        #[arg(long, env = "KTB_STATE_DIR", default_value = "/var/lib/ktb")]
+        state_dir: PathBuf,
+        /// How long the cluster waits for this machine after losing it
+        /// before removing the agent on its own.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: Duration,
+        #[command(flatten)]
+        agent: AgentArgs,
     },
     /// Repair what vanished sessions left in the namespace; live sessions
     /// of other developers are never touched.
@@ -69,6 +98,13 @@ enum Command {
         /// Only say what would be repaired.
         #[arg(long)]
         dry_run: bool,
+        /// Instead: undo what a crashed `ktb connect` changed on this
+        /// machine (routes, TUN device, resolv.conf, /etc/hosts).
+        #[arg(long)]
+        local: bool,
+        /// Where `ktb connect` keeps its journal (with --local).
+        #[arg(long, env = "KTB_STATE_DIR", default_value = "/var/lib/ktb")]
+        state_dir: PathBuf,
     },
     /// Restore a Service that a vanished ktb session left exchanged.
     Recover {
@@ -93,6 +129,20 @@ enum Command {
         #[arg(long, required = true)]
         expose: Vec<Expose>,
     },
+}
+
+/// The agent pod every cluster-side command starts.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The agent image.
+    #[arg(long, env = "KTB_AGENT_IMAGE", default_value = concat!("ktb-agent:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
+    /// imagePullPolicy of the agent pod.
+    #[arg(long, env = "KTB_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    image_pull_policy: String,
+    /// How long to wait for the agent pod to become ready.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    ready_timeout: Duration,
 }
 
 // One thread: the work is moving bytes between sockets, and on the small
@@ -120,9 +170,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             mode,
             transport,
             grace,
-            agent_image,
-            image_pull_policy,
-            ready_timeout,
+            agent,
         } => {
             let shutdown = shutdown_signal();
             let cluster = cluster::connect(&kube).await?;
@@ -132,13 +180,48 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 transport,
                 exposes: expose,
                 grace,
-                agent_image,
-                pull_policy: image_pull_policy,
-                ready_timeout,
+                agent_image: agent.agent_image,
+                pull_policy: agent.image_pull_policy,
+                ready_timeout: agent.ready_timeout,
             };
             exchange::run(&cluster, options, shutdown).await
         }
-        Command::Clean { dry_run } => {
+        Command::Connect {
+            mode,
+            dns,
+            cidrs,
+            excludes,
+            force_routes,
+            device,
+            socks,
+            state_dir,
+            grace,
+            agent,
+        } => {
+            let shutdown = shutdown_signal();
+            let cluster = cluster::connect(&kube).await?;
+            let options = connect::ConnectOptions {
+                mode,
+                dns,
+                cidrs,
+                excludes,
+                force_routes,
+                device,
+                socks,
+                state_dir,
+                grace,
+                agent_image: agent.agent_image,
+                pull_policy: agent.image_pull_policy,
+                ready_timeout: agent.ready_timeout,
+            };
+            connect::run(&cluster, options, shutdown).await
+        }
+        Command::Clean {
+            local: true,
+            state_dir,
+            ..
+        } => ktb::clean::local(&state_dir),
+        Command::Clean { dry_run, .. } => {
             let cluster = cluster::connect(&kube).await?;
             ktb::clean::run(&cluster, dry_run).await
         }

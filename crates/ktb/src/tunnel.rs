@@ -9,15 +9,18 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ktb_proto::handshake::{client_handshake, close_code, websocket_config, HandshakeError};
+use ktb_proto::handshake::{
+    client_handshake, close_code, websocket_config, HandshakeError, Welcome,
+};
 use ktb_proto::session::Side;
 use ktb_proto::{Incoming, Session, SessionConfig};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::expose::{Expose, LocalDialer, Routes};
 use crate::report::{Event, Reporter};
@@ -85,6 +88,61 @@ pub enum AttachError {
     BadExpose(String),
 }
 
+/// What the client does with a tunnel: serve the streams the agent starts
+/// (exchange), or start its own (connect).
+pub trait ClientRole: Send + Sync + 'static {
+    /// The tunnel is up: check the agent's offer and get ready. An error
+    /// ends the attachment for good.
+    fn up(
+        &self,
+        welcome: &Welcome,
+        session: &Session,
+        reporter: &Reporter,
+    ) -> Result<(), AttachError>;
+    /// Something the agent started or sent.
+    fn incoming(&self, item: Incoming);
+}
+
+/// Exchange role: the agent's callers go to local ports.
+struct ServeExposes {
+    exposes: Vec<Expose>,
+    dialer: Mutex<Option<LocalDialer>>,
+}
+
+impl ClientRole for ServeExposes {
+    fn up(
+        &self,
+        welcome: &Welcome,
+        _session: &Session,
+        reporter: &Reporter,
+    ) -> Result<(), AttachError> {
+        let routes =
+            Routes::resolve(&self.exposes, &welcome.ports).map_err(AttachError::BadExpose)?;
+        reporter.report(Event::TunnelUp {
+            agent: welcome.agent.clone(),
+            routes: routes.list(),
+        });
+        *self.dialer.lock().expect("dialer lock") =
+            Some(LocalDialer::new(routes, reporter.clone()));
+        Ok(())
+    }
+
+    fn incoming(&self, item: Incoming) {
+        let dialer = self.dialer.lock().expect("dialer lock").clone();
+        if let (Incoming::Stream { stream, target }, Some(dialer)) = (item, dialer) {
+            tokio::spawn(async move { dialer.serve(stream, target).await });
+        }
+    }
+}
+
+/// The exchange role for `exposes`, for [`RunningTunnel::start`].
+pub fn exchange_role(exposes: Vec<Expose>) -> Arc<impl ClientRole> {
+    Arc::new(ServeExposes {
+        exposes,
+        dialer: Mutex::new(None),
+    })
+}
+
 /// Attaches to the agent and serves its streams until `shutdown` completes
 /// or a fatal error occurs; transient failures are retried forever.
 pub async fn attach<T: Transport>(
@@ -93,12 +151,42 @@ pub async fn attach<T: Transport>(
     reporter: Reporter,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AttachError> {
+    let tunnel = TunnelConfig {
+        token: options.token,
+        session: options.session,
+    };
+    attach_as(
+        transport,
+        tunnel,
+        exchange_role(options.exposes),
+        reporter,
+        shutdown,
+    )
+    .await
+}
+
+/// How to open a tunnel: the agent's token and the session's settings.
+#[derive(Clone)]
+pub struct TunnelConfig {
+    pub token: String,
+    pub session: SessionConfig,
+}
+
+/// Keeps a tunnel up for `role` until `shutdown` completes or a fatal error
+/// occurs; transient failures are retried forever.
+pub async fn attach_as<T: Transport, R: ClientRole>(
+    transport: T,
+    config: TunnelConfig,
+    role: Arc<R>,
+    reporter: Reporter,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AttachError> {
     tokio::pin!(shutdown);
     let mut backoff = Backoff::default();
     let live = Mutex::new(None);
     loop {
         let outcome = tokio::select! {
-            outcome = connect_and_serve(&transport, &options, &reporter, &mut backoff, &live) => outcome,
+            outcome = connect_and_serve(&transport, &config, &*role, &reporter, &mut backoff, &live) => outcome,
             _ = &mut shutdown => {
                 let session = live.lock().expect("live session lock").take();
                 if let Some(session) = session {
@@ -128,9 +216,10 @@ enum Failure {
 
 /// One tunnel's life: dial, handshake, serve until it drops. The live
 /// session is left in `live` so that shutdown can close it politely.
-async fn connect_and_serve<T: Transport>(
+async fn connect_and_serve<T: Transport, R: ClientRole>(
     transport: &T,
-    options: &AttachOptions,
+    config: &TunnelConfig,
+    role: &R,
     reporter: &Reporter,
     backoff: &mut Backoff,
     live: &Mutex<Option<Session>>,
@@ -149,7 +238,7 @@ async fn connect_and_serve<T: Transport>(
                     "the agent at {where_to} did not accept a tunnel: {e}"
                 ))
             })?;
-    let welcome = match client_handshake(&mut ws, &options.token).await {
+    let welcome = match client_handshake(&mut ws, &config.token).await {
         Ok(welcome) => welcome,
         Err(HandshakeError::Refused { code, reason })
             if code == close_code::UNAUTHORIZED || code == close_code::VERSION_MISMATCH =>
@@ -160,31 +249,76 @@ async fn connect_and_serve<T: Transport>(
         }
         Err(e) => return Err(Failure::Retry(e.to_string())),
     };
-    let routes = Routes::resolve(&options.exposes, &welcome.ports)
-        .map_err(|e| Failure::Fatal(AttachError::BadExpose(e)))?;
+    let (session, mut incoming) = Session::start(ws, Side::Client, config.session.clone());
+    if let Err(e) = role.up(&welcome, &session, reporter) {
+        session.close(1000, "the client cannot use this agent");
+        return Err(Failure::Fatal(e));
+    }
     backoff.reset();
-    reporter.report(Event::TunnelUp {
-        agent: welcome.agent,
-        routes: routes.list(),
-    });
-    let (session, incoming) = Session::start(ws, Side::Client, options.session.clone());
     *live.lock().expect("live session lock") = Some(session.clone());
-    let dialer = LocalDialer::new(routes, reporter.clone());
-    Ok(serve(session, incoming, dialer).await)
+    while let Some(item) = incoming.recv().await {
+        role.incoming(item);
+    }
+    Ok(session.closed().await.to_string())
 }
 
-async fn serve(
-    session: Session,
-    mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
-    dialer: LocalDialer,
-) -> String {
-    while let Some(item) = incoming.recv().await {
-        if let Incoming::Stream { stream, target } = item {
-            let dialer = dialer.clone();
-            tokio::spawn(async move { dialer.serve(stream, target).await });
+/// A tunnel kept up in the background by a command (`exchange`,
+/// `connect`): started once the first tunnel is up, stopped on exit.
+pub struct RunningTunnel {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), AttachError>>,
+}
+
+impl RunningTunnel {
+    /// Starts the tunnel and waits until it is up for the first time; an
+    /// agent refusing it, or no tunnel within the timeout, is an error.
+    pub async fn start<T: Transport, R: ClientRole>(
+        transport: T,
+        config: TunnelConfig,
+        role: Arc<R>,
+    ) -> anyhow::Result<RunningTunnel> {
+        const FIRST_TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        let reporter = Reporter::new(move |event| {
+            if matches!(event, Event::TunnelUp { .. }) {
+                let _ = up_tx.send(());
+            }
+            match &event {
+                Event::TunnelUp { .. } => tracing::info!("{event}"),
+                _ => eprintln!("ktb: {event}"),
+            }
+        });
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(attach_as(transport, config, role, reporter, async {
+            let _ = stopped.await;
+        }));
+        let mut running = RunningTunnel {
+            stop: Some(stop),
+            task,
+        };
+        match tokio::time::timeout(FIRST_TUNNEL_TIMEOUT, up_rx.recv()).await {
+            Ok(Some(())) => Ok(running),
+            _ if running.task.is_finished() => {
+                let result = (&mut running.task).await;
+                Err(match result {
+                    Ok(Err(e)) => anyhow::Error::from(e),
+                    _ => anyhow::anyhow!("the tunnel ended before it came up"),
+                })
+            }
+            _ => {
+                running.stop().await;
+                anyhow::bail!("the tunnel did not come up within {FIRST_TUNNEL_TIMEOUT:?}")
+            }
         }
     }
-    session.closed().await.to_string()
+
+    /// Closes the tunnel politely (at most a few seconds).
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), &mut self.task).await;
+    }
 }
 
 /// Exponential backoff with jitter, so many laptops that lost the same

@@ -17,6 +17,7 @@ pub mod shadow;
 pub mod target;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +25,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
 
 use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
 use ktb_kube::service::{self, display, selector_of, Restored};
@@ -35,8 +35,7 @@ use crate::cluster::Cluster;
 use crate::expose::Expose;
 use crate::portforward::PortForward;
 use crate::preflight::{self, need, Need};
-use crate::report::{Event, Reporter};
-use crate::tunnel::{self, AttachOptions, Direct, Transport};
+use crate::tunnel::{self, Direct, RunningTunnel, TunnelConfig};
 use lock::{Lock, Taken};
 use shadow::{session_labels, Shadow, ShadowSpec};
 use target::{ExposeArg, PortRoute};
@@ -303,7 +302,7 @@ async fn exchange_locked(
     let spec = ShadowSpec {
         name: &objects,
         session,
-        service: name,
+        service: Some(name),
         lease: &lease_name,
         token: &token,
         target_ports: routes.iter().map(|r| r.target_port).collect(),
@@ -331,6 +330,19 @@ async fn exchange_locked(
             "opening the tunnel ({})",
             options.transport.describe()
         ));
+        let tunnel_config = TunnelConfig {
+            token: token.clone(),
+            session: SessionConfig::default(),
+        };
+        let role = tunnel::exchange_role(
+            routes
+                .iter()
+                .map(|r| Expose {
+                    local: r.local,
+                    remote: Some(r.target_port),
+                })
+                .collect(),
+        );
         let tunnel = match options.transport {
             TransportKind::PortForward => {
                 let transport = PortForward {
@@ -339,14 +351,14 @@ async fn exchange_locked(
                     pod: objects.clone(),
                     port: AGENT_TUNNEL_PORT,
                 };
-                RunningTunnel::start(transport, &token, routes).await?
+                RunningTunnel::start(transport, tunnel_config.clone(), Arc::clone(&role)).await?
             }
             TransportKind::Direct => {
                 let ip = shadow.pod_ip().await?;
                 let transport = Direct {
                     addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
                 };
-                RunningTunnel::start(transport, &token, routes).await?
+                RunningTunnel::start(transport, tunnel_config, role).await?
             }
         };
         match workload {
@@ -492,73 +504,7 @@ async fn warn_about_closed_local_ports(routes: &[PortRoute]) {
     }
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let bytes: [u8; 32] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The tunnel task, the first-up signal and its stop switch.
-struct RunningTunnel {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), tunnel::AttachError>>,
-}
-
-impl RunningTunnel {
-    async fn start(
-        transport: impl Transport,
-        token: &str,
-        routes: &[PortRoute],
-    ) -> anyhow::Result<RunningTunnel> {
-        const FIRST_TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
-        let options = AttachOptions {
-            token: token.into(),
-            exposes: routes
-                .iter()
-                .map(|r| Expose {
-                    local: r.local,
-                    remote: Some(r.target_port),
-                })
-                .collect(),
-            session: SessionConfig::default(),
-        };
-        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
-        let reporter = Reporter::new(move |event| {
-            if matches!(event, Event::TunnelUp { .. }) {
-                let _ = up_tx.send(());
-            }
-            match &event {
-                Event::TunnelUp { .. } => tracing::info!("{event}"),
-                _ => say(&event),
-            }
-        });
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(tunnel::attach(transport, options, reporter, async {
-            let _ = stopped.await;
-        }));
-        let mut running = RunningTunnel {
-            stop: Some(stop),
-            task,
-        };
-        match tokio::time::timeout(FIRST_TUNNEL_TIMEOUT, up_rx.recv()).await {
-            Ok(Some(())) => Ok(running),
-            _ if running.task.is_finished() => {
-                let result = (&mut running.task).await;
-                Err(match result {
-                    Ok(Err(e)) => anyhow::Error::from(e),
-                    _ => anyhow::anyhow!("the tunnel ended before it came up"),
-                })
-            }
-            _ => {
-                running.stop().await;
-                anyhow::bail!("the tunnel did not come up within {FIRST_TUNNEL_TIMEOUT:?}")
-            }
-        }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(3), &mut self.task).await;
-    }
 }

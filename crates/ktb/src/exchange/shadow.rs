@@ -1,6 +1,8 @@
-//! The shadow pod and what it needs: a Secret with the tunnel token, and a
-//! ServiceAccount whose Role allows exactly the restore the agent may have
-//! to do on its own (get/patch this Service, get/delete this Lease).
+//! The agent pod of a session and what it needs: a Secret with the tunnel
+//! token, and a ServiceAccount whose Role allows exactly what the agent may
+//! have to do on its own when the laptop vanishes (get/patch the exchanged
+//! Service, get/delete the session's Lease). Exchange calls it the shadow
+//! pod; `ktb connect` runs the same pod in connect role, with no Service.
 //!
 //! Every object is owned by the session's Lease, so the garbage collector
 //! removes them when the Lease goes, whoever deletes it; the CLI still
@@ -32,7 +34,8 @@ const TOKEN_DIR: &str = "/var/run/ktb";
 pub struct ShadowSpec<'a> {
     pub name: &'a str,
     pub session: &'a str,
-    pub service: &'a str,
+    /// The Service the pod stands in for (exchange); `None` in connect role.
+    pub service: Option<&'a str>,
     pub lease: &'a str,
     pub token: &'a str,
     pub target_ports: Vec<u16>,
@@ -84,7 +87,8 @@ impl ShadowSpec<'_> {
             metadata: self.meta(),
             rules: Some(
                 [
-                    Some(rule("", "services", self.service, &["get", "patch"])),
+                    self.service
+                        .map(|service| rule("", "services", service, &["get", "patch"])),
                     Some(rule(
                         "coordination.k8s.io",
                         "leases",
@@ -149,6 +153,13 @@ impl ShadowSpec<'_> {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        let role_env = match self.service {
+            Some(service) => vec![
+                env("KTB_AGENT_SERVICE", service.into()),
+                env("KTB_AGENT_EXPOSE_PORTS", ports),
+            ],
+            None => vec![env("KTB_AGENT_CONNECT", "true".into())],
+        };
         let mut container_ports = vec![ContainerPort {
             name: Some("tunnel".into()),
             container_port: i32::from(AGENT_TUNNEL_PORT),
@@ -186,25 +197,28 @@ impl ShadowSpec<'_> {
                     name: "agent".into(),
                     image: Some(self.image.into()),
                     image_pull_policy: Some(self.pull_policy.into()),
-                    env: Some(vec![
-                        env("KTB_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-                        env("KTB_AGENT_EXPOSE_PORTS", ports),
-                        env("KTB_AGENT_SERVICE", self.service.into()),
-                        env("KTB_AGENT_LEASE", self.lease.into()),
-                        env("KTB_AGENT_GRACE", format!("{}s", self.grace.as_secs())),
-                        env("KTB_AGENT_LOG_FORMAT", "json".into()),
-                        EnvVar {
-                            name: "KTB_AGENT_NAMESPACE".into(),
-                            value_from: Some(EnvVarSource {
-                                field_ref: Some(ObjectFieldSelector {
-                                    field_path: "metadata.namespace".into(),
-                                    ..ObjectFieldSelector::default()
-                                }),
-                                ..EnvVarSource::default()
-                            }),
-                            ..EnvVar::default()
-                        },
-                    ]),
+                    env: Some(
+                        role_env
+                            .into_iter()
+                            .chain([
+                                env("KTB_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+                                env("KTB_AGENT_LEASE", self.lease.into()),
+                                env("KTB_AGENT_GRACE", format!("{}s", self.grace.as_secs())),
+                                env("KTB_AGENT_LOG_FORMAT", "json".into()),
+                                EnvVar {
+                                    name: "KTB_AGENT_NAMESPACE".into(),
+                                    value_from: Some(EnvVarSource {
+                                        field_ref: Some(ObjectFieldSelector {
+                                            field_path: "metadata.namespace".into(),
+                                            ..ObjectFieldSelector::default()
+                                        }),
+                                        ..EnvVarSource::default()
+                                    }),
+                                    ..EnvVar::default()
+                                },
+                            ])
+                            .collect(),
+                    ),
                     ports: Some(container_ports),
                     readiness_probe: Some(Probe {
                         http_get: Some(HTTPGetAction {
