@@ -3,6 +3,8 @@
 //! - `cluster up|down|status|env NAME`: the throwaway single-node Kubernetes that
 //!   every end-to-end test runs against (see `tests/cluster/`).
 //! - `bench tunnel`: the loopback tunnel benchmark against direct TCP and `ssh -R`.
+//! - `bench exchange`, `bench connect`: ktb on the test cluster against
+//!   `kubectl port-forward`.
 //! - `test`: the one command that runs every test, as the README and CI call it.
 
 mod bench;
@@ -44,6 +46,13 @@ enum Bench {
     Tunnel,
     /// `ktb exchange` on the test cluster against `kubectl port-forward`.
     Exchange,
+    /// `ktb connect` from a laptop against `kubectl port-forward`, and its
+    /// DNS against CoreDNS asked from a pod.
+    Connect,
+    /// The echo load against ADDR from this network namespace, as JSON
+    /// (run by `bench connect` inside the laptop).
+    #[command(hide = true)]
+    Measure { addr: std::net::SocketAddr },
 }
 
 /// The workspace root: xtask lives one level below it.
@@ -64,5 +73,11 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Exchange,
         } => bench::exchange(&workspace()),
+        Command::Bench {
+            bench: Bench::Connect,
+        } => bench::connect(&workspace()),
+        Command::Bench {
+            bench: Bench::Measure { addr },
+        } => bench::measure_here(addr),
     }
 }

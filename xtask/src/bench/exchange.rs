@@ -23,20 +23,20 @@ use super::load::{self, LocalServer};
 use super::paths::{free_port, Process};
 use super::wait_until_listening;
 
-const NAMESPACE: &str = "ktb-bench";
-const SERVICE: &str = "bench-echo";
+pub(super) const NAMESPACE: &str = "ktb-bench";
+pub(super) const SERVICE: &str = "bench-echo";
 const ROUNDS: usize = 3;
 const BULK_BYTES: usize = 256 << 20;
 const ROUND_TRIPS: usize = 2000;
 const NEW_CONNECTIONS: usize = 200;
 
-struct Cluster {
-    kubectl: PathBuf,
-    kubeconfig: PathBuf,
+pub(super) struct Cluster {
+    pub(super) kubectl: PathBuf,
+    pub(super) kubeconfig: PathBuf,
 }
 
 impl Cluster {
-    fn find() -> anyhow::Result<Cluster> {
+    pub(super) fn find() -> anyhow::Result<Cluster> {
         let state = PathBuf::from(
             std::env::var("KTB_CLUSTER_DIR").unwrap_or_else(|_| "/var/lib/ktb-cluster".into()),
         );
@@ -56,7 +56,7 @@ impl Cluster {
         command
     }
 
-    fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+    pub(super) fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.command(args).output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -67,7 +67,7 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 
-    fn apply(&self, manifest: &str) -> anyhow::Result<()> {
+    pub(super) fn apply(&self, manifest: &str) -> anyhow::Result<()> {
         let path = std::env::temp_dir().join(format!("ktb-bench-{}.yaml", std::process::id()));
         std::fs::write(&path, manifest)?;
         let result = self
@@ -78,7 +78,7 @@ impl Cluster {
     }
 
     /// A field of the benchmark's Service, by JSONPath.
-    fn service_field(&self, jsonpath: &str) -> anyhow::Result<String> {
+    pub(super) fn service_field(&self, jsonpath: &str) -> anyhow::Result<String> {
         let output = format!("jsonpath={{{jsonpath}}}");
         self.kubectl(&["-n", NAMESPACE, "get", "svc", SERVICE, "-o", &output])
     }
@@ -88,7 +88,7 @@ impl Cluster {
     }
 }
 
-const WORKLOAD: &str = r#"
+pub(super) const WORKLOAD: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: ktb-bench}
@@ -115,13 +115,92 @@ spec:
 
 /// Figures of one path.
 #[derive(Default, Clone)]
-struct Figures {
-    mib_per_s: f64,
-    rr_p50_us: f64,
-    rr_p99_us: f64,
-    connect_p50_us: f64,
-    connect_p99_us: f64,
-    cpu_s_per_gib: f64,
+pub(super) struct Figures {
+    pub(super) mib_per_s: f64,
+    pub(super) rr_p50_us: f64,
+    pub(super) rr_p99_us: f64,
+    pub(super) connect_p50_us: f64,
+    pub(super) connect_p99_us: f64,
+    pub(super) cpu_s_per_gib: f64,
+}
+
+impl Figures {
+    /// The median of each figure across rounds.
+    pub(super) fn median(rounds: &[Figures]) -> Figures {
+        let med = |pick: fn(&Figures) -> f64| median(rounds.iter().map(pick).collect());
+        Figures {
+            mib_per_s: med(|x| x.mib_per_s),
+            rr_p50_us: med(|x| x.rr_p50_us),
+            rr_p99_us: med(|x| x.rr_p99_us),
+            connect_p50_us: med(|x| x.connect_p50_us),
+            connect_p99_us: med(|x| x.connect_p99_us),
+            cpu_s_per_gib: med(|x| x.cpu_s_per_gib),
+        }
+    }
+
+    pub(super) fn to_json(&self) -> serde_json::Value {
+        json!({
+            "mib_per_s": self.mib_per_s, "rr_p50_us": self.rr_p50_us, "rr_p99_us": self.rr_p99_us,
+            "connect_p50_us": self.connect_p50_us, "connect_p99_us": self.connect_p99_us,
+            "cpu_s_per_gib": self.cpu_s_per_gib,
+        })
+    }
+
+    pub(super) fn from_json(value: &serde_json::Value) -> anyhow::Result<Figures> {
+        let get = |key: &str| {
+            value[key]
+                .as_f64()
+                .with_context(|| format!("no {key} in {value}"))
+        };
+        Ok(Figures {
+            mib_per_s: get("mib_per_s")?,
+            rr_p50_us: get("rr_p50_us")?,
+            rr_p99_us: get("rr_p99_us")?,
+            connect_p50_us: get("connect_p50_us")?,
+            connect_p99_us: get("connect_p99_us")?,
+            cpu_s_per_gib: get("cpu_s_per_gib")?,
+        })
+    }
+}
+
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// One line per path: throughput, round trips, new connections, CPU.
+pub(super) fn print_table(paths: &[(&str, &Figures)]) {
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "path", "MiB/s", "RR p50", "RR p99", "conn p50", "conn p99", "CPU s/GiB"
+    );
+    for (name, f) in paths {
+        println!(
+            "{:<22} {:>10.0} {:>7.0} µs {:>7.0} µs {:>9.0} µs {:>9.0} µs {:>10.1}",
+            name,
+            f.mib_per_s,
+            f.rr_p50_us,
+            f.rr_p99_us,
+            f.connect_p50_us,
+            f.connect_p99_us,
+            f.cpu_s_per_gib
+        );
+    }
+}
+
+/// `xtask bench measure ADDR`: the echo load against ADDR from wherever
+/// this process runs (the connect benchmark runs it inside a laptop's
+/// network namespace), printed as JSON.
+pub fn measure_here(addr: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let figures = runtime.block_on(async {
+        super::wait_until_listening(addr, "the echo server").await?;
+        measure(addr, None).await
+    })?;
+    println!("{}", figures.to_json());
+    Ok(())
 }
 
 pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
@@ -229,38 +308,10 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
         exchange.wait_exit(Duration::from_secs(30))?;
     }
 
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let med = |f: &[Figures], pick: fn(&Figures) -> f64| median(f.iter().map(pick).collect());
-    let summary = |f: &[Figures]| Figures {
-        mib_per_s: med(f, |x| x.mib_per_s),
-        rr_p50_us: med(f, |x| x.rr_p50_us),
-        rr_p99_us: med(f, |x| x.rr_p99_us),
-        connect_p50_us: med(f, |x| x.connect_p50_us),
-        connect_p99_us: med(f, |x| x.connect_p99_us),
-        cpu_s_per_gib: med(f, |x| x.cpu_s_per_gib),
-    };
-    let (raw, ktb) = (summary(&figures[0]), summary(&figures[1]));
+    let (raw, ktb) = (Figures::median(&figures[0]), Figures::median(&figures[1]));
     let (ready_s, restore_s) = (median(ready), median(restore));
     println!();
-    println!(
-        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
-        "path", "MiB/s", "RR p50", "RR p99", "conn p50", "conn p99", "CPU s/GiB"
-    );
-    for (name, f) in [("kubectl port-forward", &raw), ("ktb exchange", &ktb)] {
-        println!(
-            "{:<22} {:>10.0} {:>7.0} µs {:>7.0} µs {:>9.0} µs {:>9.0} µs {:>10.1}",
-            name,
-            f.mib_per_s,
-            f.rr_p50_us,
-            f.rr_p99_us,
-            f.connect_p50_us,
-            f.connect_p99_us,
-            f.cpu_s_per_gib
-        );
-    }
+    print_table(&[("kubectl port-forward", &raw), ("ktb exchange", &ktb)]);
     let ratio = |a: f64, b: f64| a / b;
     println!();
     println!(
@@ -271,16 +322,10 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
         ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib)
     );
     println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
-    let path = |f: &Figures| {
-        json!({
-            "mib_per_s": f.mib_per_s, "rr_p50_us": f.rr_p50_us, "rr_p99_us": f.rr_p99_us,
-            "connect_p50_us": f.connect_p50_us, "connect_p99_us": f.connect_p99_us, "cpu_s_per_gib": f.cpu_s_per_gib,
-        })
-    };
     let report = json!({
         "rounds": ROUNDS,
-        "port_forward": path(&raw),
-        "ktb": path(&ktb),
+        "port_forward": raw.to_json(),
+        "ktb": ktb.to_json(),
         "ready_s": ready_s,
         "restore_s": restore_s,
         "ratio_vs_port_forward": {

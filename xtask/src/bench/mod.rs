@@ -8,11 +8,13 @@
 //! hits every path alike, and medians are reported. Results go to the
 //! terminal and to `target/bench/tunnel.json`.
 
+mod connect;
 mod exchange;
 mod load;
 mod paths;
 
-pub use exchange::exchange;
+pub use connect::connect;
+pub use exchange::{exchange, measure_here};
 
 use std::net::SocketAddr;
 use std::path::Path;

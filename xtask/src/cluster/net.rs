@@ -3,7 +3,8 @@
 //! - The node network: bridge `NODE_BRIDGE` holding the node address, where
 //!   the apiserver and kubelet listen, as on a real node's NIC.
 //! - The laptops: one network namespace each, a veth into the node bridge,
-//!   a default route via the node, and their own `/etc/netns/NAME/resolv.conf`.
+//!   a default route via the node, and their own `/etc/netns/NAME/resolv.conf`
+//!   and `hosts`.
 //! - The guard: an nftables table of this tooling's own (removed as a whole
 //!   by `down`) that lets laptops reach the apiserver port and nothing else,
 //!   keeps pods from reaching the laptops, and drops anything a pod sends
@@ -54,6 +55,13 @@ fn create_laptop(l: &Laptop) -> Result<()> {
         format!("{dir}/resolv.conf"),
         "# Simulated developer laptop: no DNS server until ktb provides one.\n\
          nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )?;
+    // The laptop's own hosts file, with a name only the laptop knows
+    // (TEST-NET-1, never contacted): `ktb connect` must keep it resolving,
+    // and may only ever touch this copy, never the machine's /etc/hosts.
+    std::fs::write(
+        format!("{dir}/hosts"),
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost\n192.0.2.10 laptop-only.test\n",
     )?;
     process::run("ip", &["netns", "add", l.netns])?;
     process::run(

@@ -7,6 +7,8 @@
 //!   domains included), print one address per line.
 //! - `probe http HOST:PORT [PATH]`: one GET, print the body.
 //! - `probe tcp HOST:PORT`: connect, print `connected`.
+//! - `probe dns-latency SERVER:PORT NAME COUNT`: COUNT A queries one after
+//!   the other, print the median and 99th percentile round trip in µs.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -23,7 +25,12 @@ fn main() -> ExitCode {
         ["http", target] => http(target, "/"),
         ["http", target, path] => http(target, path),
         ["tcp", target] => connect(target).map(|_| println!("connected")),
-        _ => Err("usage: probe resolve NAME | http HOST:PORT [PATH] | tcp HOST:PORT".into()),
+        ["dns-latency", server, name, count] => dns_latency(server, name, count),
+        _ => Err(
+            "usage: probe resolve NAME | http HOST:PORT [PATH] | tcp HOST:PORT \
+                  | dns-latency SERVER:PORT NAME COUNT"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,6 +55,14 @@ fn resolve(name: &str) -> Result<()> {
     } else {
         Err(format!("{name}: no addresses").into())
     }
+}
+
+fn dns_latency(server: &str, name: &str, count: &str) -> Result<()> {
+    let mut times = ktb_workloads::dns::latencies(server.parse()?, name, count.parse()?)?;
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    println!("{:.0} {:.0}", at(0.5), at(0.99));
+    Ok(())
 }
 
 fn connect(target: &str) -> Result<TcpStream> {

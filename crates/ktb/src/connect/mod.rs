@@ -229,7 +229,13 @@ async fn plan_ranges(cluster: &Cluster, options: &ConnectOptions) -> anyhow::Res
     let routes = std::fs::read_to_string("/proc/net/route")
         .map(|text| ranges::parse_proc_routes(&text))
         .unwrap_or_default();
-    if let Some((range, route)) = ranges::conflict(&planned, &routes, &options.device) {
+    if let Some((piece, route)) = ranges::conflict(&planned, &routes, &options.device) {
+        // Name the range as the user or the discovery gave it.
+        let range = wanted
+            .iter()
+            .find(|w| w.contains(&piece))
+            .copied()
+            .unwrap_or(piece);
         if !options.force_routes {
             anyhow::bail!(
                 "the cluster range {range} overlaps the route {route} this machine already has \

@@ -1,0 +1,481 @@
+//! End-to-end tests of `ktb connect` and `ktb clean --local` against the
+//! project's test cluster (`cargo xtask cluster up`).
+//!
+//! The admin deploys an http-echo pod behind Service `cweb` (80 → 8080)
+//! and a udp-echo pod behind `cudp` (9001/UDP) in `team-a`. Then `ktb`
+//! runs as `dev-a` inside `laptop-a`, which reaches nothing but the
+//! apiserver on its own, and the tests call the cluster from the laptop
+//! with the tools a developer would use (curl, dig, getent), through the
+//! laptop's own `resolv.conf` and `hosts` (`/etc/netns/laptop-a/`, which
+//! `ip netns exec` mounts over `/etc`). Every test checks what is left on
+//! the laptop afterwards, byte for byte.
+//!
+//! The tests share `laptop-a` and its `ktb0` device: run them one at a
+//! time (`cargo xtask test` does). Every wait is bounded; ktb is stopped
+//! by its PID.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ktb_tests::cluster::{
+    apply, command_as, kubectl, netns_command, run_bounded, wait_ready, wait_until, workspace_bin,
+    As, Spawned, AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
+};
+
+const LAPTOP: &str = "laptop-a";
+/// The line ktb writes once connected.
+const READY: &str = "Ctrl-C disconnects";
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+const WEB: &str = "cweb";
+const WEB_POD: &str = "cweb-0";
+const UDP: &str = "cudp";
+
+/// The cluster side every test uses, deployed once per test (idempotent).
+struct Fixture {
+    web_ip: String,
+    web_pod_ip: String,
+    udp_ip: String,
+}
+
+fn deploy() -> Fixture {
+    apply(
+        As::Admin,
+        &format!(
+            r#"{{"apiVersion":"v1","kind":"List","items":[
+{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{WEB_POD}","namespace":"{NAMESPACE}","labels":{{"app":"{WEB}"}}}},
+ "spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"{HTTP_ECHO_IMAGE}","imagePullPolicy":"Never",
+ "ports":[{{"containerPort":8080}}],"readinessProbe":{{"tcpSocket":{{"port":8080}},"periodSeconds":1}}}}]}}}},
+{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{WEB}","namespace":"{NAMESPACE}"}},
+ "spec":{{"selector":{{"app":"{WEB}"}},"ports":[{{"name":"http","port":80,"targetPort":8080}}]}}}},
+{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"cudp-0","namespace":"{NAMESPACE}","labels":{{"app":"{UDP}"}}}},
+ "spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"ktb.test/udp-echo:dev","imagePullPolicy":"Never"}}]}}}},
+{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{UDP}","namespace":"{NAMESPACE}"}},
+ "spec":{{"selector":{{"app":"{UDP}"}},"ports":[{{"name":"echo","protocol":"UDP","port":9001,"targetPort":9001}}]}}}}
+]}}"#
+        ),
+    );
+    wait_ready(As::Admin, NAMESPACE, &format!("app={WEB}"));
+    wait_ready(As::Admin, NAMESPACE, &format!("app={UDP}"));
+    let get = |kind: &str, name: &str, path: &str| {
+        kubectl(
+            As::Admin,
+            &[
+                "-n",
+                NAMESPACE,
+                "get",
+                kind,
+                name,
+                "-o",
+                &format!("jsonpath={path}"),
+            ],
+        )
+        .trim()
+        .to_owned()
+    };
+    Fixture {
+        web_ip: get("service", WEB, "{.spec.clusterIP}"),
+        web_pod_ip: get("pod", WEB_POD, "{.status.podIP}"),
+        udp_ip: get("service", UDP, "{.spec.clusterIP}"),
+    }
+}
+
+/// What `ktb connect` may change on the laptop, to compare before/after.
+#[derive(Debug, PartialEq, Eq)]
+struct LaptopState {
+    resolv_conf: Vec<u8>,
+    hosts: Vec<u8>,
+    routes: String,
+    links: String,
+}
+
+fn laptop_file(name: &str) -> PathBuf {
+    let path = Path::new("/etc/netns").join(LAPTOP).join(name);
+    assert!(
+        path.exists(),
+        "{} missing: the laptop must have its own copy, or ktb would change this machine's (cargo xtask cluster up creates it)",
+        path.display()
+    );
+    path
+}
+
+fn laptop_state() -> LaptopState {
+    let ip = |args: &[&str]| {
+        let out = in_laptop_cmd("ip", args);
+        assert!(out.status.success(), "ip {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    LaptopState {
+        resolv_conf: std::fs::read(laptop_file("resolv.conf")).expect("resolv.conf"),
+        hosts: std::fs::read(laptop_file("hosts")).expect("hosts"),
+        routes: ip(&["route", "show", "table", "all"]),
+        links: ip(&["-o", "link", "show"])
+            .lines()
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// A program run on the laptop (bounded).
+fn in_laptop_cmd(program: &str, args: &[&str]) -> Output {
+    let mut cmd = netns_command(LAPTOP, program);
+    cmd.args(args);
+    run_bounded(cmd, COMMAND_TIMEOUT)
+}
+
+/// `curl` on the laptop: the body, or why it failed.
+fn curl(args: &[&str]) -> Result<String, String> {
+    let mut full = vec!["--silent", "--show-error", "--max-time", "5"];
+    full.extend_from_slice(args);
+    let out = in_laptop_cmd("curl", &full);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "curl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn getent(name: &str) -> Result<String, String> {
+    let out = in_laptop_cmd("getent", &["hosts", name]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!("getent hosts {name}: exit {}", out.status))
+    }
+}
+
+fn ktb_cmd(args: &[&str], state_dir: &Path) -> Command {
+    let mut cmd = command_as(As::DevA, workspace_bin("ktb", "ktb"));
+    cmd.env("KUBECONFIG", As::DevA.kubeconfig())
+        .env("KTB_STATE_DIR", state_dir)
+        .args(args);
+    cmd
+}
+
+fn connect_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "connect",
+        "-n",
+        NAMESPACE,
+        "--agent-image",
+        AGENT_IMAGE,
+        "--image-pull-policy",
+        "Never",
+        "--grace",
+        "5s",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A state directory of the test's own (the journal lives there).
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn new(test: &str) -> StateDir {
+        let dir = std::env::temp_dir().join(format!("ktb-state-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        StateDir(dir)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_connect(extra: &[&str], state: &StateDir) -> Spawned {
+    let args = connect_args(extra);
+    eprintln!("+ [dev-a] ktb {}", args.join(" "));
+    let mut ktb = Spawned::start("ktb connect", ktb_cmd(&args, &state.0));
+    ktb.wait_for_stderr(READY, READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ktb connect never became ready: {e}"));
+    ktb
+}
+
+/// The connect agent pods of team-a (`ktb-connect-*`).
+fn connect_pods() -> Vec<String> {
+    kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/managed-by=ktb",
+            "-o",
+            "name",
+        ],
+    )
+    .lines()
+    .filter(|l| l.contains("ktb-connect-"))
+    .map(str::to_owned)
+    .collect()
+}
+
+/// One UDP datagram to `addr` from the laptop and its echo.
+fn udp_round_trip(addr: SocketAddr) -> Result<(), String> {
+    ktb_tests::cluster::in_laptop(LAPTOP, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 2048];
+        for i in 0..10 {
+            let datagram = format!("through ktb {i}");
+            socket
+                .send_to(datagram.as_bytes(), addr)
+                .map_err(|e| e.to_string())?;
+            if let Ok(n) = socket.recv(&mut buf) {
+                if buf[..n] == *datagram.as_bytes() {
+                    return Ok(());
+                }
+            }
+        }
+        Err(format!("no echo from {addr} in 10 tries"))
+    })
+}
+
+fn dig(args: &[&str]) -> String {
+    let mut full = vec!["+short", "+time=3", "+tries=1"];
+    full.extend_from_slice(args);
+    let out = in_laptop_cmd("dig", &full);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stop(ktb: &mut Spawned, signal: i32) {
+    ktb.signal(signal);
+    let status = ktb.wait_exit(EXIT_TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "ktb still running {EXIT_TIMEOUT:?} after signal {signal}:\n{}",
+            ktb.stderr()
+        )
+    });
+    if signal == libc::SIGINT {
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "ktb connect exited {status}:\n{}",
+            ktb.stderr()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() {
+    let fx = deploy();
+    let before = laptop_state();
+    let web = format!("http://{}/", fx.web_ip);
+    assert!(
+        curl(&[&web]).is_err(),
+        "the laptop reaches a ClusterIP before connect"
+    );
+    assert!(
+        getent(WEB).is_err(),
+        "the laptop resolves {WEB} before connect"
+    );
+
+    let state = StateDir::new("tun");
+    let mut ktb = start_connect(&[], &state);
+    let summary = ktb.stderr();
+    assert!(
+        summary.contains("routed through ktb0"),
+        "no summary of the routes:\n{summary}"
+    );
+
+    for url in [
+        format!("http://{WEB}/"),
+        format!("http://{WEB}.{NAMESPACE}/"),
+        format!("http://{WEB}.{NAMESPACE}.svc.cluster.local/"),
+        web.clone(),
+        format!("http://{}:8080/", fx.web_pod_ip),
+    ] {
+        let body = curl(&[&url]).unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+        assert!(
+            body.contains(WEB_POD),
+            "{url} answered {body:?}, not {WEB_POD}"
+        );
+    }
+    let udp: SocketAddr = format!("{}:9001", fx.udp_ip).parse().expect("udp addr");
+    udp_round_trip(udp)
+        .unwrap_or_else(|e| panic!("UDP through connect: {e}\nktb:\n{}", ktb.stderr()));
+
+    let fqdn = format!("{WEB}.{NAMESPACE}.svc.cluster.local");
+    assert_eq!(dig(&[&fqdn]), fx.web_ip, "dig over UDP");
+    assert_eq!(dig(&["+tcp", &fqdn]), fx.web_ip, "dig over TCP");
+    assert_eq!(
+        dig(&[&format!("{WEB}.{NAMESPACE}")]),
+        fx.web_ip,
+        "dig of name.namespace"
+    );
+
+    // The laptop's own names keep working.
+    let own = getent("laptop-only.test").expect("a name from the laptop's hosts file");
+    assert!(own.starts_with("192.0.2.10"), "laptop-only.test is {own}");
+    getent("localhost").expect("localhost");
+
+    stop(&mut ktb, libc::SIGINT);
+    assert_eq!(
+        laptop_state(),
+        before,
+        "the laptop is not as it was before connect"
+    );
+    assert!(
+        curl(&[&web]).is_err(),
+        "the laptop still reaches a ClusterIP after disconnect"
+    );
+    wait_until(
+        "the connect agent to be deleted",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let pods = connect_pods();
+            if pods.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{pods:?}"))
+            }
+        },
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_after_sigkill_clean_local_restores_the_laptop_and_the_agent_leaves_after_grace() {
+    let fx = deploy();
+    let before = laptop_state();
+    let state = StateDir::new("crash");
+    let mut ktb = start_connect(&["--dns", "hosts"], &state);
+    let resolved = getent(WEB).unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+    assert!(
+        resolved.starts_with(&fx.web_ip),
+        "{WEB} resolves to {resolved} through /etc/hosts"
+    );
+    assert_eq!(connect_pods().len(), 1, "one connect agent while connected");
+
+    stop(&mut ktb, libc::SIGKILL);
+    let left = laptop_state();
+    assert_ne!(
+        left.hosts, before.hosts,
+        "the hosts block should still be there after SIGKILL"
+    );
+
+    let out = run_bounded(ktb_cmd(&["clean", "--local"], &state.0), COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "ktb clean --local failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        laptop_state(),
+        before,
+        "clean --local did not restore the laptop"
+    );
+
+    // Nobody renews the Lease or holds a tunnel: the agent ends the session
+    // after the 5 s grace period and garbage collection removes its pod.
+    wait_until(
+        "the connect agent to leave after grace",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let pods = connect_pods();
+            if pods.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{pods:?}"))
+            }
+        },
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
+    deploy();
+    // The unprivileged user needs its own readable copies of ktb and the kubeconfig.
+    let dir = StateDir::new("socks");
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let ktb_copy = dir.0.join("ktb");
+    std::fs::copy(workspace_bin("ktb", "ktb"), &ktb_copy).expect("copy ktb");
+    // Flattened: the key and certificates inline, not paths only root may read.
+    let kubeconfig = dir.0.join("kubeconfig");
+    let flat = kubectl(As::DevA, &["config", "view", "--raw", "--flatten"]);
+    std::fs::write(&kubeconfig, flat).expect("write kubeconfig");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&kubeconfig, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let port = ktb_tests::cluster::free_port(&[LAPTOP]);
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = netns_command(LAPTOP, "setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&ktb_copy)
+        .args(connect_args(&["--mode", "socks5", "--socks", &listen]))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", &dir.0);
+    let mut ktb = Spawned::start("ktb connect socks5", cmd);
+    ktb.wait_for_stderr(READY, READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ktb connect --mode socks5 never became ready: {e}"));
+
+    let proxy = listen.clone();
+    let body = curl(&["--socks5-hostname", &proxy, &format!("http://{WEB}/")])
+        .unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+    assert!(
+        body.contains(WEB_POD),
+        "through SOCKS5 {WEB} answered {body:?}"
+    );
+    let refused = curl(&["--socks5-hostname", &proxy, "http://no-such-service-here/"]);
+    assert!(
+        refused.is_err(),
+        "an unknown name through SOCKS5 answered: {refused:?}"
+    );
+    stop(&mut ktb, libc::SIGINT);
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_refuses_a_range_that_overlaps_a_laptop_route_and_changes_nothing() {
+    let before = laptop_state();
+    let pods_before = connect_pods();
+    let state = StateDir::new("conflict");
+    let args = connect_args(&["--cidr", "10.77.0.0/16"]);
+    let started = Instant::now();
+    let out = run_bounded(ktb_cmd(&args, &state.0), COMMAND_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "ktb connect with a conflicting --cidr: {stderr}"
+    );
+    assert!(
+        stderr.contains("10.77.0.0/16") && stderr.contains("10.77.0.0/24 dev eth0"),
+        "the refusal does not name both ranges:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("--exclude"),
+        "the refusal does not say what to do:\n{stderr}"
+    );
+    eprintln!("refused in {:?}", started.elapsed());
+    assert_eq!(
+        laptop_state(),
+        before,
+        "a refused connect changed the laptop"
+    );
+    assert_eq!(
+        connect_pods(),
+        pods_before,
+        "a refused connect changed the cluster"
+    );
+}

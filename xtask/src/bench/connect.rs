@@ -1,0 +1,233 @@
+//! `cargo xtask bench connect`: what `ktb connect` costs on the project's
+//! cluster, measured from the `laptop-a` network namespace (which reaches
+//! nothing but the apiserver on its own) against `kubectl port-forward` to
+//! the same echo pod from the same laptop.
+//!
+//! Per round: `ktb connect` is started and timed until its ready line; the
+//! load (bulk echo throughput, request/response round trips, new
+//! connections) runs from inside the laptop, through the port-forward and
+//! through connect to the Service's ClusterIP; DNS round trips for the
+//! Service's name are timed from the laptop through ktb's resolver and,
+//! as the floor, from inside the echo pod straight to CoreDNS. Medians of
+//! the rounds are printed with their ratios and written to
+//! `target/bench/connect.json`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::exchange::{median, Cluster, Figures, NAMESPACE, SERVICE, WORKLOAD};
+use super::paths::{free_port, Process};
+
+const LAPTOP: &str = "laptop-a";
+const ROUNDS: usize = 3;
+const DNS_QUERIES: &str = "500";
+const CLUSTER_DNS: &str = "10.96.0.10:53";
+/// Where `ktb connect` answers DNS on the laptop (see `ktb::connect::dns`).
+const KTB_DNS: &str = "127.0.0.153:53";
+const READY_LINE: &str = "Ctrl-C disconnects";
+
+pub fn connect(workspace: &Path) -> anyhow::Result<()> {
+    super::paths::build_release(workspace)?;
+    let probe = workspace.join("target/x86_64-unknown-linux-musl/release/probe");
+    anyhow::ensure!(
+        probe.exists(),
+        "{} missing: `cargo xtask cluster up` builds it",
+        probe.display()
+    );
+    let cluster = Cluster::find()?;
+    cluster.apply(WORKLOAD)?;
+    cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "deployment",
+        SERVICE,
+        "--timeout=90s",
+    ])?;
+    let result = run(workspace, &cluster, &probe);
+    let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
+    result
+}
+
+/// `ip netns exec laptop-a PROGRAM`.
+fn on_laptop(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", LAPTOP]).arg(program);
+    command
+}
+
+/// Runs `command` to completion and returns its stdout.
+fn output(command: &mut Command) -> anyhow::Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run {:?}", command.get_program()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{:?} failed: {}",
+        command,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The echo load from inside the laptop (`xtask bench measure`).
+fn measure_on_laptop(addr: SocketAddr) -> anyhow::Result<Figures> {
+    let xtask = std::env::current_exe()?;
+    let text = output(on_laptop(xtask).args(["bench", "measure", &addr.to_string()]))?;
+    Figures::from_json(&serde_json::from_str(&text)?)
+}
+
+/// Median and p99 DNS round trip in µs, as `probe dns-latency` prints them.
+fn dns_figures(text: &str) -> anyhow::Result<(f64, f64)> {
+    let mut numbers = text.split_whitespace().map(str::parse::<f64>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(p50)), Some(Ok(p99))) => Ok((p50, p99)),
+        _ => anyhow::bail!("unexpected probe output {text:?}"),
+    }
+}
+
+fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> {
+    let scratch = super::tempdir(workspace)?;
+    let service_ip = cluster.service_field(".spec.clusterIP")?;
+    let service: SocketAddr = format!("{service_ip}:9000").parse()?;
+    let name = format!("{SERVICE}.{NAMESPACE}.svc.cluster.local");
+    let pod = cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "pods",
+        "-l",
+        "app=bench-echo",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+
+    let forwarded_port = free_port()?;
+    let _port_forward = Process::spawn(
+        on_laptop(&cluster.kubectl)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .args(["-n", NAMESPACE, "port-forward", &format!("pod/{pod}")])
+            .arg(format!("{forwarded_port}:9000")),
+        &scratch.join("port-forward.log"),
+    )?;
+    let forwarded: SocketAddr = ([127, 0, 0, 1], forwarded_port).into();
+
+    let ktb = workspace.join("target/release/ktb");
+    let mut ready = Vec::new();
+    let mut figures: [Vec<Figures>; 2] = Default::default();
+    let mut dns: [Vec<(f64, f64)>; 2] = Default::default();
+    for round in 1..=ROUNDS {
+        eprintln!("round {round}/{ROUNDS}: starting ktb connect on {LAPTOP}");
+        let log = scratch.join(format!("ktb-{round}.log"));
+        let started = Instant::now();
+        let connect = Process::spawn(
+            on_laptop(&ktb)
+                .env("KUBECONFIG", &cluster.kubeconfig)
+                .env("KTB_STATE_DIR", scratch.join("state"))
+                .args(["connect", "-n", NAMESPACE])
+                .args(["--agent-image", "ktb.test/ktb-agent:dev"])
+                .args(["--image-pull-policy", "Never"]),
+            &log,
+        )?;
+        wait_for_line(&log, READY_LINE, Duration::from_secs(120))?;
+        ready.push(started.elapsed().as_secs_f64());
+
+        eprintln!("round {round}/{ROUNDS}: load through kubectl port-forward and ktb connect");
+        figures[0].push(measure_on_laptop(forwarded).context("kubectl port-forward")?);
+        figures[1].push(measure_on_laptop(service).context("ktb connect")?);
+
+        eprintln!("round {round}/{ROUNDS}: DNS from the pod (floor) and through ktb connect");
+        dns[0].push(dns_figures(&cluster.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "exec",
+            &pod,
+            "--",
+            "/probe",
+            "dns-latency",
+            CLUSTER_DNS,
+            &name,
+            DNS_QUERIES,
+        ])?)?);
+        dns[1].push(dns_figures(&output(on_laptop(probe).args([
+            "dns-latency",
+            KTB_DNS,
+            &name,
+            DNS_QUERIES,
+        ]))?)?);
+
+        Command::new("kill")
+            .args(["-INT", &connect.pid().to_string()])
+            .status()?;
+        connect.wait_exit(Duration::from_secs(30))?;
+    }
+
+    let (raw, ktb) = (Figures::median(&figures[0]), Figures::median(&figures[1]));
+    let dns_median = |rounds: &[(f64, f64)]| {
+        (
+            median(rounds.iter().map(|r| r.0).collect()),
+            median(rounds.iter().map(|r| r.1).collect()),
+        )
+    };
+    let (floor, through) = (dns_median(&dns[0]), dns_median(&dns[1]));
+    let ready_s = median(ready);
+    println!();
+    super::exchange::print_table(&[("kubectl port-forward", &raw), ("ktb connect", &ktb)]);
+    println!();
+    println!(
+        "ktb connect vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x",
+        ktb.mib_per_s / raw.mib_per_s,
+        ktb.rr_p50_us / raw.rr_p50_us,
+        ktb.connect_p50_us / raw.connect_p50_us,
+    );
+    println!(
+        "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect {:.0}/{:.0} µs; p50 over the floor {:.2} ms",
+        floor.0,
+        floor.1,
+        through.0,
+        through.1,
+        (through.0 - floor.0) / 1000.0
+    );
+    println!("ktb connect: ready (start → ready line) {ready_s:.2} s (median of {ROUNDS})");
+    let report = json!({
+        "rounds": ROUNDS,
+        "port_forward": raw.to_json(),
+        "ktb_connect": ktb.to_json(),
+        "dns_us": {
+            "floor_p50": floor.0, "floor_p99": floor.1,
+            "ktb_p50": through.0, "ktb_p99": through.1,
+        },
+        "ready_s": ready_s,
+        "ratio_vs_port_forward": {
+            "throughput": ktb.mib_per_s / raw.mib_per_s,
+            "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
+            "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
+        },
+    });
+    let out = workspace.join("target/bench/connect.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("written to {}", out.display());
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Polls a log file until it holds `line`.
+fn wait_for_line(log: &PathBuf, line: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(log).is_ok_and(|text| text.contains(line)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!(
+        "no {line:?} within {timeout:?}; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
+}
