@@ -145,15 +145,32 @@ struct AgentArgs {
     ready_timeout: Duration,
 }
 
-// One thread: the work is moving bytes between sockets, and on the small
-// machines this runs on (a laptop beside an IDE, a pod with a CPU limit)
-// cross-thread wake-ups cost more than they bring; `cargo xtask bench
-// tunnel` measured lower latency and equal throughput this way.
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    match run(cli.kube, cli.command).await {
+    // One thread: the work is moving bytes between sockets, and on the small
+    // machines this runs on (a laptop beside an IDE, a pod with a CPU limit)
+    // cross-thread wake-ups cost more than they bring; `cargo xtask bench
+    // tunnel` measured lower latency and equal throughput this way. Except
+    // for `connect`: its TCP/IP stack (ipstack) blocks in place when a
+    // connection is dropped mid-flight, which needs a multi-threaded runtime.
+    let runtime = match cli.command {
+        Command::Connect { .. } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ktb: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.kube, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ktb: error: {e:#}");
