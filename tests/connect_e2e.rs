@@ -24,7 +24,6 @@ use ktb_tests::cluster::{
     As, Spawned, AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
 };
 
-const LAPTOP: &str = "laptop-a";
 /// The line ktb writes once connected.
 const READY: &str = "Ctrl-C disconnects";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -42,15 +41,11 @@ struct Fixture {
 }
 
 fn deploy() -> Fixture {
+    deploy_web(NAMESPACE, WEB, WEB_POD);
     apply(
         As::Admin,
         &format!(
             r#"{{"apiVersion":"v1","kind":"List","items":[
-{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{WEB_POD}","namespace":"{NAMESPACE}","labels":{{"app":"{WEB}"}}}},
- "spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"{HTTP_ECHO_IMAGE}","imagePullPolicy":"Never",
- "ports":[{{"containerPort":8080}}],"readinessProbe":{{"tcpSocket":{{"port":8080}},"periodSeconds":1}}}}]}}}},
-{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{WEB}","namespace":"{NAMESPACE}"}},
- "spec":{{"selector":{{"app":"{WEB}"}},"ports":[{{"name":"http","port":80,"targetPort":8080}}]}}}},
 {{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"cudp-0","namespace":"{NAMESPACE}","labels":{{"app":"{UDP}"}}}},
  "spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"ktb.test/udp-echo:dev","imagePullPolicy":"Never"}}]}}}},
 {{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{UDP}","namespace":"{NAMESPACE}"}},
@@ -58,7 +53,6 @@ fn deploy() -> Fixture {
 ]}}"#
         ),
     );
-    wait_ready(As::Admin, NAMESPACE, &format!("app={WEB}"));
     wait_ready(As::Admin, NAMESPACE, &format!("app={UDP}"));
     let get = |kind: &str, name: &str, path: &str| {
         kubectl(
@@ -83,6 +77,23 @@ fn deploy() -> Fixture {
     }
 }
 
+/// An http-echo pod `pod` behind Service `name` (80 → 8080) in `namespace`.
+fn deploy_web(namespace: &str, name: &str, pod: &str) {
+    apply(
+        As::Admin,
+        &format!(
+            r#"{{"apiVersion":"v1","kind":"List","items":[
+{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{pod}","namespace":"{namespace}","labels":{{"app":"{name}"}}}},
+ "spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"{HTTP_ECHO_IMAGE}","imagePullPolicy":"Never",
+ "ports":[{{"containerPort":8080}}],"readinessProbe":{{"tcpSocket":{{"port":8080}},"periodSeconds":1}}}}]}}}},
+{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"{namespace}"}},
+ "spec":{{"selector":{{"app":"{name}"}},"ports":[{{"name":"http","port":80,"targetPort":8080}}]}}}}
+]}}"#
+        ),
+    );
+    wait_ready(As::Admin, namespace, &format!("app={name}"));
+}
+
 /// What `ktb connect` may change on the laptop, to compare before/after.
 #[derive(Debug, PartialEq, Eq)]
 struct LaptopState {
@@ -92,8 +103,8 @@ struct LaptopState {
     links: String,
 }
 
-fn laptop_file(name: &str) -> PathBuf {
-    let path = Path::new("/etc/netns").join(LAPTOP).join(name);
+fn laptop_file(who: As, name: &str) -> PathBuf {
+    let path = Path::new("/etc/netns").join(laptop(who)).join(name);
     assert!(
         path.exists(),
         "{} missing: the laptop must have its own copy, or ktb would change this machine's (cargo xtask cluster up creates it)",
@@ -102,15 +113,15 @@ fn laptop_file(name: &str) -> PathBuf {
     path
 }
 
-fn laptop_state() -> LaptopState {
+fn laptop_state(who: As) -> LaptopState {
     let ip = |args: &[&str]| {
-        let out = in_laptop_cmd("ip", args);
+        let out = in_laptop_cmd(who, "ip", args);
         assert!(out.status.success(), "ip {args:?} failed");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     LaptopState {
-        resolv_conf: std::fs::read(laptop_file("resolv.conf")).expect("resolv.conf"),
-        hosts: std::fs::read(laptop_file("hosts")).expect("hosts"),
+        resolv_conf: std::fs::read(laptop_file(who, "resolv.conf")).expect("resolv.conf"),
+        hosts: std::fs::read(laptop_file(who, "hosts")).expect("hosts"),
         routes: ip(&["route", "show", "table", "all"]),
         links: ip(&["-o", "link", "show"])
             .lines()
@@ -120,18 +131,23 @@ fn laptop_state() -> LaptopState {
     }
 }
 
-/// A program run on the laptop (bounded).
-fn in_laptop_cmd(program: &str, args: &[&str]) -> Output {
-    let mut cmd = netns_command(LAPTOP, program);
+/// The developer's laptop (network namespace).
+fn laptop(who: As) -> &'static str {
+    who.netns().expect("a developer has a laptop")
+}
+
+/// A program run on the developer's laptop (bounded).
+fn in_laptop_cmd(who: As, program: &str, args: &[&str]) -> Output {
+    let mut cmd = netns_command(laptop(who), program);
     cmd.args(args);
     run_bounded(cmd, COMMAND_TIMEOUT)
 }
 
 /// `curl` on the laptop: the body, or why it failed.
-fn curl(args: &[&str]) -> Result<String, String> {
+fn curl(who: As, args: &[&str]) -> Result<String, String> {
     let mut full = vec!["--silent", "--show-error", "--max-time", "5"];
     full.extend_from_slice(args);
-    let out = in_laptop_cmd("curl", &full);
+    let out = in_laptop_cmd(who, "curl", &full);
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
@@ -143,8 +159,8 @@ fn curl(args: &[&str]) -> Result<String, String> {
     }
 }
 
-fn getent(name: &str) -> Result<String, String> {
-    let out = in_laptop_cmd("getent", &["hosts", name]);
+fn getent(who: As, name: &str) -> Result<String, String> {
+    let out = in_laptop_cmd(who, "getent", &["hosts", name]);
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
@@ -152,19 +168,19 @@ fn getent(name: &str) -> Result<String, String> {
     }
 }
 
-fn ktb_cmd(args: &[&str], state_dir: &Path) -> Command {
-    let mut cmd = command_as(As::DevA, workspace_bin("ktb", "ktb"));
-    cmd.env("KUBECONFIG", As::DevA.kubeconfig())
+fn ktb_cmd(who: As, args: &[&str], state_dir: &Path) -> Command {
+    let mut cmd = command_as(who, workspace_bin("ktb", "ktb"));
+    cmd.env("KUBECONFIG", who.kubeconfig())
         .env("KTB_STATE_DIR", state_dir)
         .args(args);
     cmd
 }
 
-fn connect_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+fn connect_args<'a>(namespace: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "connect",
         "-n",
-        NAMESPACE,
+        namespace,
         "--agent-image",
         AGENT_IMAGE,
         "--image-pull-policy",
@@ -193,22 +209,22 @@ impl Drop for StateDir {
     }
 }
 
-fn start_connect(extra: &[&str], state: &StateDir) -> Spawned {
-    let args = connect_args(extra);
-    eprintln!("+ [dev-a] ktb {}", args.join(" "));
-    let mut ktb = Spawned::start("ktb connect", ktb_cmd(&args, &state.0));
+fn start_connect(who: As, namespace: &str, extra: &[&str], state: &StateDir) -> Spawned {
+    let args = connect_args(namespace, extra);
+    eprintln!("+ [{}] ktb {}", who.user(), args.join(" "));
+    let mut ktb = Spawned::start("ktb connect", ktb_cmd(who, &args, &state.0));
     ktb.wait_for_stderr(READY, READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("ktb connect never became ready: {e}"));
     ktb
 }
 
-/// The connect agent pods of team-a (`ktb-connect-*`).
-fn connect_pods() -> Vec<String> {
+/// The connect agent pods of a namespace (`ktb-connect-*`).
+fn connect_pods(namespace: &str) -> Vec<String> {
     kubectl(
         As::Admin,
         &[
             "-n",
-            NAMESPACE,
+            namespace,
             "get",
             "pods",
             "-l",
@@ -225,7 +241,7 @@ fn connect_pods() -> Vec<String> {
 
 /// One UDP datagram to `addr` from the laptop and its echo.
 fn udp_round_trip(addr: SocketAddr) -> Result<(), String> {
-    ktb_tests::cluster::in_laptop(LAPTOP, move || {
+    ktb_tests::cluster::in_laptop(laptop(As::DevA), move || {
         let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         socket
             .set_read_timeout(Some(Duration::from_millis(500)))
@@ -249,7 +265,7 @@ fn udp_round_trip(addr: SocketAddr) -> Result<(), String> {
 fn dig(args: &[&str]) -> String {
     let mut full = vec!["+short", "+time=3", "+tries=1"];
     full.extend_from_slice(args);
-    let out = in_laptop_cmd("dig", &full);
+    let out = in_laptop_cmd(As::DevA, "dig", &full);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -275,19 +291,19 @@ fn stop(ktb: &mut Spawned, signal: i32) {
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() {
     let fx = deploy();
-    let before = laptop_state();
+    let before = laptop_state(As::DevA);
     let web = format!("http://{}/", fx.web_ip);
     assert!(
-        curl(&[&web]).is_err(),
+        curl(As::DevA, &[&web]).is_err(),
         "the laptop reaches a ClusterIP before connect"
     );
     assert!(
-        getent(WEB).is_err(),
+        getent(As::DevA, WEB).is_err(),
         "the laptop resolves {WEB} before connect"
     );
 
     let state = StateDir::new("tun");
-    let mut ktb = start_connect(&[], &state);
+    let mut ktb = start_connect(As::DevA, NAMESPACE, &[], &state);
     let summary = ktb.stderr();
     assert!(
         summary.contains("routed through ktb0"),
@@ -301,7 +317,8 @@ fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() 
         web.clone(),
         format!("http://{}:8080/", fx.web_pod_ip),
     ] {
-        let body = curl(&[&url]).unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+        let body =
+            curl(As::DevA, &[&url]).unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
         assert!(
             body.contains(WEB_POD),
             "{url} answered {body:?}, not {WEB_POD}"
@@ -321,18 +338,18 @@ fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() 
     );
 
     // The laptop's own names keep working.
-    let own = getent("laptop-only.test").expect("a name from the laptop's hosts file");
+    let own = getent(As::DevA, "laptop-only.test").expect("a name from the laptop's hosts file");
     assert!(own.starts_with("192.0.2.10"), "laptop-only.test is {own}");
-    getent("localhost").expect("localhost");
+    getent(As::DevA, "localhost").expect("localhost");
 
     stop(&mut ktb, libc::SIGINT);
     assert_eq!(
-        laptop_state(),
+        laptop_state(As::DevA),
         before,
         "the laptop is not as it was before connect"
     );
     assert!(
-        curl(&[&web]).is_err(),
+        curl(As::DevA, &[&web]).is_err(),
         "the laptop still reaches a ClusterIP after disconnect"
     );
     wait_until(
@@ -340,7 +357,7 @@ fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() 
         Duration::from_secs(30),
         Duration::from_millis(500),
         || {
-            let pods = connect_pods();
+            let pods = connect_pods(NAMESPACE);
             if pods.is_empty() {
                 Ok(())
             } else {
@@ -354,31 +371,38 @@ fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() 
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn connect_after_sigkill_clean_local_restores_the_laptop_and_the_agent_leaves_after_grace() {
     let fx = deploy();
-    let before = laptop_state();
+    let before = laptop_state(As::DevA);
     let state = StateDir::new("crash");
-    let mut ktb = start_connect(&["--dns", "hosts"], &state);
-    let resolved = getent(WEB).unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+    let mut ktb = start_connect(As::DevA, NAMESPACE, &["--dns", "hosts"], &state);
+    let resolved = getent(As::DevA, WEB).unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
     assert!(
         resolved.starts_with(&fx.web_ip),
         "{WEB} resolves to {resolved} through /etc/hosts"
     );
-    assert_eq!(connect_pods().len(), 1, "one connect agent while connected");
+    assert_eq!(
+        connect_pods(NAMESPACE).len(),
+        1,
+        "one connect agent while connected"
+    );
 
     stop(&mut ktb, libc::SIGKILL);
-    let left = laptop_state();
+    let left = laptop_state(As::DevA);
     assert_ne!(
         left.hosts, before.hosts,
         "the hosts block should still be there after SIGKILL"
     );
 
-    let out = run_bounded(ktb_cmd(&["clean", "--local"], &state.0), COMMAND_TIMEOUT);
+    let out = run_bounded(
+        ktb_cmd(As::DevA, &["clean", "--local"], &state.0),
+        COMMAND_TIMEOUT,
+    );
     assert!(
         out.status.success(),
         "ktb clean --local failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        laptop_state(),
+        laptop_state(As::DevA),
         before,
         "clean --local did not restore the laptop"
     );
@@ -390,7 +414,7 @@ fn connect_after_sigkill_clean_local_restores_the_laptop_and_the_agent_leaves_af
         Duration::from_secs(60),
         Duration::from_secs(1),
         || {
-            let pods = connect_pods();
+            let pods = connect_pods(NAMESPACE);
             if pods.is_empty() {
                 Ok(())
             } else {
@@ -417,12 +441,15 @@ fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&kubeconfig, std::fs::Permissions::from_mode(0o644)).expect("chmod");
 
-    let port = ktb_tests::cluster::free_port(&[LAPTOP]);
+    let port = ktb_tests::cluster::free_port(&[laptop(As::DevA)]);
     let listen = format!("127.0.0.1:{port}");
-    let mut cmd = netns_command(LAPTOP, "setpriv");
+    let mut cmd = netns_command(laptop(As::DevA), "setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&ktb_copy)
-        .args(connect_args(&["--mode", "socks5", "--socks", &listen]))
+        .args(connect_args(
+            NAMESPACE,
+            &["--mode", "socks5", "--socks", &listen],
+        ))
         .env("KUBECONFIG", &kubeconfig)
         .env("HOME", &dir.0);
     let mut ktb = Spawned::start("ktb connect socks5", cmd);
@@ -430,13 +457,19 @@ fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
         .unwrap_or_else(|e| panic!("ktb connect --mode socks5 never became ready: {e}"));
 
     let proxy = listen.clone();
-    let body = curl(&["--socks5-hostname", &proxy, &format!("http://{WEB}/")])
-        .unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+    let body = curl(
+        As::DevA,
+        &["--socks5-hostname", &proxy, &format!("http://{WEB}/")],
+    )
+    .unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
     assert!(
         body.contains(WEB_POD),
         "through SOCKS5 {WEB} answered {body:?}"
     );
-    let refused = curl(&["--socks5-hostname", &proxy, "http://no-such-service-here/"]);
+    let refused = curl(
+        As::DevA,
+        &["--socks5-hostname", &proxy, "http://no-such-service-here/"],
+    );
     assert!(
         refused.is_err(),
         "an unknown name through SOCKS5 answered: {refused:?}"
@@ -447,12 +480,12 @@ fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn connect_refuses_a_range_that_overlaps_a_laptop_route_and_changes_nothing() {
-    let before = laptop_state();
-    let pods_before = connect_pods();
+    let before = laptop_state(As::DevA);
+    let pods_before = connect_pods(NAMESPACE);
     let state = StateDir::new("conflict");
-    let args = connect_args(&["--cidr", "10.77.0.0/16"]);
+    let args = connect_args(NAMESPACE, &["--cidr", "10.77.0.0/16"]);
     let started = Instant::now();
-    let out = run_bounded(ktb_cmd(&args, &state.0), COMMAND_TIMEOUT);
+    let out = run_bounded(ktb_cmd(As::DevA, &args, &state.0), COMMAND_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -469,13 +502,95 @@ fn connect_refuses_a_range_that_overlaps_a_laptop_route_and_changes_nothing() {
     );
     eprintln!("refused in {:?}", started.elapsed());
     assert_eq!(
-        laptop_state(),
+        laptop_state(As::DevA),
         before,
         "a refused connect changed the laptop"
     );
     assert_eq!(
-        connect_pods(),
+        connect_pods(NAMESPACE),
         pods_before,
         "a refused connect changed the cluster"
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn two_developers_connect_at_once_and_one_exchanges_while_the_other_calls_it() {
+    deploy();
+    deploy_web("team-b", "bweb", "bweb-0");
+    let (before_a, before_b) = (laptop_state(As::DevA), laptop_state(As::DevB));
+    let (state_a, state_b) = (StateDir::new("pair-a"), StateDir::new("pair-b"));
+    let mut connect_a = start_connect(As::DevA, NAMESPACE, &[], &state_a);
+    let mut connect_b = start_connect(As::DevB, "team-b", &[], &state_b);
+    assert_eq!(connect_pods(NAMESPACE).len(), 1, "dev-a's own agent");
+    assert_eq!(connect_pods("team-b").len(), 1, "dev-b's own agent");
+
+    // Short names resolve in each developer's own namespace.
+    let answer = |who: As, url: &str| {
+        curl(who, &[url]).unwrap_or_else(|e| {
+            panic!(
+                "{e}\nktb dev-a:\n{}\nktb dev-b:\n{}",
+                connect_a.stderr(),
+                connect_b.stderr()
+            )
+        })
+    };
+    assert!(answer(As::DevA, &format!("http://{WEB}/")).contains(WEB_POD));
+    assert!(answer(As::DevB, "http://bweb/").contains("bweb-0"));
+    assert!(answer(As::DevB, &format!("http://{WEB}.{NAMESPACE}/")).contains(WEB_POD));
+
+    // dev-a exchanges cweb while connected; dev-b's call lands on dev-a's laptop.
+    let port = ktb_tests::cluster::free_port(&[laptop(As::DevA)]);
+    let _local = ktb_tests::cluster::local_echo(laptop(As::DevA), port, "laptop-a-local");
+    let expose = format!("{port}:80");
+    let args = [
+        "exchange",
+        WEB,
+        "--expose",
+        &expose,
+        "-n",
+        NAMESPACE,
+        "--agent-image",
+        AGENT_IMAGE,
+        "--image-pull-policy",
+        "Never",
+    ];
+    let mut exchange = Spawned::start("ktb exchange", ktb_cmd(As::DevA, &args, &state_a.0));
+    exchange
+        .wait_for_stderr("Ctrl-C restores it", READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ktb exchange beside connect never became ready: {e}"));
+    let through_b = format!("http://{WEB}.{NAMESPACE}/");
+    wait_until(
+        "dev-b's call to reach dev-a's laptop",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || match curl(As::DevB, &[&through_b]) {
+            Ok(body) if body.contains("laptop-a-local") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    stop(&mut exchange, libc::SIGINT);
+    // kube-proxy moves the Service back within its sync period.
+    wait_until(
+        "dev-b's call to reach cweb-0 again after the exchange",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || match curl(As::DevB, &["--max-time", "2", &through_b]) {
+            Ok(body) if body.contains(WEB_POD) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    stop(&mut connect_a, libc::SIGINT);
+    stop(&mut connect_b, libc::SIGINT);
+    assert_eq!(
+        laptop_state(As::DevA),
+        before_a,
+        "laptop-a after disconnect"
+    );
+    assert_eq!(
+        laptop_state(As::DevB),
+        before_b,
+        "laptop-b after disconnect"
     );
 }

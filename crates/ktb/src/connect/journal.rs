@@ -207,8 +207,19 @@ pub fn ip_ignoring_missing(args: &[&str]) -> anyhow::Result<()> {
     }
 }
 
+/// Whether `pid` runs; a zombie (dead, not yet reaped by its parent) does not.
 fn process_alive(pid: u32) -> bool {
-    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+    if pid == std::process::id() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

@@ -294,7 +294,9 @@ async fn start_agent(
     Ok((tunnel, outbound))
 }
 
-/// Renews the Lease until shutdown; losing it ends the session.
+/// Renews the Lease until shutdown; losing it ends the session. Shutdown
+/// is watched on its own, so a renewal stuck on a slow apiserver never
+/// delays Ctrl-C.
 async fn keep_alive(
     lease: &Lock,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -305,14 +307,23 @@ async fn keep_alive(
         .as_ref()
         .and_then(|s| s.lease_duration_seconds)
         .unwrap_or(30);
-    let mut renew = tokio::time::interval(Duration::from_secs(
-        u64::try_from(seconds / 3).unwrap_or(10).max(1),
-    ));
-    loop {
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(()),
-            _ = renew.tick() => lease.renew().await.context("lost the session's Lease (was it cleaned up from elsewhere?)")?,
+    let every = Duration::from_secs(u64::try_from(seconds / 3).unwrap_or(10).max(1));
+    let renewing = async {
+        let mut renew = tokio::time::interval(every);
+        loop {
+            renew.tick().await;
+            match tokio::time::timeout(every, lease.renew()).await {
+                Ok(renewed) => renewed
+                    .context("lost the session's Lease (was it cleaned up from elsewhere?)")?,
+                Err(_) => say(format!(
+                    "warning: renewing the session's Lease took over {every:?}; retrying"
+                )),
+            }
         }
+    };
+    tokio::select! {
+        _ = shutdown.as_mut() => Ok(()),
+        failed = renewing => failed,
     }
 }
 
