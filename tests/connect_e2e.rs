@@ -239,6 +239,18 @@ fn connect_pods(namespace: &str) -> Vec<String> {
     .collect()
 }
 
+/// Waits until team-a has no connect agent pod left.
+fn wait_for_no_connect_agent(what: &str, timeout: Duration) {
+    wait_until(what, timeout, Duration::from_millis(500), || {
+        let pods = connect_pods(NAMESPACE);
+        if pods.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{pods:?}"))
+        }
+    });
+}
+
 /// One UDP datagram to `addr` from the laptop and its echo.
 fn udp_round_trip(addr: SocketAddr) -> Result<(), String> {
     ktb_tests::cluster::in_laptop(laptop(As::DevA), move || {
@@ -352,19 +364,7 @@ fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() 
         curl(As::DevA, &[&web]).is_err(),
         "the laptop still reaches a ClusterIP after disconnect"
     );
-    wait_until(
-        "the connect agent to be deleted",
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-        || {
-            let pods = connect_pods(NAMESPACE);
-            if pods.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{pods:?}"))
-            }
-        },
-    );
+    wait_for_no_connect_agent("the connect agent to be deleted", Duration::from_secs(30));
 }
 
 #[test]
@@ -409,18 +409,9 @@ fn connect_after_sigkill_clean_local_restores_the_laptop_and_the_agent_leaves_af
 
     // Nobody renews the Lease or holds a tunnel: the agent ends the session
     // after the 5 s grace period and garbage collection removes its pod.
-    wait_until(
+    wait_for_no_connect_agent(
         "the connect agent to leave after grace",
         Duration::from_secs(60),
-        Duration::from_secs(1),
-        || {
-            let pods = connect_pods(NAMESPACE);
-            if pods.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{pods:?}"))
-            }
-        },
     );
 }
 

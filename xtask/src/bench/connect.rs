@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use super::exchange::{median, Cluster, Figures, NAMESPACE, SERVICE, WORKLOAD};
+use super::exchange::{median, Cluster, Figures, NAMESPACE, SERVICE};
 use super::paths::{free_port, Process};
 
 const LAPTOP: &str = "laptop-a";
@@ -40,16 +40,7 @@ pub fn connect(workspace: &Path) -> anyhow::Result<()> {
         probe.display()
     );
     let cluster = Cluster::find()?;
-    cluster.apply(WORKLOAD)?;
-    cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "rollout",
-        "status",
-        "deployment",
-        SERVICE,
-        "--timeout=90s",
-    ])?;
+    cluster.deploy_echo()?;
     let result = run(workspace, &cluster, &probe);
     let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
     result

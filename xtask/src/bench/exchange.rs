@@ -67,7 +67,7 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 
-    pub(super) fn apply(&self, manifest: &str) -> anyhow::Result<()> {
+    fn apply(&self, manifest: &str) -> anyhow::Result<()> {
         let path = std::env::temp_dir().join(format!("ktb-bench-{}.yaml", std::process::id()));
         std::fs::write(&path, manifest)?;
         let result = self
@@ -75,6 +75,21 @@ impl Cluster {
             .map(drop);
         let _ = std::fs::remove_file(path);
         result
+    }
+
+    /// The benchmark's echo Deployment and Service, rolled out.
+    pub(super) fn deploy_echo(&self) -> anyhow::Result<()> {
+        self.apply(WORKLOAD)?;
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "rollout",
+            "status",
+            "deployment",
+            SERVICE,
+            "--timeout=90s",
+        ])
+        .map(drop)
     }
 
     /// A field of the benchmark's Service, by JSONPath.
@@ -88,7 +103,7 @@ impl Cluster {
     }
 }
 
-pub(super) const WORKLOAD: &str = r#"
+const WORKLOAD: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: ktb-bench}
@@ -209,16 +224,7 @@ pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = Cluster::find()?;
-    cluster.apply(WORKLOAD)?;
-    cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "rollout",
-        "status",
-        "deployment",
-        SERVICE,
-        "--timeout=90s",
-    ])?;
+    cluster.deploy_echo()?;
     let result = runtime.block_on(run(workspace, &cluster));
     let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
     result

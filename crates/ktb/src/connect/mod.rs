@@ -39,7 +39,7 @@ use crate::exchange::lock::{self, Lock, Taken};
 use crate::exchange::random_token;
 use crate::exchange::shadow::{session_labels, Shadow, ShadowSpec};
 use crate::portforward::PortForward;
-use crate::preflight::{self, need, Need};
+use crate::preflight::{self, need};
 use crate::tunnel::{RunningTunnel, TunnelConfig};
 use journal::Journal;
 use outbound::Outbound;
@@ -83,36 +83,6 @@ pub struct ConnectOptions {
     pub ready_timeout: Duration,
 }
 
-/// Verbs connect needs, checked before anything changes.
-const NEEDS: &[Need] = &[
-    need("create", "", "pods"),
-    need("get", "", "pods"),
-    need("delete", "", "pods"),
-    Need {
-        verb: "get",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    Need {
-        verb: "create",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    need("create", "", "secrets"),
-    need("delete", "", "secrets"),
-    need("create", "", "serviceaccounts"),
-    need("delete", "", "serviceaccounts"),
-    need("create", "rbac.authorization.k8s.io", "roles"),
-    need("delete", "rbac.authorization.k8s.io", "roles"),
-    need("create", "rbac.authorization.k8s.io", "rolebindings"),
-    need("delete", "rbac.authorization.k8s.io", "rolebindings"),
-    need("create", "coordination.k8s.io", "leases"),
-    need("patch", "coordination.k8s.io", "leases"),
-    need("delete", "coordination.k8s.io", "leases"),
-];
-
 fn say(message: impl std::fmt::Display) {
     eprintln!("ktb: {message}");
 }
@@ -127,7 +97,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     let started = Instant::now();
     let ns = cluster.namespace.clone();
-    let mut needs = NEEDS.to_vec();
+    let mut needs = crate::exchange::shadow::AGENT_NEEDS.to_vec();
     if options.cidrs.is_empty() && options.mode == Mode::Tun {
         needs.extend([need("list", "", "services"), need("list", "", "pods")]);
     }

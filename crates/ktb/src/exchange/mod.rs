@@ -87,40 +87,13 @@ pub enum Mode {
 /// comes back.
 const WORKLOAD_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Verbs every mode needs, checked before anything changes.
-const COMMON_NEEDS: &[Need] = &[
+/// Verbs every mode needs on top of the agent's, checked before anything
+/// changes: the Service, and taking over an expired Lease.
+const EXCHANGE_NEEDS: &[Need] = &[
     need("get", "", "services"),
     need("patch", "", "services"),
-    need("create", "", "pods"),
-    need("get", "", "pods"),
-    need("delete", "", "pods"),
-    // kube's port-forward is a WebSocket, authorized as `get`; from
-    // Kubernetes 1.35 the apiserver also requires `create` for it.
-    Need {
-        verb: "get",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    Need {
-        verb: "create",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    need("create", "", "secrets"),
-    need("delete", "", "secrets"),
-    need("create", "", "serviceaccounts"),
-    need("delete", "", "serviceaccounts"),
-    need("create", "rbac.authorization.k8s.io", "roles"),
-    need("delete", "rbac.authorization.k8s.io", "roles"),
-    need("create", "rbac.authorization.k8s.io", "rolebindings"),
-    need("delete", "rbac.authorization.k8s.io", "rolebindings"),
-    need("create", "coordination.k8s.io", "leases"),
     need("get", "coordination.k8s.io", "leases"),
     need("update", "coordination.k8s.io", "leases"),
-    need("patch", "coordination.k8s.io", "leases"),
-    need("delete", "coordination.k8s.io", "leases"),
 ];
 
 /// What scale mode needs on top, for the kind of workload found.
@@ -167,7 +140,7 @@ pub async fn run(
 
     let original = target::exchangeable_service(&services, &name, &ns).await?;
     let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
-    let mut needs = COMMON_NEEDS.to_vec();
+    let mut needs = [EXCHANGE_NEEDS, shadow::AGENT_NEEDS].concat();
     let workload = match options.mode {
         Mode::Selector => None,
         Mode::Scale => {

@@ -28,7 +28,42 @@ use kube::Client;
 use ktb_kube::names::{AGENT_TUNNEL_PORT, MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
 use ktb_kube::workload::Kind;
 
+use crate::preflight::{need, Need};
+
 const TOKEN_DIR: &str = "/var/run/ktb";
+
+/// Verbs to start an agent pod for a session and reach it: the pod, its
+/// token Secret, its ServiceAccount and RBAC, the session Lease.
+pub const AGENT_NEEDS: &[Need] = &[
+    need("create", "", "pods"),
+    need("get", "", "pods"),
+    need("delete", "", "pods"),
+    // kube's port-forward is a WebSocket, authorized as `get`; from
+    // Kubernetes 1.35 the apiserver also requires `create` for it.
+    Need {
+        verb: "get",
+        group: "",
+        resource: "pods",
+        subresource: "portforward",
+    },
+    Need {
+        verb: "create",
+        group: "",
+        resource: "pods",
+        subresource: "portforward",
+    },
+    need("create", "", "secrets"),
+    need("delete", "", "secrets"),
+    need("create", "", "serviceaccounts"),
+    need("delete", "", "serviceaccounts"),
+    need("create", "rbac.authorization.k8s.io", "roles"),
+    need("delete", "rbac.authorization.k8s.io", "roles"),
+    need("create", "rbac.authorization.k8s.io", "rolebindings"),
+    need("delete", "rbac.authorization.k8s.io", "rolebindings"),
+    need("create", "coordination.k8s.io", "leases"),
+    need("patch", "coordination.k8s.io", "leases"),
+    need("delete", "coordination.k8s.io", "leases"),
+];
 
 /// What the shadow pod is for.
 pub struct ShadowSpec<'a> {
