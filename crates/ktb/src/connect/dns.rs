@@ -190,7 +190,7 @@ pub fn cluster_candidates(name: &Name, resolver: &Resolver) -> Vec<Name> {
 }
 
 /// The cluster's DNS domain, read off the search path (`svc.<domain>`).
-fn cluster_domain(resolver: &Resolver) -> String {
+pub fn cluster_domain(resolver: &Resolver) -> String {
     resolver
         .search
         .iter()

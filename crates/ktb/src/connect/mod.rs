@@ -271,13 +271,7 @@ async fn keep_alive(
     lease: &Lock,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
-    let seconds = lease
-        .lease
-        .spec
-        .as_ref()
-        .and_then(|s| s.lease_duration_seconds)
-        .unwrap_or(30);
-    let every = Duration::from_secs(u64::try_from(seconds / 3).unwrap_or(10).max(1));
+    let every = lease.renew_every();
     let renewing = async {
         let mut renew = tokio::time::interval(every);
         loop {
@@ -414,11 +408,7 @@ async fn hosts_lines(
     resolver: &ktb_proto::handshake::Resolver,
 ) -> anyhow::Result<Vec<String>> {
     let ns = &cluster.namespace;
-    let domain = resolver
-        .search
-        .iter()
-        .find_map(|s| s.strip_prefix("svc."))
-        .unwrap_or("cluster.local");
+    let domain = dns::cluster_domain(resolver);
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns)
         .list(&ListParams::default())
         .await

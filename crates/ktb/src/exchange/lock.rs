@@ -168,6 +168,18 @@ impl Lock {
         }
     }
 
+    /// How often to renew: a third of the lease's duration, so two
+    /// renewals may fail before it expires.
+    pub fn renew_every(&self) -> Duration {
+        let seconds = self
+            .lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.lease_duration_seconds)
+            .unwrap_or(30);
+        Duration::from_secs((u64::try_from(seconds).unwrap_or(30) / 3).max(1))
+    }
+
     pub async fn renew(&self) -> anyhow::Result<()> {
         let patch = json!({ "spec": { "renewTime": MicroTime(Timestamp::now()) } });
         self.leases

@@ -381,7 +381,7 @@ async fn serve(
     lock: &Lock,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
-    let renew_every = Duration::from_secs((lock_duration(lock) / 3).max(1));
+    let renew_every = lock.renew_every();
     let mut renew = tokio::time::interval(renew_every);
     let mut warned_drift = !watch_selector;
     loop {
@@ -395,16 +395,6 @@ async fn serve(
             }
         }
     }
-}
-
-fn lock_duration(lock: &Lock) -> u64 {
-    let seconds = lock
-        .lease
-        .spec
-        .as_ref()
-        .and_then(|s| s.lease_duration_seconds)
-        .unwrap_or(30);
-    u64::try_from(seconds).unwrap_or(30)
 }
 
 /// Someone (a GitOps controller, a colleague) changed the selector while
