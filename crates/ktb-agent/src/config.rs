@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "KTB_AGENT_LEASE", requires = "namespace")]
     pub lease: Option<String>,
 
+    /// The session this agent belongs to: it restores the Service only while
+    /// the Service is still marked with this session.
+    #[arg(long, env = "KTB_AGENT_SESSION", requires = "lease")]
+    pub session: Option<String>,
+
     /// The namespace of the Service and the Lease.
     #[arg(long, env = "KTB_AGENT_NAMESPACE")]
     pub namespace: Option<String>,
@@ -125,6 +130,7 @@ impl Config {
             namespace: self.namespace.clone()?,
             service: self.service.clone(),
             lease: self.lease.clone()?,
+            session: self.session.clone()?,
             grace: self.grace,
         })
     }

@@ -6,15 +6,22 @@
 //! reconnects). When neither has been seen for the grace period, the agent
 //! puts the Service's saved selector back and deletes the Lease; garbage
 //! collection then removes the session's objects, this pod included.
-//! Renewals are judged by when the agent *saw* the renew time change, not
-//! by the time written in it, so clock skew between laptop and cluster
-//! cannot fire the switch early.
+//! Renewals are judged by when the agent *saw* the Lease change, not by the
+//! time written in it, so clock skew between laptop and cluster cannot fire
+//! the switch early.
+//!
+//! Both writes are owned: the restore only undoes a Service still marked
+//! with this agent's session, and the Lease is deleted only while it is the
+//! very Lease (UID) this agent started under. If another session took the
+//! Lease over, this agent's session is already over and it touches nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
+use ktb_kube::lease::{self, Released};
+use ktb_kube::service::Restored;
 
 use crate::attachment::Attachment;
 
@@ -27,12 +34,24 @@ pub struct DeadMan {
     /// The Service to restore; `None` for a connect session, which changed none.
     pub service: Option<String>,
     pub lease: String,
+    /// The session id the CLI gave this agent (on the Lease and the Service).
+    pub session: String,
     pub grace: Duration,
+}
+
+/// What the agent saw of its Lease on one check.
+enum Seen {
+    /// The session's own Lease (its UID and session id).
+    Ours(Box<Lease>),
+    /// No Lease, or another session's: this session has ended.
+    Ended,
+    /// The apiserver did not answer; judge again next round.
+    Unknown,
 }
 
 impl DeadMan {
     /// Returns once the session is over for good: restored after the grace
-    /// period, or ended by the CLI (its Lease deleted).
+    /// period, or ended by the CLI (its Lease deleted) or by a takeover.
     pub async fn watch(self, attachment: Arc<Attachment>) {
         let client = match kube::Client::try_default().await {
             Ok(client) => client,
@@ -43,57 +62,86 @@ impl DeadMan {
         };
         let leases = Api::<Lease>::namespaced(client.clone(), &self.namespace);
         let mut last_alive = Instant::now();
-        let mut last_renewal = None;
+        let mut ours: Option<Lease> = None;
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
             if attachment.session().is_some() {
                 last_alive = Instant::now();
                 continue;
             }
-            match leases.get_opt(&self.lease).await {
-                Ok(Some(lease)) => {
-                    let renewal = lease.spec.and_then(|s| s.renew_time).map(|t| t.0);
-                    if renewal != last_renewal {
-                        last_renewal = renewal;
+            match self.look(&leases, ours.as_ref()).await {
+                Seen::Ours(lease) => {
+                    let moved = ours.as_ref().map(|l| &l.metadata.resource_version)
+                        != Some(&lease.metadata.resource_version);
+                    if moved {
                         last_alive = Instant::now();
                     }
+                    ours = Some(*lease);
                 }
-                Ok(None) => {
-                    tracing::info!(lease = %self.lease, "the session's Lease is gone: the session has ended");
+                Seen::Ended => {
+                    tracing::info!(lease = %self.lease, "the session's Lease is gone or another session's: the session has ended");
                     if self.restore(&client).await {
                         return;
                     }
                     continue;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the session's Lease"),
+                Seen::Unknown => {}
             }
-            if last_alive.elapsed() > self.grace {
-                tracing::warn!(grace = ?self.grace, "no sign of the laptop for the grace period: ending the session");
-                if !self.restore(&client).await {
-                    // Keep the Lease: it is how `ktb clean` finds this
-                    // session. Try again on the next round.
-                    continue;
-                }
-                match leases
-                    .delete(&self.lease, &DeleteParams::background())
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::info!(lease = %self.lease, "deleted the session's Lease; its objects follow")
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot delete the session's Lease"),
-                }
+            // Only a Lease read as ours can be released as ours.
+            let Some(lease) = ours.as_ref().filter(|_| last_alive.elapsed() > self.grace) else {
+                continue;
+            };
+            tracing::warn!(grace = ?self.grace, "no sign of the laptop for the grace period: ending the session");
+            // Keep the Lease while the restore fails: it is how `ktb clean`
+            // finds this session. Try again next round.
+            if self.restore(&client).await {
+                self.release(&leases, lease).await;
                 return;
             }
         }
     }
 
-    /// Whether the Service (if any) is back as it was.
+    async fn look(&self, leases: &Api<Lease>, ours: Option<&Lease>) -> Seen {
+        match leases.get_opt(&self.lease).await {
+            Ok(Some(lease)) => {
+                let same_object = ours.is_none_or(|o| o.metadata.uid == lease.metadata.uid);
+                if same_object && lease::session_of(&lease) == Some(self.session.as_str()) {
+                    Seen::Ours(Box::new(lease))
+                } else {
+                    Seen::Ended
+                }
+            }
+            Ok(None) => Seen::Ended,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the session's Lease");
+                Seen::Unknown
+            }
+        }
+    }
+
+    async fn release(&self, leases: &Api<Lease>, lease: &Lease) {
+        match lease::release(leases, lease).await {
+            Ok(Released::Deleted) => {
+                tracing::info!(lease = %self.lease, "deleted the session's Lease; its objects follow")
+            }
+            Ok(Released::Gone) => {}
+            Ok(Released::NotOurs(holder)) => {
+                tracing::info!(%holder, "the Lease belongs to another session now; left alone")
+            }
+            Err(e) => tracing::error!(error = format!("{e:#}"), "cannot delete the session's Lease"),
+        }
+    }
+
+    /// Whether the Service (if any) is no longer this session's.
     async fn restore(&self, client: &kube::Client) -> bool {
         let Some(service) = &self.service else {
             return true;
         };
-        match ktb_kube::service::restore(client, &self.namespace, service).await {
+        match ktb_kube::service::restore(client, &self.namespace, service, &self.session).await {
+            Ok(Restored::NotOurs { session }) => {
+                tracing::info!(%service, %session, "the Service belongs to another session now; left alone");
+                true
+            }
             Ok(restored) => {
                 tracing::info!(%service, %restored, "Service restored");
                 true

@@ -8,6 +8,7 @@
 //! (an annotation), where anyone with access to the Service can find it.
 
 pub mod grace;
+pub mod lease;
 pub mod names;
 pub mod service;
 pub mod workload;

@@ -9,6 +9,12 @@ pub const SESSION: &str = "ktb.dev/session";
 pub const ORIGINAL_REPLICAS: &str = "ktb.dev/original-replicas";
 /// Label on every object a session creates: the session id.
 pub const SESSION_LABEL: &str = "ktb.dev/session";
+/// Label on a session's Lease: what kind of session (`exchange`, `connect`).
+pub const KIND_LABEL: &str = "ktb.dev/kind";
+/// Annotations on a session's Lease: the developer (as the apiserver knows
+/// them) and their machine, kept apart so no one parses `user@host`.
+pub const USER_ANNOTATION: &str = "ktb.dev/user";
+pub const HOST_ANNOTATION: &str = "ktb.dev/host";
 /// Label on every object ktb creates, whatever the session.
 pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_VALUE: &str = "ktb";

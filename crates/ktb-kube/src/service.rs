@@ -8,7 +8,10 @@
 //! so a concurrent change by someone else (a GitOps controller, a
 //! colleague) makes it fail instead of being silently overwritten.
 //! Restoring is idempotent: a Service without ktb's annotations is already
-//! original.
+//! original. It is also owned: every restore names the session it undoes,
+//! and a Service now held by another session is left exactly as it is, so
+//! a laptop that wakes up late, an agent whose session was taken over, or a
+//! `ktb clean` racing a new exchange never undoes a colleague's session.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +31,9 @@ pub type Selector = BTreeMap<String, String>;
 pub enum Restored {
     /// The Service carried no ktb annotation: nothing to do.
     AlreadyOriginal,
+    /// The Service belongs to another session now (`session`); it was
+    /// left alone.
+    NotOurs { session: String },
     /// The selector was put back (selector mode) and/or the workload
     /// scaled back (scale mode).
     Changed {
@@ -40,6 +46,9 @@ impl std::fmt::Display for Restored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Restored::AlreadyOriginal => write!(f, "already original"),
+            Restored::NotOurs { session } => {
+                write!(f, "left alone: it belongs to session {session} now")
+            }
             Restored::Changed { selector, replicas } => {
                 let mut parts = Vec::new();
                 if let Some(selector) = selector {
@@ -150,10 +159,26 @@ pub async fn mark_scaled(
         .with_context(|| format!("cannot record the replica count on Service {name}"))
 }
 
-/// Undoes whatever ktb recorded on the Service: scales the workload back,
-/// puts the selector back, removes the annotations. Retries on conflicting
-/// concurrent writes, since restoring must not give up.
-pub async fn restore(client: &Client, ns: &str, name: &str) -> anyhow::Result<Restored> {
+/// The session a Service is exchanged by, if any.
+pub fn session_of(service: &Service) -> Option<&str> {
+    service
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(SESSION)
+        .map(String::as_str)
+}
+
+/// Undoes whatever `session` recorded on the Service: scales the workload
+/// back, puts the selector back, removes the annotations. A Service marked
+/// by another session is left alone. Retries on conflicting concurrent
+/// writes, since restoring must not give up.
+pub async fn restore(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    session: &str,
+) -> anyhow::Result<Restored> {
     let api = Api::<Service>::namespaced(client.clone(), ns);
     for _ in 0..5 {
         let service = api
@@ -166,8 +191,16 @@ pub async fn restore(client: &Client, ns: &str, name: &str) -> anyhow::Result<Re
             Some(saved) => Some(saved.parse::<Replicas>().map_err(anyhow::Error::msg)?),
             None => None,
         };
-        if selector.is_none() && replicas.is_none() && !annotations.contains_key(SESSION) {
-            return Ok(Restored::AlreadyOriginal);
+        match annotations.get(SESSION) {
+            None if selector.is_none() && replicas.is_none() => {
+                return Ok(Restored::AlreadyOriginal)
+            }
+            Some(other) if other != session => {
+                return Ok(Restored::NotOurs {
+                    session: other.clone(),
+                })
+            }
+            _ => {}
         }
         if let Some(r) = &replicas {
             workload::scale(client, ns, r.kind, &r.name, r.replicas).await?;

@@ -1,35 +1,38 @@
 //! `ktb clean`: repair what vanished sessions left in a namespace, and
 //! never touch a live one.
 //!
-//! A session is live while its Lease is renewed. Everything else ktb finds
-//! is a leftover: a Lease nobody renews (its laptop is gone and its agent
-//! did not get to restore), a Service still pointing at a session without a
-//! Lease, objects labelled with a session that has no Lease. Services are
-//! restored first, then the leftovers deleted.
+//! A session is live while the apiserver sees its Lease written to within
+//! the Lease's duration, judged by the apiserver's clock alone (see
+//! [`ktb_kube::lease`]): a colleague's laptop clock, ahead or behind, changes
+//! nothing. Everything else ktb finds is a leftover: a Lease nobody renews
+//! (its laptop is gone and its agent did not get to restore), a Service
+//! still marked by a session without a live Lease, objects labelled with a
+//! session that has no Lease. Every repair is conditional on what was
+//! judged: a Service is restored only while it still names the vanished
+//! session, a Lease is deleted only while unchanged since it was judged
+//! expired, and pods are listed before Leases, so a session that starts
+//! while `clean` runs is never mistaken for an orphan.
 
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, ListParams};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
 
-use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE, SESSION, SESSION_LABEL};
-use ktb_kube::service;
+use ktb_kube::lease::{self, Liveness};
+use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
+use ktb_kube::service::{self, Restored};
 
 use crate::cluster::Cluster;
-use crate::exchange::lock::holder_of;
-use crate::exchange::shadow::Shadow;
-
-fn say(message: impl std::fmt::Display) {
-    eprintln!("ktb: {message}");
-}
+use crate::report::Reporter;
+use crate::session::agent_pod::AgentPod;
 
 /// `ktb clean --local`: undoes what a `ktb connect` that did not exit
 /// cleanly changed on this machine, from its journal.
-pub fn local(state_dir: &std::path::Path) -> anyhow::Result<()> {
+pub fn local(state_dir: &std::path::Path, reporter: &Reporter) -> anyhow::Result<()> {
     let path = crate::connect::journal::journal_path(state_dir);
     let Some(journal) = crate::connect::journal::Journal::load(&path)? else {
-        say(format!(
+        reporter.progress(format!(
             "nothing to clean on this machine (no journal at {})",
             path.display()
         ));
@@ -40,107 +43,114 @@ pub fn local(state_dir: &std::path::Path) -> anyhow::Result<()> {
     }
     let count = journal.changes().len();
     journal.undo()?;
-    say(format!(
+    reporter.progress(format!(
         "undid {count} local changes of an earlier `ktb connect` ({})",
         path.display()
     ));
     Ok(())
 }
 
-pub async fn run(cluster: &Cluster, dry_run: bool) -> anyhow::Result<()> {
+pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyhow::Result<()> {
     let ns = &cluster.namespace;
     let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), ns);
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), ns);
 
+    // Pods before Leases: a pod seen here had its Lease created before it.
+    let agent_pods = pods.list(&managed).await?.items;
+    let all_leases = leases.list(&managed).await?.items;
+    let server_now = lease::server_now(&leases).await?;
     let mut live = BTreeSet::new();
     let mut expired = Vec::new();
-    for lease in leases.list(&managed).await?.items {
-        let holder = holder_of(&lease);
-        let Some(session) = holder.session.clone() else {
+    for lease in all_leases.iter() {
+        let Some(session) = lease::session_of(lease) else {
             continue;
         };
-        if holder.expired {
-            expired.push((lease, holder));
-        } else {
-            say(format!(
-                "leaving alone the live session {session} of {holder}"
-            ));
-            live.insert(session);
+        match lease::liveness(lease, server_now) {
+            Liveness::Live => {
+                reporter.progress(format!(
+                    "leaving alone the live session of {}",
+                    lease::holder(lease)
+                ));
+                live.insert(session.to_owned());
+            }
+            Liveness::Expired { silent } => expired.push((lease, silent)),
         }
     }
+    let with_lease: BTreeSet<&str> = all_leases.iter().filter_map(lease::session_of).collect();
 
     let mut cleaned = 0;
-    for service in services.list(&ListParams::default()).await?.items {
-        let annotations = service.metadata.annotations.clone().unwrap_or_default();
-        let Some(session) = annotations.get(SESSION) else {
+    for svc in services.list(&ListParams::default()).await?.items {
+        let Some(session) = service::session_of(&svc).map(str::to_owned) else {
             continue;
         };
-        if live.contains(session) {
+        if live.contains(&session) {
             continue;
         }
-        let name = service.metadata.name.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
         cleaned += 1;
         if dry_run {
-            say(format!(
+            reporter.progress(format!(
                 "would restore Service {ns}/{name} (left by session {session})"
             ));
-        } else {
-            let restored = service::restore(&cluster.client, ns, &name).await?;
-            say(format!(
+            continue;
+        }
+        match service::restore(&cluster.client, ns, &name, &session).await? {
+            Restored::NotOurs { session: now } => reporter.progress(format!(
+                "left Service {ns}/{name} alone: session {now} took it meanwhile"
+            )),
+            restored => reporter.progress(format!(
                 "restored Service {ns}/{name} ({restored}), left by session {session}"
-            ));
+            )),
         }
     }
 
-    for (lease, holder) in expired {
+    for (lease, silent) in expired {
+        let holder = lease::holder(lease);
         let name = lease.metadata.name.clone().unwrap_or_default();
+        let silent = silent.as_secs();
         cleaned += 1;
         if dry_run {
-            say(format!(
-                "would remove the expired session of {holder} (Lease {name})"
+            reporter.progress(format!(
+                "would remove the expired session of {holder} (Lease {name}, silent for {silent}s)"
             ));
-            continue;
+        } else if lease::delete_if_unchanged(&leases, lease).await? {
+            reporter.progress(format!(
+                "removed the expired session of {holder} (Lease {name}, silent for {silent}s) and its objects"
+            ));
+        } else {
+            reporter.progress(format!(
+                "left Lease {name} alone: it was renewed or replaced while clean looked at it"
+            ));
         }
-        leases.delete(&name, &DeleteParams::background()).await?;
-        say(format!(
-            "removed the expired session of {holder} (Lease {name}) and its objects"
-        ));
     }
 
     // Objects whose session has no Lease at all (garbage collection would
     // get them too, eventually; this makes it now).
-    let sessions = leases
-        .list(&managed)
-        .await?
-        .items
-        .iter()
-        .filter_map(|l| l.metadata.labels.as_ref()?.get(SESSION_LABEL).cloned())
-        .collect::<BTreeSet<_>>();
-    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), ns);
-    for pod in pods.list(&managed).await?.items {
+    for pod in agent_pods {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let Some(session) = labels.get(SESSION_LABEL) else {
             continue;
         };
-        if sessions.contains(session) || live.contains(session) {
+        if with_lease.contains(session.as_str()) {
             continue;
         }
         let name = pod.metadata.name.clone().unwrap_or_default();
         cleaned += 1;
         if dry_run {
-            say(format!(
+            reporter.progress(format!(
                 "would delete the orphaned objects of session {session} ({name})"
             ));
         } else {
-            Shadow::existing(&cluster.client, ns, &name).delete().await;
-            say(format!(
+            AgentPod::existing(&cluster.client, ns, &name).delete().await;
+            reporter.progress(format!(
                 "deleted the orphaned objects of session {session} ({name})"
             ));
         }
     }
     if cleaned == 0 {
-        say(format!("nothing to clean in namespace {ns}"));
+        reporter.progress(format!("nothing to clean in namespace {ns}"));
     }
     Ok(())
 }

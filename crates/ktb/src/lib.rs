@@ -6,7 +6,8 @@
 //! to the developer's local processes, [`exchange`] moves a Service's
 //! callers to this machine, [`connect`] puts this machine into the
 //! cluster's network (TUN or SOCKS5, DNS, routes, with a journal of every
-//! local change), and [`report`] is how they tell the person at the
+//! local change), both on the [`session`] layer (the Lease, the agent pod,
+//! renewals, ending), and [`report`] is how they tell the person at the
 //! terminal what is happening. The binary only parses flags and prints.
 
 pub mod clean;
@@ -18,4 +19,5 @@ pub mod portforward;
 pub mod preflight;
 pub mod recover;
 pub mod report;
+pub mod session;
 pub mod tunnel;

@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use ktb::cluster::{self, KubeArgs};
 use ktb::connect;
 use ktb::exchange::target::ExposeArg;
-use ktb::exchange::{self, ExchangeOptions, Mode, TransportKind};
+use ktb::exchange::{self, ExchangeOptions};
 use ktb::expose::Expose;
-use ktb::report::Reporter;
+use ktb::report::{Event, Reporter};
 use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb_kube::grace::parse_duration;
 use ktb_proto::SessionConfig;
@@ -45,11 +45,11 @@ enum Command {
         expose: Vec<ExposeArg>,
         /// How traffic moves: rewrite the Service's selector, or scale the
         /// workload behind it to zero while the shadow pod takes its labels.
-        #[arg(long, value_enum, default_value_t = Mode::Selector)]
-        mode: Mode,
+        #[arg(long, value_enum, default_value_t = ExchangeMode::Selector)]
+        mode: ExchangeMode,
         /// How this machine reaches the agent.
-        #[arg(long, value_enum, default_value_t = TransportKind::PortForward)]
-        transport: TransportKind,
+        #[arg(long, value_enum, default_value_t = Transport::PortForward)]
+        transport: Transport,
         /// How long the cluster waits for this machine after losing it
         /// before restoring the Service on its own.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -62,11 +62,11 @@ enum Command {
     Connect {
         /// tun: every program (root or CAP_NET_ADMIN); socks5: a proxy on
         /// loopback for programs told to use it (no root).
-        #[arg(long, value_enum, default_value_t = connect::Mode::Tun)]
-        mode: connect::Mode,
+        #[arg(long, value_enum, default_value_t = ConnectMode::Tun)]
+        mode: ConnectMode,
         /// How cluster names reach this machine's resolver (tun mode).
-        #[arg(long, value_enum, default_value_t = connect::DnsMode::Resolv)]
-        dns: connect::DnsMode,
+        #[arg(long, value_enum, default_value_t = Dns::Resolv)]
+        dns: Dns,
         /// A range to route into the cluster instead of the discovered ones (repeatable).
         #[arg(long = "cidr")]
         cidrs: Vec<ipnet::Ipv4Net>,
@@ -131,6 +131,48 @@ enum Command {
     },
 }
 
+/// `exchange --mode`: how the Service's traffic moves to the shadow pod.
+#[derive(Clone, Copy, ValueEnum)]
+enum ExchangeMode {
+    /// Point the Service's selector at the shadow pod; the original pods
+    /// keep running untouched.
+    Selector,
+    /// The shadow pod takes the workload's pod labels and the Deployment or
+    /// StatefulSet behind the Service is scaled to zero.
+    Scale,
+}
+
+/// `exchange --transport`: how this machine reaches the agent.
+#[derive(Clone, Copy, ValueEnum)]
+enum Transport {
+    /// A port-forward through the apiserver: works wherever kubectl does.
+    PortForward,
+    /// TCP straight to the pod's IP (a VPN into the cluster network, or
+    /// `ktb connect`).
+    Direct,
+}
+
+/// `connect --mode`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ConnectMode {
+    /// A TUN device and routes: every program, every protocol (needs root
+    /// or CAP_NET_ADMIN).
+    Tun,
+    /// A SOCKS5 proxy on loopback: programs that are told to use it; no root.
+    Socks5,
+}
+
+/// `connect --dns`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Dns {
+    /// ktb's DNS server first in /etc/resolv.conf, the original servers after it.
+    Resolv,
+    /// The namespace's Services written into a marked block of /etc/hosts.
+    Hosts,
+    /// No cluster names; addresses only.
+    Off,
+}
+
 /// The agent pod every cluster-side command starts.
 #[derive(clap::Args)]
 struct AgentArgs {
@@ -179,7 +221,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints the library's events for the person at the terminal.
+fn terminal_reporter() -> Reporter {
+    Reporter::new(|event| match event {
+        Event::TunnelUp { .. } => tracing::info!("{event}"),
+        _ => eprintln!("ktb: {event}"),
+    })
+}
+
 async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
+    let reporter = terminal_reporter();
     match command {
         Command::Exchange {
             service,
@@ -193,15 +244,21 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let cluster = cluster::connect(&kube).await?;
             let options = ExchangeOptions {
                 service,
-                mode,
-                transport,
+                mode: match mode {
+                    ExchangeMode::Selector => exchange::Mode::Selector,
+                    ExchangeMode::Scale => exchange::Mode::Scale,
+                },
+                transport: match transport {
+                    Transport::PortForward => exchange::TransportKind::PortForward,
+                    Transport::Direct => exchange::TransportKind::Direct,
+                },
                 exposes: expose,
                 grace,
                 agent_image: agent.agent_image,
                 pull_policy: agent.image_pull_policy,
                 ready_timeout: agent.ready_timeout,
             };
-            exchange::run(&cluster, options, shutdown).await
+            exchange::run(&cluster, options, &reporter, shutdown).await
         }
         Command::Connect {
             mode,
@@ -218,8 +275,15 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let shutdown = shutdown_signal();
             let cluster = cluster::connect(&kube).await?;
             let options = connect::ConnectOptions {
-                mode,
-                dns,
+                mode: match mode {
+                    ConnectMode::Tun => connect::Mode::Tun,
+                    ConnectMode::Socks5 => connect::Mode::Socks5,
+                },
+                dns: match dns {
+                    Dns::Resolv => connect::DnsMode::Resolv,
+                    Dns::Hosts => connect::DnsMode::Hosts,
+                    Dns::Off => connect::DnsMode::Off,
+                },
                 cidrs,
                 excludes,
                 force_routes,
@@ -231,20 +295,21 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 pull_policy: agent.image_pull_policy,
                 ready_timeout: agent.ready_timeout,
             };
-            connect::run(&cluster, options, shutdown).await
+            connect::run(&cluster, options, &reporter, shutdown).await
         }
         Command::Clean {
             local: true,
             state_dir,
             ..
-        } => ktb::clean::local(&state_dir),
+        } => ktb::clean::local(&state_dir, &reporter),
         Command::Clean { dry_run, .. } => {
             let cluster = cluster::connect(&kube).await?;
-            ktb::clean::run(&cluster, dry_run).await
+            ktb::clean::run(&cluster, dry_run, &reporter).await
         }
         Command::Recover { service, force } => {
             let cluster = cluster::connect(&kube).await?;
-            ktb::recover::run(&cluster, service.trim_start_matches("svc/"), force).await
+            let service = service.trim_start_matches("svc/");
+            ktb::recover::run(&cluster, service, force, &reporter).await
         }
         Command::Attach {
             agent,
@@ -269,7 +334,6 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 exposes: expose,
                 session: SessionConfig::default(),
             };
-            let reporter = Reporter::new(|event| eprintln!("ktb: {event}"));
             let shutdown = shutdown_signal();
             attach(Direct { addr: agent }, options, reporter, shutdown).await?;
             eprintln!("ktb: detached");

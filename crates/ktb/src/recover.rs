@@ -3,53 +3,70 @@
 //! Reads the selector ktb saved on the Service itself, so it needs neither
 //! the laptop that exchanged it nor its Lease. Idempotent: a Service without
 //! ktb's annotation is reported as already original. Your own sessions are
-//! always recovered (after a crash the lock still looks live until the grace
-//! period ends); another developer's session whose lock is still renewed is
-//! left alone unless forced. The session's Lease is removed, and with it, by
-//! garbage collection, every object that session created.
+//! always recovered (after a crash the Lease still looks live until its
+//! duration has passed); another developer's session whose Lease the
+//! apiserver still sees renewed is left alone unless forced. Every write
+//! names the session it undoes, so a session that starts meanwhile is
+//! never touched. The session's Lease is removed, and with it, by garbage
+//! collection, every object that session created.
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DeleteParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
 
+use ktb_kube::lease::{self, Liveness, Released};
 use ktb_kube::names::exchange_lease;
 use ktb_kube::service::{self, Restored};
 
 use crate::cluster::Cluster;
-use crate::exchange::lock::holder_of;
+use crate::report::Reporter;
 
-pub async fn run(cluster: &Cluster, name: &str, force: bool) -> anyhow::Result<()> {
+pub async fn run(
+    cluster: &Cluster,
+    name: &str,
+    force: bool,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
     let qualified = format!("{}/{name}", cluster.namespace);
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &cluster.namespace);
-    let lease_name = exchange_lease(name);
-    let lease = leases.get_opt(&lease_name).await?;
+    let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
+    let lease = leases.get_opt(&exchange_lease(name)).await?;
     if let Some(lease) = &lease {
-        let holder = holder_of(lease);
-        let me = cluster.whoami().await?;
-        let mine = holder.identity.split('@').next() == Some(me.as_str());
-        if !holder.expired && !mine && !force {
+        let holder = lease::holder(lease);
+        let mine = holder.owner.user == cluster.whoami().await?;
+        let live = lease::liveness(lease, lease::server_now(&leases).await?) == Liveness::Live;
+        if live && !mine && !force {
             anyhow::bail!(
-                "Service {qualified} is exchanged by {holder}, whose lock is still being renewed (their ktb \
+                "Service {qualified} is exchanged by {holder}, whose Lease is still being renewed (their ktb \
                  may be running and restores it on exit); `ktb recover --force {name}` restores it anyway"
             );
         }
     }
-    match service::restore(&cluster.client, &cluster.namespace, name).await? {
-        Restored::AlreadyOriginal => eprintln!("ktb: Service {qualified} is already original"),
-        restored => eprintln!("ktb: restored Service {qualified} ({restored})"),
+    let Some(current) = services.get_opt(name).await? else {
+        anyhow::bail!("Service {qualified} not found (is the namespace right?)");
+    };
+    match service::session_of(&current) {
+        None => reporter.progress(format!("Service {qualified} is already original")),
+        Some(session) => {
+            match service::restore(&cluster.client, &cluster.namespace, name, session).await? {
+                Restored::AlreadyOriginal => {
+                    reporter.progress(format!("Service {qualified} is already original"))
+                }
+                restored => reporter.progress(format!("restored Service {qualified} ({restored})")),
+            }
+        }
     }
     if let Some(lease) = lease {
-        match leases
-            .delete(&lease_name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        let holder = lease::holder(&lease);
+        match lease::release(&leases, &lease).await? {
+            Released::Deleted => reporter.progress(format!(
+                "removed the session of {holder} and its objects"
+            )),
+            Released::Gone => {}
+            Released::NotOurs(now) => reporter.progress(format!(
+                "left the Lease alone: it belongs to {now} now"
+            )),
         }
-        eprintln!(
-            "ktb: removed the session of {} and its objects",
-            holder_of(&lease)
-        );
     }
     Ok(())
 }

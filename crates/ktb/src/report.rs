@@ -19,6 +19,11 @@ pub enum Event {
     LocalUnreachable { addr: SocketAddr, error: String },
     /// The local process accepts connections again.
     LocalBack { addr: SocketAddr },
+    /// A step of a command: what it is doing or has done ("creating shadow
+    /// pod …", "✔ Service … now reaches this machine").
+    Progress(String),
+    /// Something the developer should know that does not stop the command.
+    Warning(String),
 }
 
 impl std::fmt::Display for Event {
@@ -39,6 +44,8 @@ impl std::fmt::Display for Event {
                 "nothing listens on {addr} ({error}): callers are being reset until it does; start your process there"
             ),
             Event::LocalBack { addr } => write!(f, "{addr} accepts connections again"),
+            Event::Progress(message) => write!(f, "{message}"),
+            Event::Warning(message) => write!(f, "warning: {message}"),
         }
     }
 }
@@ -54,5 +61,15 @@ impl Reporter {
 
     pub fn report(&self, event: Event) {
         (self.0)(event)
+    }
+
+    /// Reports a step of a command.
+    pub fn progress(&self, message: impl std::fmt::Display) {
+        self.report(Event::Progress(message.to_string()))
+    }
+
+    /// Reports a warning.
+    pub fn warn(&self, message: impl std::fmt::Display) {
+        self.report(Event::Warning(message.to_string()))
     }
 }

@@ -272,21 +272,21 @@ pub struct RunningTunnel {
 impl RunningTunnel {
     /// Starts the tunnel and waits until it is up for the first time; an
     /// agent refusing it, or no tunnel within the timeout, is an error.
+    /// Events after that go to `reporter`.
     pub async fn start<T: Transport, R: ClientRole>(
         transport: T,
         config: TunnelConfig,
         role: Arc<R>,
+        reporter: &Reporter,
     ) -> anyhow::Result<RunningTunnel> {
         const FIRST_TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
         let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        let outer = reporter.clone();
         let reporter = Reporter::new(move |event| {
             if matches!(event, Event::TunnelUp { .. }) {
                 let _ = up_tx.send(());
             }
-            match &event {
-                Event::TunnelUp { .. } => tracing::info!("{event}"),
-                _ => eprintln!("ktb: {event}"),
-            }
+            outer.report(event);
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(attach_as(transport, config, role, reporter, async {

@@ -29,23 +29,25 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ListParams};
-use rand::Rng;
 
+use ktb_kube::lease::{self, Kind as LeaseKind};
 use ktb_kube::names::{connect_lease, AGENT_TUNNEL_PORT};
 use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
-use crate::exchange::lock::{self, Lock, Taken};
-use crate::exchange::random_token;
-use crate::exchange::shadow::{session_labels, Shadow, ShadowSpec};
 use crate::portforward::PortForward;
 use crate::preflight::{self, need};
+use crate::report::Reporter;
+use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec};
+use crate::session::keep_alive::keep_alive;
+use crate::session::lock::{self, Lock, Taken};
+use crate::session::{self as sessions, random_token};
 use crate::tunnel::{RunningTunnel, TunnelConfig};
 use journal::Journal;
 use outbound::Outbound;
 
 /// How this machine's programs reach the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// A TUN device and routes: every program, every protocol (needs root
     /// or CAP_NET_ADMIN).
@@ -55,7 +57,7 @@ pub enum Mode {
 }
 
 /// How cluster names reach this machine's resolver (tun mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsMode {
     /// ktb's DNS server first in /etc/resolv.conf, the original servers after it.
     Resolv,
@@ -83,21 +85,18 @@ pub struct ConnectOptions {
     pub ready_timeout: Duration,
 }
 
-fn say(message: impl std::fmt::Display) {
-    eprintln!("ktb: {message}");
-}
-
 /// Connects until `shutdown` completes; the cluster and this machine are
 /// left as they were found whether this returns `Ok` or `Err`.
 pub async fn run(
     cluster: &Cluster,
     options: ConnectOptions,
+    reporter: &Reporter,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let started = Instant::now();
     let ns = cluster.namespace.clone();
-    let mut needs = crate::exchange::shadow::AGENT_NEEDS.to_vec();
+    let mut needs = agent_pod::AGENT_NEEDS.to_vec();
     if options.cidrs.is_empty() && options.mode == Mode::Tun {
         needs.extend([need("list", "", "services"), need("list", "", "pods")]);
     }
@@ -106,7 +105,7 @@ pub async fn run(
     }
     preflight::check(cluster, &needs).await?;
     let ranges = match options.mode {
-        Mode::Tun => plan_ranges(cluster, &options).await?,
+        Mode::Tun => plan_ranges(cluster, &options, reporter).await?,
         Mode::Socks5 => Vec::new(),
     };
     let socks = match options.mode {
@@ -122,23 +121,23 @@ pub async fn run(
         Mode::Tun => Some(Journal::start(&options.state_dir)?),
         Mode::Socks5 => None,
     };
-    let session = format!("{:08x}", rand::rng().random::<u32>());
-    let identity = format!("{}@{}", cluster.whoami().await?, crate::cluster::hostname());
+    let owner = sessions::owner(cluster).await?;
+    let session = owner.session.clone();
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
-    let wanted = lock::new_lease(&connect_lease(&session), &identity, &session, options.grace);
-    let Taken::Fresh(lease) = lock::take(&leases, wanted).await? else {
+    let objects = connect_lease(&session);
+    let wanted = lease::new_lease(&objects, LeaseKind::Connect, &owner, options.grace);
+    let Taken::Fresh(lease) = lock::take(&leases, &wanted).await? else {
         anyhow::bail!("a Lease named after this new session already exists; try again");
     };
-    let objects = format!("ktb-connect-{session}");
     let outcome = tokio::select! {
-        outcome = start_agent(cluster, &options, &session, &objects, &lease) => outcome,
+        outcome = start_agent(cluster, &options, &session, &objects, &lease, reporter) => outcome,
         _ = &mut shutdown => Err(anyhow::anyhow!("interrupted")),
     };
     let (mut tunnel, outbound) = match outcome {
         Ok(up) => up,
         Err(e) => {
-            remove_session(cluster, &objects, &lease).await;
-            undo_local(journal);
+            sessions::end(cluster, &objects, &lease, reporter).await;
+            undo_local(journal, reporter);
             return Err(e);
         }
     };
@@ -156,25 +155,31 @@ pub async fn run(
     };
     let served = match local {
         Ok(summary) => {
-            say(format!(
+            reporter.progress(format!(
                 "✔ connected to namespace {ns} in {:.1} s: {summary}. Ctrl-C disconnects",
                 started.elapsed().as_secs_f64(),
             ));
-            keep_alive(&lease, &mut shutdown).await
+            keep_alive(&lease, reporter, &mut shutdown)
+                .await
+                .map_err(anyhow::Error::from)
         }
         Err(e) => Err(e),
     };
     tasks.abort_all();
-    undo_local(journal);
+    undo_local(journal, reporter);
     tunnel.stop().await;
-    remove_session(cluster, &objects, &lease).await;
-    say("disconnected");
+    sessions::end(cluster, &objects, &lease, reporter).await;
+    reporter.progress("disconnected");
     served
 }
 
 /// The ranges to route: discovered or given, minus the exclusions and the
 /// apiserver, and refused where they would take an existing route's traffic.
-async fn plan_ranges(cluster: &Cluster, options: &ConnectOptions) -> anyhow::Result<Vec<Ipv4Net>> {
+async fn plan_ranges(
+    cluster: &Cluster,
+    options: &ConnectOptions,
+    reporter: &Reporter,
+) -> anyhow::Result<Vec<Ipv4Net>> {
     let wanted = if options.cidrs.is_empty() {
         let found = ranges::discover(&cluster.client, &cluster.namespace).await?;
         if found.is_empty() {
@@ -214,8 +219,8 @@ async fn plan_ranges(cluster: &Cluster, options: &ConnectOptions) -> anyhow::Res
                 route.net
             );
         }
-        say(format!(
-            "warning: {range} overlaps the route {route}; routing it anyway (--force-routes)"
+        reporter.warn(format!(
+            "{range} overlaps the route {route}; routing it anyway (--force-routes)"
         ));
     }
     Ok(planned)
@@ -229,15 +234,17 @@ async fn start_agent(
     session: &str,
     objects: &str,
     lease: &Lock,
+    reporter: &Reporter,
 ) -> anyhow::Result<(RunningTunnel, Outbound)> {
     let token = random_token();
-    let spec = ShadowSpec {
+    let spec = AgentPodSpec {
         name: objects,
         session,
         service: None,
-        lease: &lease.name(),
+        lease: lease.name(),
         token: &token,
-        target_ports: Vec::new(),
+        listen_ports: Vec::new(),
+        declared_ports: Vec::new(),
         image: &options.agent_image,
         pull_policy: &options.pull_policy,
         grace: options.grace,
@@ -245,10 +252,10 @@ async fn start_agent(
         labels: session_labels(session),
         scaled: None,
     };
-    say(format!("starting agent pod {objects}"));
-    let agent = Shadow::create(&cluster.client, &cluster.namespace, &spec).await?;
+    reporter.progress(format!("starting agent pod {objects}"));
+    let agent = AgentPod::create(&cluster.client, &cluster.namespace, &spec).await?;
     agent.wait_ready(options.ready_timeout).await?;
-    say("opening the tunnel (port-forward through the apiserver)");
+    reporter.progress("opening the tunnel (port-forward through the apiserver)");
     let transport = PortForward {
         client: cluster.client.clone(),
         namespace: cluster.namespace.clone(),
@@ -260,56 +267,21 @@ async fn start_agent(
         session: SessionConfig::default(),
     };
     let outbound = Outbound::default();
-    let tunnel = RunningTunnel::start(transport, config, Arc::new(outbound.clone())).await?;
+    let tunnel =
+        RunningTunnel::start(transport, config, Arc::new(outbound.clone()), reporter).await?;
     Ok((tunnel, outbound))
 }
 
-/// Renews the Lease until shutdown; losing it ends the session. Shutdown
-/// is watched on its own, so a renewal stuck on a slow apiserver never
-/// delays Ctrl-C.
-async fn keep_alive(
-    lease: &Lock,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> anyhow::Result<()> {
-    let every = lease.renew_every();
-    let renewing = async {
-        let mut renew = tokio::time::interval(every);
-        loop {
-            renew.tick().await;
-            match tokio::time::timeout(every, lease.renew()).await {
-                Ok(renewed) => renewed
-                    .context("lost the session's Lease (was it cleaned up from elsewhere?)")?,
-                Err(_) => say(format!(
-                    "warning: renewing the session's Lease took over {every:?}; retrying"
-                )),
-            }
-        }
-    };
-    tokio::select! {
-        _ = shutdown.as_mut() => Ok(()),
-        failed = renewing => failed,
-    }
-}
-
 /// Undoes this machine's changes, newest first.
-fn undo_local(journal: Option<Journal>) {
+fn undo_local(journal: Option<Journal>, reporter: &Reporter) {
     let Some(journal) = journal else {
         return;
     };
     let changed = !journal.changes().is_empty();
     match journal.undo() {
-        Ok(()) if changed => say("restored this machine's network and DNS settings"),
+        Ok(()) if changed => reporter.progress("restored this machine's network and DNS settings"),
         Ok(()) => {}
-        Err(e) => say(format!("error: {e:#}")),
-    }
-}
-
-async fn remove_session(cluster: &Cluster, objects: &str, lease: &Lock) {
-    Shadow::existing(&cluster.client, &cluster.namespace, objects)
-        .delete()
-        .await;
-    if let Err(e) = lease.release().await {
-        say(format!("warning: {e:#}"));
+        Err(e) => reporter.warn(format!("{e:#}")),
     }
 }
 

@@ -10,22 +10,20 @@
 //! session's objects, release the lock. The Service is switched only once
 //! the tunnel is up, so callers never meet a shadow pod with nobody behind
 //! it; and if the laptop vanishes, the agent restores the Service itself
-//! after the grace period.
+//! after the grace period. The Lease, the agent pod, renewals and the end
+//! of the session are the [`crate::session`] layer's; this module keeps
+//! only what is exchange's own: the Service, its ports and its workload.
 
-pub mod lock;
-pub mod shadow;
 pub mod target;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
-use rand::Rng;
 
+use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
 use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
 use ktb_kube::service::{self, display, selector_of, Restored};
 use ktb_kube::workload::{self, Found, Kind};
@@ -35,9 +33,12 @@ use crate::cluster::Cluster;
 use crate::expose::Expose;
 use crate::portforward::PortForward;
 use crate::preflight::{self, need, Need};
+use crate::report::Reporter;
+use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec, DeclaredPort};
+use crate::session::keep_alive::keep_alive;
+use crate::session::lock::{self, Lock, Taken};
+use crate::session::{self as sessions, random_token};
 use crate::tunnel::{self, Direct, RunningTunnel, TunnelConfig};
-use lock::{Lock, Taken};
-use shadow::{session_labels, Shadow, ShadowSpec};
 use target::{ExposeArg, PortRoute};
 
 /// Everything `exchange` is told.
@@ -53,7 +54,7 @@ pub struct ExchangeOptions {
 }
 
 /// How the laptop reaches the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
     /// A port-forward through the apiserver: works wherever kubectl does.
     PortForward,
@@ -72,7 +73,7 @@ impl TransportKind {
 }
 
 /// How the Service's traffic is moved to the shadow pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Point the Service's selector at the shadow pod; the original pods
     /// keep running untouched.
@@ -116,15 +117,12 @@ fn scale_needs(kind: Kind) -> [Need; 3] {
     ]
 }
 
-fn say(message: impl std::fmt::Display) {
-    eprintln!("ktb: {message}");
-}
-
 /// Runs an exchange until `shutdown` completes; the cluster is left as it
 /// was found whether this returns `Ok` or `Err`.
 pub async fn run(
     cluster: &Cluster,
     options: ExchangeOptions,
+    reporter: &Reporter,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
@@ -140,7 +138,8 @@ pub async fn run(
 
     let original = target::exchangeable_service(&services, &name, &ns).await?;
     let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
-    let mut needs = [EXCHANGE_NEEDS, shadow::AGENT_NEEDS].concat();
+    let declared = target::declared_ports(&pods, &original).await;
+    let mut needs = [EXCHANGE_NEEDS, agent_pod::AGENT_NEEDS].concat();
     let workload = match options.mode {
         Mode::Selector => None,
         Mode::Scale => {
@@ -152,31 +151,31 @@ pub async fn run(
         }
     };
     preflight::check(cluster, &needs).await?;
-    warn_about_closed_local_ports(&routes).await;
+    warn_about_closed_local_ports(&routes, reporter).await;
 
-    let session: String = format!("{:08x}", rand::rng().random::<u32>());
-    let identity = format!("{}@{}", cluster.whoami().await?, crate::cluster::hostname());
+    let owner = sessions::owner(cluster).await?;
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
-    let lock = lock_service(cluster, &leases, &name, &identity, &session, options.grace).await?;
+    let lock = lock_service(cluster, &leases, &name, &owner, options.grace, reporter).await?;
 
-    let objects = session_objects(&name, &session);
+    let objects = session_objects(&name, &owner.session);
     let plan = Plan {
         name: &name,
         qualified: &qualified,
-        session: &session,
+        session: &owner.session,
         routes: &routes,
+        declared: &declared,
         workload: workload.as_ref(),
     };
     let outcome = tokio::select! {
-        outcome = exchange_locked(cluster, &options, &plan, &lock) => outcome,
+        outcome = exchange_locked(cluster, &options, &plan, &lock, reporter) => outcome,
         _ = &mut shutdown => Err(Interrupted.into()),
     };
     let mut tunnel = match outcome {
         Ok(tunnel) => tunnel,
         Err(e) => {
-            say("undoing what this session changed");
-            restore_service(cluster, &name).await;
-            remove_session(cluster, &objects, &lock).await;
+            reporter.progress("undoing what this session changed");
+            restore_service(cluster, &name, &owner.session, reporter).await;
+            sessions::end(cluster, &objects, &lock, reporter).await;
             return if e.is::<Interrupted>() {
                 Ok(())
             } else {
@@ -184,21 +183,16 @@ pub async fn run(
             };
         }
     };
-    let watch_selector = options.mode == Mode::Selector;
-    let served = serve(
-        &services,
-        &name,
-        &session,
-        watch_selector,
-        &lock,
-        &mut shutdown,
-    )
-    .await;
+    let watch_drift = options.mode == Mode::Selector;
+    let served = tokio::select! {
+        served = keep_alive(&lock, reporter, &mut shutdown) => served.map_err(anyhow::Error::from),
+        never = warn_once_if_drifted(&services, &name, &owner.session, watch_drift, lock.renew_every(), reporter) => match never {},
+    };
     // Callers go back to the original pods first; only then does the
     // tunnel that was serving them close.
-    restore_service(cluster, &name).await;
+    restore_service(cluster, &name, &owner.session, reporter).await;
     tunnel.stop().await;
-    remove_session(cluster, &objects, &lock).await;
+    sessions::end(cluster, &objects, &lock, reporter).await;
     served
 }
 
@@ -207,27 +201,43 @@ pub async fn run(
 #[error("interrupted")]
 struct Interrupted;
 
+/// Takes the Service's Lease: refused with who holds it while that session
+/// lives; taken over, after undoing that session's change, once the
+/// apiserver has not seen it renewed for its duration.
 async fn lock_service(
     cluster: &Cluster,
     leases: &Api<Lease>,
     name: &str,
-    identity: &str,
-    session: &str,
+    owner: &Owner,
     grace: Duration,
+    reporter: &Reporter,
 ) -> anyhow::Result<Lock> {
-    let wanted = lock::new_lease(&exchange_lease(name), identity, session, grace);
-    match lock::take(leases, wanted.clone()).await? {
+    let wanted = lease::new_lease(&exchange_lease(name), LeaseKind::Exchange, owner, grace);
+    let mut taken = lock::take(leases, &wanted).await?;
+    if let Taken::Expired {
+        stale,
+        holder,
+        silent,
+    } = taken
+    {
+        reporter.progress(format!(
+            "taking over the lock of {holder}, silent for {}s: restoring what that session changed first",
+            silent.as_secs()
+        ));
+        service::restore(&cluster.client, &cluster.namespace, name, &holder.owner.session).await?;
+        taken = lock::take_over(leases, &stale, &wanted).await?;
+    }
+    match taken {
         Taken::Fresh(lock) => Ok(lock),
         Taken::Held(holder) => anyhow::bail!(
             "Service {}/{name} is exchanged by {holder}; ask them to stop, or use `ktb mesh` to share it \
              (only requests you mark reach you)",
             cluster.namespace
         ),
-        Taken::Stale(stale, holder) => {
-            say(format!("taking over the expired lock of {holder}: restoring what that session changed first"));
-            service::restore(&cluster.client, &cluster.namespace, name).await?;
-            lock::take_over(leases, stale, wanted).await
-        }
+        Taken::Expired { holder, .. } => anyhow::bail!(
+            "the lock of Service {}/{name} changed hands while ktb took it over (now {holder}); try again",
+            cluster.namespace
+        ),
     }
 }
 
@@ -239,6 +249,7 @@ struct Plan<'a> {
     qualified: &'a str,
     session: &'a str,
     routes: &'a [PortRoute],
+    declared: &'a [DeclaredPort],
     workload: Option<&'a Found>,
 }
 
@@ -250,117 +261,43 @@ async fn exchange_locked(
     options: &ExchangeOptions,
     plan: &Plan<'_>,
     lock: &Lock,
+    reporter: &Reporter,
 ) -> anyhow::Result<RunningTunnel> {
-    let Plan {
-        name,
-        qualified,
-        session,
-        routes,
-        workload,
-    } = *plan;
     let ns = cluster.namespace.as_str();
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
-    // The lock is ours now: a Service still marked by a vanished session
-    // whose Lease is gone gets its saved selector back before we save ours.
-    if let restored @ Restored::Changed { .. } = service::restore(&cluster.client, ns, name).await?
-    {
-        say(format!(
-            "restored Service {qualified} left behind by an earlier session ({restored})"
-        ));
-    }
-    let original = services.get(name).await?;
-    let objects = session_objects(name, session);
+    restore_leftover(cluster, plan, reporter).await?;
+    let original = services.get(plan.name).await?;
+    let objects = session_objects(plan.name, plan.session);
     let token = random_token();
-    let lease_name = lock.name();
-    let spec = ShadowSpec {
-        name: &objects,
-        session,
-        service: Some(name),
-        lease: &lease_name,
-        token: &token,
-        target_ports: routes.iter().map(|r| r.target_port).collect(),
-        image: &options.agent_image,
-        pull_policy: &options.pull_policy,
-        grace: options.grace,
-        owner: lock.owner(),
-        labels: match workload {
-            None => session_labels(session),
-            Some(found) => found
-                .template_labels
-                .clone()
-                .into_iter()
-                .chain(session_labels(session))
-                .collect(),
-        },
-        scaled: workload.map(|f| (f.replicas.kind, f.replicas.name.clone())),
-    };
-    say(format!("creating shadow pod {objects}"));
-    let shadow = Shadow::create(&cluster.client, ns, &spec).await?;
+    reporter.progress(format!("creating shadow pod {objects}"));
+    let shadow = AgentPod::create(
+        &cluster.client,
+        ns,
+        &shadow_spec(options, plan, lock, &objects, &token),
+    )
+    .await?;
     let started = async {
-        say("waiting for the shadow pod to be ready");
+        reporter.progress("waiting for the shadow pod to be ready");
         shadow.wait_ready(options.ready_timeout).await?;
-        say(format!(
+        reporter.progress(format!(
             "opening the tunnel ({})",
             options.transport.describe()
         ));
-        let tunnel_config = TunnelConfig {
-            token: token.clone(),
-            session: SessionConfig::default(),
-        };
-        let role = tunnel::exchange_role(
-            routes
-                .iter()
-                .map(|r| Expose {
-                    local: r.local,
-                    remote: Some(r.target_port),
-                })
-                .collect(),
-        );
-        let tunnel = match options.transport {
-            TransportKind::PortForward => {
-                let transport = PortForward {
-                    client: cluster.client.clone(),
-                    namespace: ns.to_owned(),
-                    pod: objects.clone(),
-                    port: AGENT_TUNNEL_PORT,
-                };
-                RunningTunnel::start(transport, tunnel_config.clone(), Arc::clone(&role)).await?
-            }
-            TransportKind::Direct => {
-                let ip = shadow.pod_ip().await?;
-                let transport = Direct {
-                    addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
-                };
-                RunningTunnel::start(transport, tunnel_config, role).await?
-            }
-        };
-        match workload {
-            None => {
-                say(format!("pointing Service {qualified} at the shadow pod"));
-                service::point_at_shadow(&services, &original, &session_labels(session), session)
-                    .await?;
-            }
-            Some(found) => {
-                let r = &found.replicas;
-                say(format!(
-                    "scaling {:?} {} from {} to 0 replicas",
-                    r.kind, r.name, r.replicas
-                ));
-                service::mark_scaled(&services, &original, r, session).await?;
-                workload::scale(&cluster.client, ns, r.kind, &r.name, 0).await?;
-            }
-        }
+        let tunnel = open_tunnel(cluster, options, plan, &shadow, token.clone(), reporter).await?;
+        switch_service(cluster, &services, &original, plan, reporter).await?;
         Ok::<_, anyhow::Error>(tunnel)
     };
     match started.await {
         Ok(tunnel) => {
-            let ports = routes
+            let ports = plan
+                .routes
                 .iter()
                 .map(|r| format!("port {} → 127.0.0.1:{}", r.service_port, r.local))
                 .collect::<Vec<_>>()
                 .join(", ");
-            say(format!(
-                "✔ Service {qualified} now reaches this machine: {ports}. Ctrl-C restores it"
+            reporter.progress(format!(
+                "✔ Service {} now reaches this machine: {ports}. Ctrl-C restores it",
+                plan.qualified
             ));
             Ok(tunnel)
         }
@@ -371,89 +308,191 @@ async fn exchange_locked(
     }
 }
 
-/// Keeps the exchange alive: renews the lock, watches for someone else
-/// changing the Service, until shutdown or the lock is lost.
-async fn serve(
-    services: &Api<Service>,
-    name: &str,
-    session: &str,
-    watch_selector: bool,
-    lock: &Lock,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+/// The lock is ours now, so any session still marked on the Service has
+/// lost its Lease: its saved selector comes back before we save ours.
+async fn restore_leftover(
+    cluster: &Cluster,
+    plan: &Plan<'_>,
+    reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    let renew_every = lock.renew_every();
-    let mut renew = tokio::time::interval(renew_every);
-    let mut warned_drift = !watch_selector;
-    loop {
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(()),
-            _ = renew.tick() => {
-                lock.renew().await.context("lost the lock on the Service (was the session cleaned up from elsewhere?)")?;
-                if !warned_drift {
-                    warned_drift = warn_if_drifted(services, name, session).await;
-                }
-            }
+    let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
+    let current = services.get(plan.name).await?;
+    let Some(left_by) = service::session_of(&current).map(str::to_owned) else {
+        return Ok(());
+    };
+    let restored =
+        service::restore(&cluster.client, &cluster.namespace, plan.name, &left_by).await?;
+    if let Restored::Changed { .. } = restored {
+        reporter.progress(format!(
+            "restored Service {} left behind by session {left_by} ({restored})",
+            plan.qualified
+        ));
+    }
+    Ok(())
+}
+
+fn shadow_spec<'a>(
+    options: &'a ExchangeOptions,
+    plan: &Plan<'a>,
+    lock: &'a Lock,
+    objects: &'a str,
+    token: &'a str,
+) -> AgentPodSpec<'a> {
+    let session_labels = session_labels(plan.session);
+    AgentPodSpec {
+        name: objects,
+        session: plan.session,
+        service: Some(plan.name),
+        lease: lock.name(),
+        token,
+        listen_ports: plan.routes.iter().map(|r| r.target_port).collect(),
+        declared_ports: plan.declared.to_vec(),
+        image: &options.agent_image,
+        pull_policy: &options.pull_policy,
+        grace: options.grace,
+        owner: lock.owner(),
+        labels: match plan.workload {
+            None => session_labels,
+            Some(found) => found
+                .template_labels
+                .clone()
+                .into_iter()
+                .chain(session_labels)
+                .collect(),
+        },
+        scaled: plan
+            .workload
+            .map(|f| (f.replicas.kind, f.replicas.name.clone())),
+    }
+}
+
+async fn open_tunnel(
+    cluster: &Cluster,
+    options: &ExchangeOptions,
+    plan: &Plan<'_>,
+    shadow: &AgentPod,
+    token: String,
+    reporter: &Reporter,
+) -> anyhow::Result<RunningTunnel> {
+    let config = TunnelConfig {
+        token,
+        session: SessionConfig::default(),
+    };
+    let role = tunnel::exchange_role(
+        plan.routes
+            .iter()
+            .map(|r| Expose {
+                local: r.local,
+                remote: Some(r.target_port),
+            })
+            .collect(),
+    );
+    match options.transport {
+        TransportKind::PortForward => {
+            let transport = PortForward {
+                client: cluster.client.clone(),
+                namespace: cluster.namespace.clone(),
+                pod: shadow.name.clone(),
+                port: AGENT_TUNNEL_PORT,
+            };
+            RunningTunnel::start(transport, config, role, reporter).await
+        }
+        TransportKind::Direct => {
+            let ip = shadow.pod_ip().await?;
+            let transport = Direct {
+                addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
+            };
+            RunningTunnel::start(transport, config, role, reporter).await
         }
     }
 }
 
-/// Someone (a GitOps controller, a colleague) changed the selector while
-/// we hold it: say so once, and do not fight it.
-async fn warn_if_drifted(services: &Api<Service>, name: &str, session: &str) -> bool {
-    let Ok(current) = services.get(name).await else {
-        return false;
-    };
-    let selector = selector_of(&current);
-    if selector
-        .get(ktb_kube::names::SESSION_LABEL)
-        .map(String::as_str)
-        == Some(session)
-    {
-        return false;
+/// Moves the Service's callers to the shadow pod: its selector (selector
+/// mode) or its workload's replicas (scale mode), saved on the Service first.
+async fn switch_service(
+    cluster: &Cluster,
+    services: &Api<Service>,
+    original: &Service,
+    plan: &Plan<'_>,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    match plan.workload {
+        None => {
+            reporter.progress(format!(
+                "pointing Service {} at the shadow pod",
+                plan.qualified
+            ));
+            let shadow = session_labels(plan.session);
+            service::point_at_shadow(services, original, &shadow, plan.session).await?;
+        }
+        Some(found) => {
+            let r = &found.replicas;
+            reporter.progress(format!(
+                "scaling {:?} {} from {} to 0 replicas",
+                r.kind, r.name, r.replicas
+            ));
+            service::mark_scaled(services, original, r, plan.session).await?;
+            workload::scale(&cluster.client, &cluster.namespace, r.kind, &r.name, 0).await?;
+        }
     }
-    say(format!(
-        "warning: Service {name}'s selector was changed by someone else while exchanged (now {}); \
-         traffic may no longer reach you. ktb will not fight it; on exit it restores the selector it saved",
-        display(&selector)
-    ));
-    true
+    Ok(())
 }
 
-/// Puts the Service back; on failure says how to retry (the agent will
-/// also restore it once the grace period has passed).
-async fn restore_service(cluster: &Cluster, name: &str) {
+/// Someone (a GitOps controller, a colleague) changed the selector while
+/// we hold it: say so once, and do not fight it. Never returns.
+async fn warn_once_if_drifted(
+    services: &Api<Service>,
+    name: &str,
+    session: &str,
+    watch: bool,
+    every: Duration,
+    reporter: &Reporter,
+) -> std::convert::Infallible {
+    let mut tick = tokio::time::interval(every);
+    while watch {
+        tick.tick().await;
+        let Ok(Ok(current)) = tokio::time::timeout(every, services.get(name)).await else {
+            continue;
+        };
+        let selector = selector_of(&current);
+        if selector.get(ktb_kube::names::SESSION_LABEL).map(String::as_str) != Some(session) {
+            reporter.warn(format!(
+                "Service {name}'s selector was changed by someone else while exchanged (now {}); \
+                 traffic may no longer reach you. ktb will not fight it; on exit it restores the selector it saved",
+                display(&selector)
+            ));
+            break;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Puts the Service back if this session still holds it; on failure says
+/// how to retry (the agent will also restore it once the grace period has
+/// passed).
+async fn restore_service(cluster: &Cluster, name: &str, session: &str, reporter: &Reporter) {
     let qualified = format!("{}/{name}", cluster.namespace);
-    match service::restore(&cluster.client, &cluster.namespace, name).await {
-        Ok(Restored::AlreadyOriginal) => say(format!("restored Service {qualified} (it was never switched)")),
+    match service::restore(&cluster.client, &cluster.namespace, name, session).await {
+        Ok(Restored::AlreadyOriginal) => reporter.progress(format!("restored Service {qualified} (it was never switched)")),
+        Ok(restored @ Restored::NotOurs { .. }) => reporter.progress(format!("Service {qualified}: {restored}")),
         Ok(restored) => {
-            say(format!("restored Service {qualified} ({restored})"));
+            reporter.progress(format!("restored Service {qualified} ({restored})"));
             if let Restored::Changed { replicas: Some(r), .. } = restored {
                 // Keep the shadow pod serving until the originals are back.
                 let ready = workload::wait_ready(&cluster.client, &cluster.namespace, r.kind, &r.name, r.replicas.min(1), WORKLOAD_BACK_TIMEOUT);
                 if !ready.await {
-                    say(format!("warning: {:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}", r.kind, r.name));
+                    reporter.warn(format!("{:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}", r.kind, r.name));
                 }
             }
         }
-        Err(e) => say(format!(
-            "error: could not restore Service {qualified}: {e:#}\n     run `ktb recover {name}` to retry; the agent will also restore it"
+        Err(e) => reporter.warn(format!(
+            "could not restore Service {qualified}: {e:#}\n     run `ktb recover {name}` to retry; the agent will also restore it"
         )),
     }
 }
 
-/// Deletes the session's objects, then releases the lock: never the lock
-/// first, or another session could start while ours is still in place.
-async fn remove_session(cluster: &Cluster, objects: &str, lock: &Lock) {
-    Shadow::existing(&cluster.client, &cluster.namespace, objects)
-        .delete()
-        .await;
-    if let Err(e) = lock.release().await {
-        say(format!("warning: {e:#}"));
-    }
-}
-
 /// Says early that nothing listens locally; callers would be reset.
-async fn warn_about_closed_local_ports(routes: &[PortRoute]) {
+async fn warn_about_closed_local_ports(routes: &[PortRoute], reporter: &Reporter) {
     for route in routes {
         let local = std::net::SocketAddr::from(([127, 0, 0, 1], route.local));
         let probe = tokio::time::timeout(
@@ -462,12 +501,7 @@ async fn warn_about_closed_local_ports(routes: &[PortRoute]) {
         )
         .await;
         if !matches!(probe, Ok(Ok(_))) {
-            say(format!("warning: nothing listens on {local} yet; callers will be reset until something does"));
+            reporter.warn(format!("nothing listens on {local} yet; callers will be reset until something does"));
         }
     }
-}
-
-pub(crate) fn random_token() -> String {
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -13,6 +13,8 @@ use kube::api::{Api, ListParams};
 
 use ktb_kube::service::{display, selector_of};
 
+use crate::session::agent_pod::DeclaredPort;
+
 /// `--expose LOCAL[:REMOTE]` for exchange: REMOTE names a Service port by
 /// name, number or target port; without it the Service's only port (or the
 /// one numbered like LOCAL) is meant.
@@ -49,6 +51,43 @@ pub struct PortRoute {
     pub service_port: i32,
     /// Where the Service sends traffic: the port the agent must listen on.
     pub target_port: u16,
+}
+
+/// Every port the Service targets, numbered and named as its pods declare
+/// them, for the agent pod to declare alike. A named target port no pod
+/// declares is left out here; exposing it fails in [`resolve_ports`].
+pub async fn declared_ports(pods: &Api<Pod>, service: &Service) -> Vec<DeclaredPort> {
+    let ports = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let mut declared: Vec<DeclaredPort> = Vec::new();
+    for port in ports {
+        let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+        let (number, name) = match &port.target_port {
+            None => (port.port, None),
+            Some(IntOrString::Int(target)) => (*target, None),
+            Some(IntOrString::String(named)) => match named_target_port(pods, service, named).await {
+                Ok(number) => (number, Some(named.clone())),
+                Err(_) => continue,
+            },
+        };
+        let Ok(number) = u16::try_from(number) else {
+            continue;
+        };
+        let taken = declared
+            .iter()
+            .any(|d| (d.number, &d.protocol) == (number, &protocol) || (name.is_some() && d.name == name));
+        if !taken {
+            declared.push(DeclaredPort {
+                number,
+                name,
+                protocol,
+            });
+        }
+    }
+    declared
 }
 
 /// Reads the Service and checks that ktb can stand in for it.

@@ -65,15 +65,20 @@ pub const AGENT_NEEDS: &[Need] = &[
     need("delete", "coordination.k8s.io", "leases"),
 ];
 
-/// What the shadow pod is for.
-pub struct ShadowSpec<'a> {
+/// What the agent pod is for.
+pub struct AgentPodSpec<'a> {
     pub name: &'a str,
     pub session: &'a str,
     /// The Service the pod stands in for (exchange); `None` in connect role.
     pub service: Option<&'a str>,
-    pub lease: &'a str,
+    pub lease: String,
     pub token: &'a str,
-    pub target_ports: Vec<u16>,
+    /// Ports the agent accepts callers on (exchange role): the target
+    /// ports of the exposed Service ports.
+    pub listen_ports: Vec<u16>,
+    /// Every port the Service targets, as the pod declares them; empty in
+    /// connect role.
+    pub declared_ports: Vec<DeclaredPort>,
     pub image: &'a str,
     pub pull_policy: &'a str,
     pub grace: Duration,
@@ -85,8 +90,19 @@ pub struct ShadowSpec<'a> {
     pub scaled: Option<(Kind, String)>,
 }
 
+/// A container port the agent pod declares for the Service to find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredPort {
+    pub number: u16,
+    /// The name the workload's pods give this port: the one a named
+    /// `targetPort` refers to; `None` when the Service targets it by number.
+    pub name: Option<String>,
+    /// `TCP`, `UDP` or `SCTP`, as the Service port says.
+    pub protocol: String,
+}
+
 /// The objects of one session, for cleanup.
-pub struct Shadow {
+pub struct AgentPod {
     client: Client,
     namespace: String,
     pub name: String,
@@ -100,7 +116,7 @@ pub fn session_labels(session: &str) -> BTreeMap<String, String> {
     ])
 }
 
-impl ShadowSpec<'_> {
+impl AgentPodSpec<'_> {
     fn meta(&self) -> ObjectMeta {
         ObjectMeta {
             name: Some(self.name.into()),
@@ -127,7 +143,7 @@ impl ShadowSpec<'_> {
                     Some(rule(
                         "coordination.k8s.io",
                         "leases",
-                        self.lease,
+                        &self.lease,
                         &["get", "delete"],
                     )),
                     self.scaled.as_ref().map(|(kind, name)| {
@@ -177,121 +193,14 @@ impl ShadowSpec<'_> {
     fn pod(&self) -> Pod {
         let mut meta = self.meta();
         meta.labels = Some(self.labels.clone());
-        let env = |name: &str, value: String| EnvVar {
-            name: name.into(),
-            value: Some(value),
-            ..EnvVar::default()
-        };
-        let ports = self
-            .target_ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let role_env = match self.service {
-            Some(service) => vec![
-                env("KTB_AGENT_SERVICE", service.into()),
-                env("KTB_AGENT_EXPOSE_PORTS", ports),
-            ],
-            None => vec![env("KTB_AGENT_CONNECT", "true".into())],
-        };
-        let mut container_ports = vec![ContainerPort {
-            name: Some("tunnel".into()),
-            container_port: i32::from(AGENT_TUNNEL_PORT),
-            ..ContainerPort::default()
-        }];
-        container_ports.extend(self.target_ports.iter().map(|p| ContainerPort {
-            container_port: i32::from(*p),
-            ..ContainerPort::default()
-        }));
         Pod {
             metadata: meta,
             spec: Some(PodSpec {
                 service_account_name: Some(self.name.into()),
                 restart_policy: Some("OnFailure".into()),
                 termination_grace_period_seconds: Some(5),
-                security_context: Some(PodSecurityContext {
-                    run_as_non_root: Some(true),
-                    run_as_user: Some(65532),
-                    run_as_group: Some(65532),
-                    // The token file is group-readable by this group only.
-                    fs_group: Some(65532),
-                    seccomp_profile: Some(SeccompProfile {
-                        type_: "RuntimeDefault".into(),
-                        ..SeccompProfile::default()
-                    }),
-                    // Lets the non-root agent listen on the Service's target
-                    // port even below 1024; a "safe" sysctl, namespaced to the pod.
-                    sysctls: Some(vec![Sysctl {
-                        name: "net.ipv4.ip_unprivileged_port_start".into(),
-                        value: "0".into(),
-                    }]),
-                    ..PodSecurityContext::default()
-                }),
-                containers: vec![Container {
-                    name: "agent".into(),
-                    image: Some(self.image.into()),
-                    image_pull_policy: Some(self.pull_policy.into()),
-                    env: Some(
-                        role_env
-                            .into_iter()
-                            .chain([
-                                env("KTB_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-                                env("KTB_AGENT_LEASE", self.lease.into()),
-                                env("KTB_AGENT_GRACE", format!("{}s", self.grace.as_secs())),
-                                env("KTB_AGENT_LOG_FORMAT", "json".into()),
-                                EnvVar {
-                                    name: "KTB_AGENT_NAMESPACE".into(),
-                                    value_from: Some(EnvVarSource {
-                                        field_ref: Some(ObjectFieldSelector {
-                                            field_path: "metadata.namespace".into(),
-                                            ..ObjectFieldSelector::default()
-                                        }),
-                                        ..EnvVarSource::default()
-                                    }),
-                                    ..EnvVar::default()
-                                },
-                            ])
-                            .collect(),
-                    ),
-                    ports: Some(container_ports),
-                    readiness_probe: Some(Probe {
-                        http_get: Some(HTTPGetAction {
-                            path: Some("/readyz".into()),
-                            port: IntOrString::Int(i32::from(AGENT_TUNNEL_PORT)),
-                            ..HTTPGetAction::default()
-                        }),
-                        period_seconds: Some(1),
-                        ..Probe::default()
-                    }),
-                    resources: Some(ResourceRequirements {
-                        requests: Some(BTreeMap::from([
-                            ("cpu".to_owned(), Quantity("10m".into())),
-                            ("memory".to_owned(), Quantity("16Mi".into())),
-                        ])),
-                        limits: Some(BTreeMap::from([(
-                            "memory".to_owned(),
-                            Quantity("256Mi".into()),
-                        )])),
-                        ..ResourceRequirements::default()
-                    }),
-                    security_context: Some(SecurityContext {
-                        allow_privilege_escalation: Some(false),
-                        read_only_root_filesystem: Some(true),
-                        capabilities: Some(Capabilities {
-                            drop: Some(vec!["ALL".into()]),
-                            ..Capabilities::default()
-                        }),
-                        ..SecurityContext::default()
-                    }),
-                    volume_mounts: Some(vec![VolumeMount {
-                        name: "token".into(),
-                        mount_path: TOKEN_DIR.into(),
-                        read_only: Some(true),
-                        ..VolumeMount::default()
-                    }]),
-                    ..Container::default()
-                }],
+                security_context: Some(pod_security()),
+                containers: vec![self.container()],
                 volumes: Some(vec![Volume {
                     name: "token".into(),
                     secret: Some(SecretVolumeSource {
@@ -306,13 +215,149 @@ impl ShadowSpec<'_> {
             ..Pod::default()
         }
     }
+
+    fn container(&self) -> Container {
+        Container {
+            name: "agent".into(),
+            image: Some(self.image.into()),
+            image_pull_policy: Some(self.pull_policy.into()),
+            env: Some(self.env()),
+            ports: Some(self.container_ports()),
+            readiness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/readyz".into()),
+                    port: IntOrString::Int(i32::from(AGENT_TUNNEL_PORT)),
+                    ..HTTPGetAction::default()
+                }),
+                period_seconds: Some(1),
+                ..Probe::default()
+            }),
+            resources: Some(agent_resources()),
+            security_context: Some(container_security()),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "token".into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]),
+            ..Container::default()
+        }
+    }
+
+    fn env(&self) -> Vec<EnvVar> {
+        let env = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..EnvVar::default()
+        };
+        let role = match self.service {
+            Some(service) => {
+                let ports = self.listen_ports.iter().map(u16::to_string);
+                vec![
+                    env("KTB_AGENT_SERVICE", service.into()),
+                    env("KTB_AGENT_EXPOSE_PORTS", ports.collect::<Vec<_>>().join(",")),
+                ]
+            }
+            None => vec![env("KTB_AGENT_CONNECT", "true".into())],
+        };
+        let namespace = EnvVar {
+            name: "KTB_AGENT_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        };
+        role.into_iter()
+            .chain([
+                env("KTB_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+                env("KTB_AGENT_LEASE", self.lease.clone()),
+                env("KTB_AGENT_SESSION", self.session.into()),
+                env("KTB_AGENT_GRACE", format!("{}s", self.grace.as_secs())),
+                env("KTB_AGENT_LOG_FORMAT", "json".into()),
+                namespace,
+            ])
+            .collect()
+    }
+
+    /// The tunnel port, and every port the Service targets under the name
+    /// the workload gives it: a Service whose `targetPort` is a name only
+    /// reaches pods that declare a port of that name.
+    fn container_ports(&self) -> Vec<ContainerPort> {
+        let tunnel = ContainerPort {
+            name: Some("ktb-tunnel".into()),
+            container_port: i32::from(AGENT_TUNNEL_PORT),
+            ..ContainerPort::default()
+        };
+        let targets = self.declared_ports.iter().map(|p| ContainerPort {
+            name: p.name.clone(),
+            container_port: i32::from(p.number),
+            protocol: Some(p.protocol.clone()),
+            ..ContainerPort::default()
+        });
+        std::iter::once(tunnel).chain(targets).collect()
+    }
 }
 
-impl Shadow {
+/// Non-root, no privilege escalation, seccomp on.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        // The token file is group-readable by this group only.
+        fs_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        // Lets the non-root agent listen on the Service's target port even
+        // below 1024; a "safe" sysctl, namespaced to the pod.
+        sysctls: Some(vec![Sysctl {
+            name: "net.ipv4.ip_unprivileged_port_start".into(),
+            value: "0".into(),
+        }]),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Read-only root, every capability dropped.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// Small requests so any node fits the agent; a memory limit so a flood
+/// cannot take the node's memory with it.
+fn agent_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("10m".into())),
+            ("memory".to_owned(), Quantity("16Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+impl AgentPod {
     /// The objects of a session by name, e.g. to clean up after an
     /// interrupted start.
-    pub fn existing(client: &Client, namespace: &str, name: &str) -> Shadow {
-        Shadow {
+    pub fn existing(client: &Client, namespace: &str, name: &str) -> AgentPod {
+        AgentPod {
             client: client.clone(),
             namespace: namespace.into(),
             name: name.into(),
@@ -324,21 +369,21 @@ impl Shadow {
     pub async fn create(
         client: &Client,
         namespace: &str,
-        spec: &ShadowSpec<'_>,
-    ) -> anyhow::Result<Shadow> {
-        let shadow = Shadow {
+        spec: &AgentPodSpec<'_>,
+    ) -> anyhow::Result<AgentPod> {
+        let pod = AgentPod {
             client: client.clone(),
             namespace: namespace.into(),
             name: spec.name.into(),
         };
-        if let Err(e) = shadow.create_all(spec).await {
-            shadow.delete().await;
+        if let Err(e) = pod.create_all(spec).await {
+            pod.delete().await;
             return Err(e);
         }
-        Ok(shadow)
+        Ok(pod)
     }
 
-    async fn create_all(&self, spec: &ShadowSpec<'_>) -> anyhow::Result<()> {
+    async fn create_all(&self, spec: &AgentPodSpec<'_>) -> anyhow::Result<()> {
         let pp = PostParams::default();
         let ns = self.namespace.as_str();
         let account = ServiceAccount {
@@ -364,7 +409,7 @@ impl Shadow {
         Api::<Pod>::namespaced(self.client.clone(), ns)
             .create(&pp, &spec.pod())
             .await
-            .context("cannot create the shadow pod")?;
+            .context("cannot create the agent pod")?;
         Ok(())
     }
 
@@ -377,7 +422,7 @@ impl Shadow {
             let pod = pods
                 .get(&self.name)
                 .await
-                .context("cannot read the shadow pod")?;
+                .context("cannot read the agent pod")?;
             let status = pod.status.unwrap_or_default();
             let ready = status
                 .conditions
@@ -407,20 +452,20 @@ impl Shadow {
                 });
             if let Some(waiting) = waiting {
                 anyhow::bail!(
-                    "the shadow pod cannot start: {} ({})",
+                    "the agent pod cannot start: {} ({})",
                     waiting.reason.clone().unwrap_or_default(),
                     waiting.message.clone().unwrap_or_default()
                 );
             }
             if status.phase.as_deref() == Some("Failed") {
                 anyhow::bail!(
-                    "the shadow pod failed: {}",
+                    "the agent pod failed: {}",
                     status.message.unwrap_or_default()
                 );
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "the shadow pod was not ready within {timeout:?} (phase {})",
+                    "the agent pod was not ready within {timeout:?} (phase {})",
                     status.phase.unwrap_or_default()
                 );
             }
@@ -436,7 +481,7 @@ impl Shadow {
         let ip = pod
             .status
             .and_then(|s| s.pod_ip)
-            .context("the shadow pod has no IP")?;
+            .context("the agent pod has no IP")?;
         ip.parse().with_context(|| format!("invalid pod IP {ip}"))
     }
 
