@@ -33,6 +33,7 @@ pub fn agent_config(connect: bool) -> Config {
         dial_timeout: Duration::from_secs(5),
         service: None,
         lease: None,
+        session: None,
         namespace: None,
         grace: Duration::from_secs(30),
         log_format: LogFormat::Text,

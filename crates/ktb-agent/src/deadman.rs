@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
 use ktb_kube::lease::{self, Released};
 use ktb_kube::service::Restored;
+use kube::api::Api;
 
 use crate::attachment::Attachment;
 
@@ -128,7 +128,10 @@ impl DeadMan {
             Ok(Released::NotOurs(holder)) => {
                 tracing::info!(%holder, "the Lease belongs to another session now; left alone")
             }
-            Err(e) => tracing::error!(error = format!("{e:#}"), "cannot delete the session's Lease"),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "cannot delete the session's Lease"
+            ),
         }
     }
 

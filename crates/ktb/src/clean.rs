@@ -143,7 +143,9 @@ pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyho
                 "would delete the orphaned objects of session {session} ({name})"
             ));
         } else {
-            AgentPod::existing(&cluster.client, ns, &name).delete().await;
+            AgentPod::existing(&cluster.client, ns, &name)
+                .delete()
+                .await;
             reporter.progress(format!(
                 "deleted the orphaned objects of session {session} ({name})"
             ));

@@ -59,13 +59,13 @@ pub async fn run(
     if let Some(lease) = lease {
         let holder = lease::holder(&lease);
         match lease::release(&leases, &lease).await? {
-            Released::Deleted => reporter.progress(format!(
-                "removed the session of {holder} and its objects"
-            )),
+            Released::Deleted => {
+                reporter.progress(format!("removed the session of {holder} and its objects"))
+            }
             Released::Gone => {}
-            Released::NotOurs(now) => reporter.progress(format!(
-                "left the Lease alone: it belongs to {now} now"
-            )),
+            Released::NotOurs(now) => {
+                reporter.progress(format!("left the Lease alone: it belongs to {now} now"))
+            }
         }
     }
     Ok(())

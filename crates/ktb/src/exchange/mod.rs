@@ -89,12 +89,13 @@ pub enum Mode {
 const WORKLOAD_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Verbs every mode needs on top of the agent's, checked before anything
-/// changes: the Service, and taking over an expired Lease.
+/// changes: the Service, its pods (what a named target port means, which
+/// workload is behind it), and reading the holder of the Service's Lease.
 const EXCHANGE_NEEDS: &[Need] = &[
     need("get", "", "services"),
     need("patch", "", "services"),
+    need("list", "", "pods"),
     need("get", "coordination.k8s.io", "leases"),
-    need("update", "coordination.k8s.io", "leases"),
 ];
 
 /// What scale mode needs on top, for the kind of workload found.
@@ -143,7 +144,7 @@ pub async fn run(
     let workload = match options.mode {
         Mode::Selector => None,
         Mode::Scale => {
-            needs.extend([need("list", "", "pods"), need("get", "apps", "replicasets")]);
+            needs.push(need("get", "apps", "replicasets"));
             let found =
                 workload::behind_service(&cluster.client, &ns, &selector_of(&original)).await?;
             needs.extend(scale_needs(found.replicas.kind));
@@ -224,7 +225,13 @@ async fn lock_service(
             "taking over the lock of {holder}, silent for {}s: restoring what that session changed first",
             silent.as_secs()
         ));
-        service::restore(&cluster.client, &cluster.namespace, name, &holder.owner.session).await?;
+        service::restore(
+            &cluster.client,
+            &cluster.namespace,
+            name,
+            &holder.owner.session,
+        )
+        .await?;
         taken = lock::take_over(leases, &stale, &wanted).await?;
     }
     match taken {
@@ -448,20 +455,26 @@ async fn warn_once_if_drifted(
     every: Duration,
     reporter: &Reporter,
 ) -> std::convert::Infallible {
-    let mut tick = tokio::time::interval(every);
-    while watch {
-        tick.tick().await;
-        let Ok(Ok(current)) = tokio::time::timeout(every, services.get(name)).await else {
-            continue;
-        };
-        let selector = selector_of(&current);
-        if selector.get(ktb_kube::names::SESSION_LABEL).map(String::as_str) != Some(session) {
-            reporter.warn(format!(
-                "Service {name}'s selector was changed by someone else while exchanged (now {}); \
-                 traffic may no longer reach you. ktb will not fight it; on exit it restores the selector it saved",
-                display(&selector)
-            ));
-            break;
+    if watch {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Ok(Ok(current)) = tokio::time::timeout(every, services.get(name)).await else {
+                continue;
+            };
+            let selector = selector_of(&current);
+            if selector
+                .get(ktb_kube::names::SESSION_LABEL)
+                .map(String::as_str)
+                != Some(session)
+            {
+                reporter.warn(format!(
+                    "Service {name}'s selector was changed by someone else while exchanged (now {}); \
+                     traffic may no longer reach you. ktb will not fight it; on exit it restores the selector it saved",
+                    display(&selector)
+                ));
+                break;
+            }
         }
     }
     std::future::pending().await
@@ -501,7 +514,9 @@ async fn warn_about_closed_local_ports(routes: &[PortRoute], reporter: &Reporter
         )
         .await;
         if !matches!(probe, Ok(Ok(_))) {
-            reporter.warn(format!("nothing listens on {local} yet; callers will be reset until something does"));
+            reporter.warn(format!(
+                "nothing listens on {local} yet; callers will be reset until something does"
+            ));
         }
     }
 }

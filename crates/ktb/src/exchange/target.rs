@@ -68,7 +68,8 @@ pub async fn declared_ports(pods: &Api<Pod>, service: &Service) -> Vec<DeclaredP
         let (number, name) = match &port.target_port {
             None => (port.port, None),
             Some(IntOrString::Int(target)) => (*target, None),
-            Some(IntOrString::String(named)) => match named_target_port(pods, service, named).await {
+            Some(IntOrString::String(named)) => match named_target_port(pods, service, named).await
+            {
                 Ok(number) => (number, Some(named.clone())),
                 Err(_) => continue,
             },
@@ -76,9 +77,9 @@ pub async fn declared_ports(pods: &Api<Pod>, service: &Service) -> Vec<DeclaredP
         let Ok(number) = u16::try_from(number) else {
             continue;
         };
-        let taken = declared
-            .iter()
-            .any(|d| (d.number, &d.protocol) == (number, &protocol) || (name.is_some() && d.name == name));
+        let taken = declared.iter().any(|d| {
+            (d.number, &d.protocol) == (number, &protocol) || (name.is_some() && d.name == name)
+        });
         if !taken {
             declared.push(DeclaredPort {
                 number,

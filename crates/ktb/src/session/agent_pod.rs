@@ -255,7 +255,10 @@ impl AgentPodSpec<'_> {
                 let ports = self.listen_ports.iter().map(u16::to_string);
                 vec![
                     env("KTB_AGENT_SERVICE", service.into()),
-                    env("KTB_AGENT_EXPOSE_PORTS", ports.collect::<Vec<_>>().join(",")),
+                    env(
+                        "KTB_AGENT_EXPOSE_PORTS",
+                        ports.collect::<Vec<_>>().join(","),
+                    ),
                 ]
             }
             None => vec![env("KTB_AGENT_CONNECT", "true".into())],

@@ -23,7 +23,7 @@ use ktb_kube::lease::{self, Holder, Liveness, Lost, Released};
 /// this session: its resourceVersion is the precondition of the next write.
 pub struct Lock {
     leases: Api<Lease>,
-    current: Mutex<Lease>,
+    current: Mutex<Box<Lease>>,
 }
 
 /// The outcome of trying to take a Lease.
@@ -57,14 +57,16 @@ pub async fn take(leases: &Api<Lease>, wanted: &Lease) -> anyhow::Result<Taken> 
                 return Box::pin(take(leases, wanted)).await;
             };
             let holder = lease::holder(&existing);
-            Ok(match lease::liveness(&existing, lease::server_now(leases).await?) {
-                Liveness::Live => Taken::Held(holder),
-                Liveness::Expired { silent } => Taken::Expired {
-                    stale: Box::new(existing),
-                    holder,
-                    silent,
+            Ok(
+                match lease::liveness(&existing, lease::server_now(leases).await?) {
+                    Liveness::Live => Taken::Held(holder),
+                    Liveness::Expired { silent } => Taken::Expired {
+                        stale: Box::new(existing),
+                        holder,
+                        silent,
+                    },
                 },
-            })
+            )
         }
         Err(e) => Err(e).with_context(|| format!("cannot create Lease {name}")),
     }
@@ -73,7 +75,11 @@ pub async fn take(leases: &Api<Lease>, wanted: &Lease) -> anyhow::Result<Taken> 
 /// Replaces the expired Lease `stale` with `wanted`: deletes exactly that
 /// Lease (if it was renewed or replaced meanwhile, nothing is deleted and the
 /// new holder is named), then creates ours.
-pub async fn take_over(leases: &Api<Lease>, stale: &Lease, wanted: &Lease) -> anyhow::Result<Taken> {
+pub async fn take_over(
+    leases: &Api<Lease>,
+    stale: &Lease,
+    wanted: &Lease,
+) -> anyhow::Result<Taken> {
     match lease::release(leases, stale).await? {
         Released::Deleted | Released::Gone => {}
         Released::NotOurs(holder) => return Ok(Taken::Held(holder)),
@@ -88,12 +94,12 @@ impl Lock {
     fn new(leases: &Api<Lease>, lease: Lease) -> Lock {
         Lock {
             leases: leases.clone(),
-            current: Mutex::new(lease),
+            current: Mutex::new(Box::new(lease)),
         }
     }
 
     fn snapshot(&self) -> Lease {
-        self.current.lock().expect("lease lock").clone()
+        *self.current.lock().expect("lease lock").clone()
     }
 
     pub fn name(&self) -> String {
@@ -118,7 +124,7 @@ impl Lock {
         let mine = self.snapshot();
         Ok(match lease::renew(&self.leases, &mine).await? {
             Ok(renewed) => {
-                *self.current.lock().expect("lease lock") = renewed;
+                **self.current.lock().expect("lease lock") = renewed;
                 Ok(())
             }
             Err(e) => Err(e),

@@ -1,0 +1,509 @@
+//! End-to-end tests of the session layer's promises between developers who
+//! share a namespace, on the project's test cluster: a laptop that wakes up
+//! after its session was taken over touches nothing of its successor's; a
+//! laptop clock far ahead does not make `ktb clean` end live sessions; two
+//! developers racing for one Service never both win; a Service whose
+//! target port is a name (or one of several ports) reaches the laptop in
+//! both modes, and comes back after SIGINT and after SIGKILL.
+//!
+//! Every test deploys its own workload as the admin, runs `ktb` as dev-a or
+//! dev-b on their laptops, and ends by asserting the Service is restored
+//! byte for byte and nothing of ktb is left. Ignored by default (they need
+//! the cluster); `cargo xtask test` runs them.
+
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use ktb_tests::cluster::{
+    apply, command_as, echo_deployment_manifest, free_port, get_json, kubectl, local_echo,
+    run_bounded, try_kubectl, wait_until, As, Spawned, NAMESPACE,
+};
+use ktb_tests::exchange::*;
+use serde_json::Value;
+
+/// How long the agent may take to restore after its laptop fell silent
+/// (grace 5 s, then a restore and the Lease's deletion).
+const AGENT_RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn lease_name(service: &str) -> String {
+    format!("ktb-exchange-{service}")
+}
+
+/// The Lease of `service`'s exchange, if there is one (read as the admin).
+fn lease(service: &str) -> Option<Value> {
+    let out = try_kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "lease",
+            &lease_name(service),
+            "-o",
+            "json",
+            "--ignore-not-found",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "reading the Lease of {service}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    (!text.trim().is_empty()).then(|| serde_json::from_str(&text).expect("Lease JSON"))
+}
+
+fn uid(object: &Value) -> String {
+    object["metadata"]["uid"].as_str().expect("uid").to_owned()
+}
+
+/// The session a Service is exchanged by (its `ktb.dev/session` annotation).
+fn service_session(w: &Workload) -> Value {
+    w.service()["metadata"]["annotations"]["ktb.dev/session"].clone()
+}
+
+fn wait_exit(ktb: &mut Spawned, timeout: Duration, what: &str) -> ExitStatus {
+    ktb.wait_exit(timeout).unwrap_or_else(|| {
+        panic!(
+            "{what}: ktb still running after {timeout:?}; stderr:\n{}",
+            ktb.stderr()
+        )
+    })
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
+    let w = Workload::deploy(NAMESPACE, "ses-sleep");
+    let port = free_port(&["laptop-a", "laptop-b"]);
+    let _local_a = local_echo("laptop-a", port, LOCAL_A);
+    let _local_b = local_echo("laptop-b", port, LOCAL_B);
+    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
+    wait_ready_line(&mut ktb_a);
+    w.wait_reaches_local(LOCAL_A);
+
+    // dev-a's laptop sleeps: its agent restores after the grace period and
+    // ends the session.
+    ktb_a.signal(libc::SIGSTOP);
+    w.wait_reaches_original("after dev-a's laptop fell asleep");
+    wait_until(
+        "the agent to end dev-a's session (its Lease deleted)",
+        AGENT_RESTORE_TIMEOUT,
+        Duration::from_millis(500),
+        || match lease(&w.name) {
+            None => Ok(()),
+            Some(l) => Err(format!("Lease still there: {}", l["spec"])),
+        },
+    );
+
+    // dev-b takes the Service.
+    let mut ktb_b = start_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port, "5s"));
+    wait_ready_line(&mut ktb_b);
+    w.wait_reaches_local(LOCAL_B);
+    let session_b = service_session(&w);
+    let lease_b = lease(&w.name).expect("dev-b's Lease");
+    let pods_b = w.shadow_pods();
+    assert_eq!(pods_b.len(), 1, "dev-b's shadow pod: {pods_b:?}");
+
+    // dev-a wakes up: it must notice, say who took over, and exit.
+    ktb_a.signal(libc::SIGCONT);
+    let status = wait_exit(&mut ktb_a, Duration::from_secs(60), "dev-a after waking");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "dev-a's ktb should fail (its session is over); stderr:\n{}",
+        ktb_a.stderr()
+    );
+    let said = ktb_a.stderr();
+    assert!(
+        said.contains("this session is over") && said.contains("now belongs to dev-b on laptop-b"),
+        "dev-a's ktb does not say who took over:\n{said}"
+    );
+
+    // Nothing of dev-b's session was touched.
+    assert_eq!(
+        service_session(&w),
+        session_b,
+        "the Service's session changed"
+    );
+    let lease_now = lease(&w.name).expect("dev-b's Lease after dev-a woke up");
+    assert_eq!(uid(&lease_now), uid(&lease_b), "dev-b's Lease was replaced");
+    assert_eq!(
+        lease_now["metadata"]["labels"]["ktb.dev/session"],
+        lease_b["metadata"]["labels"]["ktb.dev/session"],
+        "dev-b's Lease changed hands"
+    );
+    assert_eq!(w.shadow_pods(), pods_b, "dev-b's shadow pod was touched");
+    w.wait_reaches_local(LOCAL_B);
+    assert!(
+        ktb_b.try_status().is_none(),
+        "dev-b's ktb died:\n{}",
+        ktb_b.stderr()
+    );
+
+    stop_ktb(&mut ktb_b, libc::SIGINT, NAMESPACE, &w.name);
+    w.assert_restored("after dev-b's SIGINT");
+    w.wait_reaches_original("after dev-b's SIGINT");
+    w.assert_ktb_objects_gone("after dev-b's SIGINT");
+}
+
+/// Makes `w` look like the leftover of a session whose laptop and agent
+/// both vanished: the Service pointed at session `deadbeef` with its
+/// original selector saved, and a Lease of 5 s that nobody renews.
+fn leave_a_vanished_session(w: &Workload) {
+    let patch = serde_json::json!({
+        "metadata": { "annotations": {
+            "ktb.dev/original-selector": format!("{{\"app\":\"{}\"}}", w.name),
+            "ktb.dev/session": "deadbeef",
+        }},
+        "spec": { "selector": { "app": null, "ktb.dev/session": "deadbeef" } },
+    });
+    kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "patch",
+            "service",
+            &w.name,
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+    );
+    apply(
+        As::Admin,
+        &serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": lease_name(&w.name),
+                "namespace": NAMESPACE,
+                "labels": {
+                    "ktb.dev/session": "deadbeef",
+                    "ktb.dev/kind": "exchange",
+                    "app.kubernetes.io/managed-by": "ktb",
+                },
+                "annotations": { "ktb.dev/user": "dev-c", "ktb.dev/host": "laptop-gone" },
+            },
+            "spec": { "holderIdentity": "dev-c@laptop-gone", "leaseDurationSeconds": 5 },
+        })
+        .to_string(),
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn clean_with_a_clock_ten_minutes_ahead_spares_live_sessions_and_repairs_expired_ones() {
+    let live = Workload::deploy(NAMESPACE, "ses-live");
+    let dead = Workload::deploy(NAMESPACE, "ses-dead");
+    let port = free_port(&["laptop-a"]);
+    let _local_a = local_echo("laptop-a", port, LOCAL_A);
+    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&live.name, NAMESPACE, port, "30s"));
+    wait_ready_line(&mut ktb_a);
+    live.wait_reaches_local(LOCAL_A);
+    let session_a = service_session(&live);
+    let lease_a = lease(&live.name).expect("dev-a's Lease");
+
+    leave_a_vanished_session(&dead);
+    // Expired by the apiserver's clock: more than its 5 s without a write.
+    std::thread::sleep(Duration::from_secs(9));
+
+    // dev-b's laptop clock is ten minutes ahead.
+    let mut clean = command_as(As::DevB, "faketime");
+    clean
+        .args(["-f", "+10m"])
+        .arg(workspace_ktb())
+        .args(["clean", "-n", NAMESPACE])
+        .env("KUBECONFIG", As::DevB.kubeconfig());
+    let out = run_bounded(clean, Duration::from_secs(60));
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "ktb clean under faketime failed:\n{said}"
+    );
+    assert!(
+        said.contains("leaving alone the live session of dev-a on laptop-a"),
+        "clean did not see dev-a's session as live:\n{said}"
+    );
+    assert!(
+        said.contains(&format!("restored Service {NAMESPACE}/ses-dead"))
+            && said.contains("removed the expired session of dev-c on laptop-gone"),
+        "clean did not repair the vanished session:\n{said}"
+    );
+
+    // dev-a's live session is untouched and still serving.
+    assert_eq!(
+        service_session(&live),
+        session_a,
+        "dev-a's Service was changed"
+    );
+    let lease_now = lease(&live.name).expect("dev-a's Lease after clean");
+    assert_eq!(uid(&lease_now), uid(&lease_a), "dev-a's Lease was replaced");
+    assert!(
+        ktb_a.try_status().is_none(),
+        "dev-a's ktb died:\n{}",
+        ktb_a.stderr()
+    );
+    live.wait_reaches_local(LOCAL_A);
+
+    // The vanished session is repaired.
+    dead.assert_restored("the vanished session after clean");
+    dead.wait_reaches_original("the vanished session after clean");
+    assert!(
+        lease(&dead.name).is_none(),
+        "the expired Lease is still there"
+    );
+
+    stop_ktb(&mut ktb_a, libc::SIGINT, NAMESPACE, &live.name);
+    live.assert_restored("after dev-a's SIGINT");
+    live.assert_ktb_objects_gone("after dev-a's SIGINT");
+    dead.assert_ktb_objects_gone("after clean");
+}
+
+fn workspace_ktb() -> std::path::PathBuf {
+    ktb_tests::cluster::workspace_bin("ktb", "ktb")
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn two_developers_racing_for_one_service_one_wins_and_the_other_changes_nothing() {
+    let w = Workload::deploy(NAMESPACE, "ses-race");
+    let port = free_port(&["laptop-a", "laptop-b"]);
+    let _local_a = local_echo("laptop-a", port, LOCAL_A);
+    let _local_b = local_echo("laptop-b", port, LOCAL_B);
+    let args = exchange_args(&w.name, NAMESPACE, port, "5s");
+    let mut wins = [0; 2];
+    for round in 0..10 {
+        let mut racers = [start_ktb(As::DevA, &args), start_ktb(As::DevB, &args)];
+        let (winner, loser) = settle(&mut racers, round);
+        wins[winner] += 1;
+        let (winner_user, winner_laptop, winner_local) = match winner {
+            0 => ("dev-a", "laptop-a", LOCAL_A),
+            _ => ("dev-b", "laptop-b", LOCAL_B),
+        };
+        let refusal = racers[loser].stderr();
+        assert!(
+            refusal.contains(&format!("is exchanged by {winner_user} on {winner_laptop}")),
+            "round {round}: the loser does not name the winner:\n{refusal}"
+        );
+        w.wait_reaches_local(winner_local);
+        let holder = lease(&w.name).expect("the winner's Lease");
+        assert_eq!(
+            holder["metadata"]["annotations"]["ktb.dev/user"], winner_user,
+            "round {round}: the Lease is not the winner's"
+        );
+        assert_eq!(
+            service_session(&w),
+            holder["metadata"]["labels"]["ktb.dev/session"],
+            "round {round}: the Service is not marked with the winner's session"
+        );
+        assert_eq!(
+            w.shadow_pods().len(),
+            1,
+            "round {round}: the loser left a pod"
+        );
+        stop_ktb(&mut racers[winner], libc::SIGINT, NAMESPACE, &w.name);
+        w.assert_restored(&format!("round {round}, after the winner's SIGINT"));
+        w.assert_ktb_objects_gone(&format!("round {round}"));
+    }
+    eprintln!("wins: dev-a {}, dev-b {}", wins[0], wins[1]);
+    w.wait_reaches_original("after the races");
+}
+
+/// Waits until one racer is ready and the other has exited 1; returns
+/// (winner, loser) as indexes.
+fn settle(racers: &mut [Spawned; 2], round: usize) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let exited: Vec<Option<ExitStatus>> = racers.iter_mut().map(|r| r.try_status()).collect();
+        let ready: Vec<bool> = racers.iter().map(|r| r.stderr().contains(READY)).collect();
+        for (winner, loser) in [(0, 1), (1, 0)] {
+            if ready[winner] && exited[loser].is_some() {
+                assert_eq!(
+                    exited[loser].and_then(|s| s.code()),
+                    Some(1),
+                    "round {round}: the loser exited otherwise:\n{}",
+                    racers[loser].stderr()
+                );
+                assert!(
+                    exited[winner].is_none(),
+                    "round {round}: the winner exited:\n{}",
+                    racers[winner].stderr()
+                );
+                return (winner, loser);
+            }
+        }
+        assert!(
+            !(ready[0] && ready[1]),
+            "round {round}: both developers exchanged the Service:\n{}\n---\n{}",
+            racers[0].stderr(),
+            racers[1].stderr()
+        );
+        assert!(
+            !(exited[0].is_some() && exited[1].is_some()),
+            "round {round}: both developers gave up:\n{}\n---\n{}",
+            racers[0].stderr(),
+            racers[1].stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: no winner after 120 s:\n{}\n---\n{}",
+            racers[0].stderr(),
+            racers[1].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Service `NAME` whose ports target the workload's ports by name
+/// (`http` → 8080) and, when `admin` is set, by number (port 90 → 9090).
+fn service_with_named_ports(name: &str, admin: bool) -> String {
+    let mut ports = vec![serde_json::json!({"name": "http", "port": 80, "targetPort": "http"})];
+    if admin {
+        ports.push(serde_json::json!({"name": "admin", "port": 90, "targetPort": 9090}));
+    }
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": NAMESPACE },
+        "spec": { "selector": { "app": name }, "ports": ports },
+    })
+    .to_string()
+}
+
+/// The echo Deployment with a second http-echo container on port 9090
+/// (unnamed), so a two-port Service has something behind each port.
+fn two_port_deployment(name: &str) -> String {
+    let mut deployment: Value =
+        serde_json::from_str(&echo_deployment_manifest(name, NAMESPACE, 2)).expect("manifest");
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers");
+    let mut admin = containers[0].clone();
+    admin["name"] = "admin".into();
+    admin["env"] = serde_json::json!([{ "name": "PORT", "value": "9090" }]);
+    admin["ports"] = serde_json::json!([{ "containerPort": 9090 }]);
+    admin["readinessProbe"]["tcpSocket"]["port"] = 9090.into();
+    containers.push(admin);
+    deployment.to_string()
+}
+
+/// The replicas of the workload's Deployment, as the admin reads them.
+fn replicas(w: &Workload) -> Value {
+    get_json(NAMESPACE, &["deployment", &w.name])["spec"]["replicas"].clone()
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn a_named_target_port_reaches_the_laptop_in_selector_and_scale_mode() {
+    let w = Workload::deploy_from(
+        NAMESPACE,
+        "ses-named",
+        &echo_deployment_manifest("ses-named", NAMESPACE, 2),
+        &service_with_named_ports("ses-named", false),
+    );
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+
+    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
+    wait_ready_line(&mut ktb);
+    w.wait_reaches_local(LOCAL_A);
+    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
+    w.assert_restored("selector mode, after SIGINT");
+    w.wait_reaches_original("selector mode, after SIGINT");
+    w.assert_ktb_objects_gone("selector mode, after SIGINT");
+
+    // Scale mode, and this time ktb is killed: the agent restores.
+    let mut args = exchange_args(&w.name, NAMESPACE, port, "5s");
+    args.extend(["--mode".to_owned(), "scale".to_owned()]);
+    let mut ktb = start_ktb(As::DevA, &args);
+    wait_ready_line(&mut ktb);
+    w.wait_reaches_local(LOCAL_A);
+    assert_eq!(
+        replicas(&w),
+        0,
+        "scale mode did not scale the workload down"
+    );
+    let _ = ktb.kill();
+    w.wait_reaches_original("scale mode, after SIGKILL (the agent restores)");
+    wait_until(
+        "the Deployment back at 2 replicas",
+        AGENT_RESTORE_TIMEOUT,
+        Duration::from_millis(500),
+        || match replicas(&w) {
+            v if v == 2 => Ok(()),
+            v => Err(format!("replicas {v}")),
+        },
+    );
+    wait_until(
+        "the agent to remove the Service's annotations",
+        AGENT_RESTORE_TIMEOUT,
+        Duration::from_millis(500),
+        || match w.ktb_annotations() {
+            a if a.is_empty() => Ok(()),
+            a => Err(format!("{a:?}")),
+        },
+    );
+    w.assert_restored("scale mode, after SIGKILL");
+    w.assert_ktb_objects_gone("scale mode, after SIGKILL");
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn a_two_port_service_reaches_the_laptop_on_every_port_in_both_modes() {
+    let w = Workload::deploy_from(
+        NAMESPACE,
+        "ses-ports",
+        &two_port_deployment("ses-ports"),
+        &service_with_named_ports("ses-ports", true),
+    );
+    let http_port = free_port(&["laptop-a"]);
+    let _http = local_echo("laptop-a", http_port, "laptop-a-http");
+    let admin_port = free_port(&["laptop-a"]);
+    let _admin = local_echo("laptop-a", admin_port, "laptop-a-admin");
+    for mode in ["selector", "scale"] {
+        let args: Vec<String> = [
+            "exchange",
+            &w.name,
+            "--expose",
+            &format!("{http_port}:http"),
+            "--expose",
+            &format!("{admin_port}:90"),
+            "--mode",
+            mode,
+            "-n",
+            NAMESPACE,
+            "--agent-image",
+            ktb_tests::cluster::AGENT_IMAGE,
+            "--image-pull-policy",
+            "Never",
+            "--grace",
+            "5s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut ktb = start_ktb(As::DevA, &args);
+        wait_ready_line(&mut ktb);
+        for (port, local) in [(80, "laptop-a-http"), (90, "laptop-a-admin")] {
+            w.wait_reaches_on(
+                port,
+                &format!("{mode} mode: port {port} to reach {local}"),
+                |got| got == local,
+                Duration::from_secs(60),
+            );
+        }
+        stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
+        w.assert_restored(&format!("{mode} mode, after SIGINT"));
+        for port in [80, 90] {
+            w.wait_reaches_on(
+                port,
+                &format!("{mode} mode, after SIGINT: port {port} to reach the originals"),
+                |got| w.original_pods.contains(got),
+                Duration::from_secs(60),
+            );
+        }
+        w.assert_ktb_objects_gone(&format!("{mode} mode, after SIGINT"));
+    }
+}
