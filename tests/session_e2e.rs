@@ -507,3 +507,54 @@ fn a_two_port_service_reaches_the_laptop_on_every_port_in_both_modes() {
         w.assert_ktb_objects_gone(&format!("{mode} mode, after SIGINT"));
     }
 }
+
+/// `cargo xtask` as built for `cargo xtask test` (release profile).
+fn xtask_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("the test binary lives in <target>/debug/deps");
+    let xtask = target.join("release/xtask");
+    assert!(
+        xtask.is_file(),
+        "{} missing: run the tests through `cargo xtask test`",
+        xtask.display()
+    );
+    xtask
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn an_exchange_survives_an_apiserver_restart_and_still_restores() {
+    let w = Workload::deploy(NAMESPACE, "ses-restart");
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    // A grace longer than the restart, so the agent keeps the session.
+    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "90s"));
+    wait_ready_line(&mut ktb);
+    w.wait_reaches_local(LOCAL_A);
+
+    let mut restart = std::process::Command::new(xtask_bin());
+    restart.args(["cluster", "restart-apiserver"]);
+    let out = run_bounded(restart, Duration::from_secs(150));
+    assert!(
+        out.status.success(),
+        "restarting the apiserver failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The port-forward under the tunnel died with the apiserver: ktb
+    // reconnects and callers reach the laptop again.
+    w.wait_reaches_local(LOCAL_A);
+    assert!(
+        ktb.try_status().is_none(),
+        "ktb exited across the apiserver restart:\n{}",
+        ktb.stderr()
+    );
+    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
+    w.assert_restored("after SIGINT, past the apiserver restart");
+    w.wait_reaches_original("after SIGINT, past the apiserver restart");
+    w.assert_ktb_objects_gone("after SIGINT, past the apiserver restart");
+}

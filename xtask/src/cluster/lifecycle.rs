@@ -263,6 +263,43 @@ fn start(layout: &Layout, go: &build::GoBinaries, images: &[build::ImageArchive]
     Ok(())
 }
 
+/// Stops the kube-apiserver this tooling started and starts it again with
+/// the command line it ran with; returns once it answers `/readyz` again.
+pub fn restart_apiserver(layout: &Layout) -> Result<()> {
+    const NAME: &str = "kube-apiserver";
+    let daemon = process::recorded(&layout.state)?
+        .into_iter()
+        .find(|d| d.name == NAME && process::alive(d))
+        .context("kube-apiserver is not running: `cargo xtask cluster up` first")?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemon.pid))
+        .with_context(|| format!("reading the command line of {NAME} (pid {})", daemon.pid))?;
+    let mut words = cmdline
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned());
+    let program = PathBuf::from(
+        words
+            .next()
+            .context("kube-apiserver has an empty command line")?,
+    );
+    let args: Vec<String> = words.collect();
+    let t = Instant::now();
+    println!("Stopping {NAME} (pid {})...", daemon.pid);
+    process::stop(&layout.state, &daemon, Duration::from_secs(15))?;
+    process::spawn(&layout.state, &layout.logs(), NAME, &program, &args)?;
+    wait_for(
+        layout,
+        "kube-apiserver /readyz",
+        Duration::from_secs(90),
+        || apiserver_ready(layout),
+    )?;
+    println!(
+        "  {NAME} ready again {:.1?} after it was stopped",
+        t.elapsed()
+    );
+    Ok(())
+}
+
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("    {l}\n")).collect()
 }

@@ -40,6 +40,10 @@ pub enum Command {
     /// Rebuild the workspace's images (agent, workloads) and import them
     /// into the running cluster.
     Images,
+    /// Stop the kube-apiserver and start it again with the same command
+    /// line, as an upgrade or a crash would (for fault tests); returns once
+    /// it is ready again.
+    RestartApiserver,
     /// Show what is running.
     Status,
     /// Print the environment for `admin`, `dev-a` or `dev-b`.
@@ -53,6 +57,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Down => lifecycle::down(&layout),
         Command::Status => lifecycle::status(&layout),
         Command::Images => lifecycle::reload_images(&layout),
+        Command::RestartApiserver => lifecycle::restart_apiserver(&layout),
         Command::Env { name } => {
             print!("{}", env_script(&layout, &name)?);
             Ok(())

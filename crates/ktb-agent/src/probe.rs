@@ -1,0 +1,152 @@
+//! Proving the path from the Service to this agent, so the laptop only
+//! says "ready" once callers really arrive.
+//!
+//! The laptop asks (`GET /probe?port=P&target=T`); the agent dials its own
+//! Service's ClusterIP on port P, writes a fresh random nonce, and waits for
+//! a connection carrying that nonce on its listener for target port T. The
+//! listener peeks at the first bytes of each connection only while a probe
+//! is pending on its port, and swallows the probe's connection, so the
+//! laptop's process never sees it; every other connection is carried on
+//! untouched (a peek consumes nothing). One probe at a time, and the
+//! ClusterIP is read from the apiserver once (it never changes for a
+//! Service), so the endpoint, which answers before authentication, costs a
+//! caller at most one connection to this agent's own Service per probe.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, OnceCell};
+
+/// How long a probe connection may take to arrive through the Service.
+const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a listener waits for the first bytes of a connection while a
+/// probe is pending on its port: callers of server-speaks-first protocols
+/// wait this long, once, and only during a probe.
+const PEEK_TIMEOUT: Duration = Duration::from_millis(200);
+const NONCE_LEN: usize = 16;
+
+/// The Service this agent stands in for, and the probe in flight.
+pub struct Probes {
+    /// `(namespace, name)` of the Service; `None` in connect role.
+    service: Option<(String, String)>,
+    cluster_ip: OnceCell<IpAddr>,
+    pending: Mutex<Option<Pending>>,
+    single_flight: tokio::sync::Mutex<()>,
+}
+
+/// A probe waiting for its connection on `port`.
+struct Pending {
+    port: u16,
+    nonce: [u8; NONCE_LEN],
+    arrived: Option<oneshot::Sender<()>>,
+}
+
+impl Probes {
+    pub fn new(namespace: Option<String>, service: Option<String>) -> Probes {
+        Probes {
+            service: namespace.zip(service),
+            cluster_ip: OnceCell::new(),
+            pending: Mutex::new(None),
+            single_flight: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether `tcp`, just accepted on `port`, is the pending probe's
+    /// connection (then it is consumed here).
+    pub async fn claims(&self, port: u16, tcp: &TcpStream) -> bool {
+        let nonce = match &*self.pending.lock().expect("probe lock") {
+            Some(pending) if pending.port == port => pending.nonce,
+            _ => return false,
+        };
+        let mut first = [0u8; NONCE_LEN];
+        let peeked = tokio::time::timeout(PEEK_TIMEOUT, async {
+            loop {
+                match tcp.peek(&mut first).await {
+                    Ok(n) if n < NONCE_LEN && n > 0 && first[..n] == nonce[..n] => {
+                        tokio::time::sleep(Duration::from_millis(1)).await
+                    }
+                    Ok(n) => return n == NONCE_LEN && first == nonce,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if peeked {
+            let mut pending = self.pending.lock().expect("probe lock");
+            if let Some(arrived) = pending.as_mut().and_then(|p| p.arrived.take()) {
+                let _ = arrived.send(());
+            }
+        }
+        peeked
+    }
+
+    /// Dials the Service on `service_port` and waits for the connection on
+    /// the listener of `target`. The error is the reason, for the laptop.
+    pub async fn run(&self, service_port: u16, target: u16) -> Result<(), String> {
+        let Ok(_only_one) = self.single_flight.try_lock() else {
+            return Err("another probe is running; try again".into());
+        };
+        let ip = self.cluster_ip().await?;
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let (arrived, arrival) = oneshot::channel();
+        *self.pending.lock().expect("probe lock") = Some(Pending {
+            port: target,
+            nonce,
+            arrived: Some(arrived),
+        });
+        let result = self.dial(SocketAddr::new(ip, service_port), &nonce, arrival).await;
+        *self.pending.lock().expect("probe lock") = None;
+        result.map_err(|reason| format!("{reason} (target port {target})"))
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        nonce: &[u8],
+        arrival: oneshot::Receiver<()>,
+    ) -> Result<(), String> {
+        let mut tcp = match tokio::time::timeout(ARRIVAL_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(format!("cannot connect to the Service at {addr}: {e}")),
+            Err(_) => return Err(format!("no answer from the Service at {addr} within {ARRIVAL_TIMEOUT:?}")),
+        };
+        tcp.write_all(nonce)
+            .await
+            .map_err(|e| format!("cannot write to the Service at {addr}: {e}"))?;
+        match tokio::time::timeout(ARRIVAL_TIMEOUT, arrival).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(format!(
+                "a connection to the Service at {addr} did not arrive at this agent within {ARRIVAL_TIMEOUT:?}"
+            )),
+        }
+    }
+
+    async fn cluster_ip(&self) -> Result<IpAddr, String> {
+        let Some((namespace, name)) = &self.service else {
+            return Err("this agent stands in for no Service".into());
+        };
+        self.cluster_ip
+            .get_or_try_init(|| async {
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|e| format!("no access to the Kubernetes API: {e}"))?;
+                let service = Api::<Service>::namespaced(client, namespace)
+                    .get(name)
+                    .await
+                    .map_err(|e| format!("cannot read Service {name}: {e}"))?;
+                service
+                    .spec
+                    .and_then(|s| s.cluster_ip)
+                    .and_then(|ip| ip.parse().ok())
+                    .ok_or_else(|| format!("Service {name} has no ClusterIP"))
+            })
+            .await
+            .copied()
+    }
+}

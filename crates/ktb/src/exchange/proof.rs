@@ -1,0 +1,90 @@
+//! Ready means traffic flows: before ktb says a Service reaches this
+//! machine, it proves it.
+//!
+//! A switched selector is only a promise: the EndpointSlice controller must
+//! list the shadow pod under every port (a named target port the pod does
+//! not declare leaves the port out, and callers time out), and kube-proxy
+//! must program the node. So for every exposed port the agent is asked
+//! (`GET /probe`, over the same transport as the tunnel) to dial the
+//! Service's ClusterIP on that port and to recognise its own connection
+//! arriving on the listener behind it; the probe never reaches the laptop's
+//! process. Until every port has been seen, or the time is up, nothing is
+//! announced; a path that never works is an error, and the exchange is
+//! undone.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::target::PortRoute;
+use crate::tunnel::Transport;
+
+/// How long the Service may take to reach the shadow pod: endpoint
+/// controllers and kube-proxy usually need well under a second.
+const PROOF_TIMEOUT: Duration = Duration::from_secs(30);
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+/// One probe request, answer included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The agent's answer is one short line.
+const MAX_ANSWER: usize = 4096;
+
+/// Waits until a connection to the Service reaches the agent on every route.
+pub async fn prove<T: Transport>(
+    transport: &T,
+    qualified: &str,
+    routes: &[PortRoute],
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PROOF_TIMEOUT;
+    for route in routes {
+        let path = format!(
+            "/probe?port={}&target={}",
+            route.service_port, route.target_port
+        );
+        loop {
+            let reason = match tokio::time::timeout(REQUEST_TIMEOUT, get(transport, &path)).await
+            {
+                Ok(Ok((200, _))) => break,
+                Ok(Ok((_, answer))) => answer,
+                Ok(Err(e)) => format!("cannot ask the agent: {e}"),
+                Err(_) => format!("the agent did not answer within {REQUEST_TIMEOUT:?}"),
+            };
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "callers of Service {qualified} port {} do not reach the shadow pod after {PROOF_TIMEOUT:?} ({}). \
+                     Its endpoints may not list the shadow pod for that port (a named targetPort the workload's pods \
+                     do not declare?) or kube-proxy may not be running; ktb undoes the exchange",
+                    route.service_port,
+                    reason.trim()
+                );
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 GET to the agent: the status code and the body.
+async fn get<T: Transport>(transport: &T, path: &str) -> std::io::Result<(u16, String)> {
+    let mut io = transport.connect().await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        transport.authority()
+    );
+    io.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    (&mut io)
+        .take(MAX_ANSWER as u64)
+        .read_to_end(&mut answer)
+        .await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
