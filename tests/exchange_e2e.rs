@@ -92,9 +92,7 @@ fn agent_restores_service_after_ktb_is_killed() {
     let port = free_port(&["laptop-a"]);
     let _local = local_echo("laptop-a", port, LOCAL_A);
     let grace = Duration::from_secs(5);
-    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    wait_ready_line(&mut ktb);
-    w.wait_reaches_local(LOCAL_A);
+    let mut ktb = exchange_until_local(As::DevA, &w, port, "5s", LOCAL_A);
     assert_ne!(w.selector_now(), w.original_selector(), "not exchanged");
 
     let killed = Instant::now();
@@ -229,9 +227,7 @@ fn second_developer_is_refused_until_the_first_is_done() {
     let port = free_port(&["laptop-a", "laptop-b"]);
     let _local_a = local_echo("laptop-a", port, LOCAL_A);
     let _local_b = local_echo("laptop-b", port, LOCAL_B);
-    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    wait_ready_line(&mut ktb_a);
-    w.wait_reaches_local(LOCAL_A);
+    let mut ktb_a = exchange_until_local(As::DevA, &w, port, "5s", LOCAL_A);
     let held_by_a = w.service()["metadata"]["annotations"]["ktb.dev/session"].clone();
     let objects_a = w.ktb_objects();
 
@@ -257,9 +253,7 @@ fn second_developer_is_refused_until_the_first_is_done() {
     w.assert_restored("after dev-a's SIGINT");
 
     // Now dev-b gets it.
-    let mut ktb_b = start_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    wait_ready_line(&mut ktb_b);
-    w.wait_reaches_local(LOCAL_B);
+    let mut ktb_b = exchange_until_local(As::DevB, &w, port, "5s", LOCAL_B);
     stop_ktb(&mut ktb_b, libc::SIGINT, NAMESPACE, &w.name);
     w.assert_restored("after dev-b's SIGINT");
     w.wait_reaches_original("after dev-b's SIGINT");

@@ -78,9 +78,7 @@ fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
     let port = free_port(&["laptop-a", "laptop-b"]);
     let _local_a = local_echo("laptop-a", port, LOCAL_A);
     let _local_b = local_echo("laptop-b", port, LOCAL_B);
-    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    wait_ready_line(&mut ktb_a);
-    w.wait_reaches_local(LOCAL_A);
+    let mut ktb_a = exchange_until_local(As::DevA, &w, port, "5s", LOCAL_A);
 
     // dev-a's laptop sleeps: its agent restores after the grace period and
     // ends the session.
@@ -97,9 +95,7 @@ fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
     );
 
     // dev-b takes the Service.
-    let mut ktb_b = start_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    wait_ready_line(&mut ktb_b);
-    w.wait_reaches_local(LOCAL_B);
+    let mut ktb_b = exchange_until_local(As::DevB, &w, port, "5s", LOCAL_B);
     let session_b = service_session(&w);
     let lease_b = lease(&w.name).expect("dev-b's Lease");
     let pods_b = w.shadow_pods();
@@ -199,9 +195,7 @@ fn clean_with_a_clock_ten_minutes_ahead_spares_live_sessions_and_repairs_expired
     let dead = Workload::deploy(NAMESPACE, "ses-dead");
     let port = free_port(&["laptop-a"]);
     let _local_a = local_echo("laptop-a", port, LOCAL_A);
-    let mut ktb_a = start_ktb(As::DevA, &exchange_args(&live.name, NAMESPACE, port, "30s"));
-    wait_ready_line(&mut ktb_a);
-    live.wait_reaches_local(LOCAL_A);
+    let mut ktb_a = exchange_until_local(As::DevA, &live, port, "30s", LOCAL_A);
     let session_a = service_session(&live);
     let lease_a = lease(&live.name).expect("dev-a's Lease");
 
@@ -406,9 +400,7 @@ fn a_named_target_port_reaches_the_laptop_in_selector_and_scale_mode() {
     let port = free_port(&["laptop-a"]);
     let _local = local_echo("laptop-a", port, LOCAL_A);
 
-    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    wait_ready_line(&mut ktb);
-    w.wait_reaches_local(LOCAL_A);
+    let mut ktb = exchange_until_local(As::DevA, &w, port, "5s", LOCAL_A);
     stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
     w.assert_restored("selector mode, after SIGINT");
     w.wait_reaches_original("selector mode, after SIGINT");
@@ -531,9 +523,7 @@ fn an_exchange_survives_an_apiserver_restart_and_still_restores() {
     let port = free_port(&["laptop-a"]);
     let _local = local_echo("laptop-a", port, LOCAL_A);
     // A grace longer than the restart, so the agent keeps the session.
-    let mut ktb = start_ktb(As::DevA, &exchange_args(&w.name, NAMESPACE, port, "90s"));
-    wait_ready_line(&mut ktb);
-    w.wait_reaches_local(LOCAL_A);
+    let mut ktb = exchange_until_local(As::DevA, &w, port, "90s", LOCAL_A);
 
     let mut restart = std::process::Command::new(xtask_bin());
     restart.args(["cluster", "restart-apiserver"]);

@@ -115,6 +115,15 @@ pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// Starts `ktb exchange` of `w` as `who` towards the local process on
+/// `port`; returns once ktb says it is ready and callers reach `local`.
+pub fn exchange_until_local(who: As, w: &Workload, port: u16, grace: &str, local: &str) -> Spawned {
+    let mut ktb = start_ktb(who, &exchange_args(&w.name, &w.namespace, port, grace));
+    wait_ready_line(&mut ktb);
+    w.wait_reaches_local(local);
+    ktb
+}
+
 /// Waits for the ready line; fails the test with ktb's stderr otherwise.
 pub fn wait_ready_line(ktb: &mut Spawned) {
     ktb.wait_for_stderr(READY, READY_TIMEOUT)

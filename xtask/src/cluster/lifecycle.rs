@@ -190,12 +190,7 @@ fn start(layout: &Layout, go: &build::GoBinaries, images: &[build::ImageArchive]
         bin.join("kube-apiserver"),
         &args.apiserver,
     )?;
-    wait_for(
-        layout,
-        "kube-apiserver /readyz",
-        Duration::from_secs(90),
-        || apiserver_ready(layout),
-    )?;
+    wait_apiserver_ready(layout)?;
 
     println!("Starting containerd, importing images...");
     spawn("containerd", "containerd".into(), &args.containerd)?;
@@ -287,12 +282,7 @@ pub fn restart_apiserver(layout: &Layout) -> Result<()> {
     println!("Stopping {NAME} (pid {})...", daemon.pid);
     process::stop(&layout.state, &daemon, Duration::from_secs(15))?;
     process::spawn(&layout.state, &layout.logs(), NAME, &program, &args)?;
-    wait_for(
-        layout,
-        "kube-apiserver /readyz",
-        Duration::from_secs(90),
-        || apiserver_ready(layout),
-    )?;
+    wait_apiserver_ready(layout)?;
     println!(
         "  {NAME} ready again {:.1?} after it was stopped",
         t.elapsed()
@@ -362,6 +352,15 @@ fn etcd_healthy() -> bool {
     get()
         .map(|r| r.contains("\"health\":\"true\""))
         .unwrap_or(false)
+}
+
+fn wait_apiserver_ready(layout: &Layout) -> Result<()> {
+    wait_for(
+        layout,
+        "kube-apiserver /readyz",
+        Duration::from_secs(90),
+        || apiserver_ready(layout),
+    )
 }
 
 fn apiserver_ready(layout: &Layout) -> bool {
