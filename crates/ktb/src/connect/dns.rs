@@ -37,6 +37,9 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_IN_FLIGHT: usize = 256;
 /// A TCP client silent this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The longest DNS name and label in text form (RFC 1035).
+const MAX_NAME: usize = 253;
+const MAX_LABEL: usize = 63;
 
 /// Answers queries; shared by the UDP and TCP servers.
 pub struct Answerer {
@@ -197,6 +200,28 @@ pub fn cluster_domain(resolver: &Resolver) -> String {
         .find_map(|s| s.strip_prefix("svc."))
         .unwrap_or("cluster.local")
         .to_owned()
+}
+
+/// Checks that `name` is a host name: labels of ASCII letters, digits and
+/// inner hyphens, 1 to 63 characters each, 253 in all, no trailing dot
+/// (RFC 1123). Names from the cluster end up in queries and in
+/// `/etc/hosts`, where a space, a newline or a `#` would change what the
+/// file says.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    let label_ok = |label: &str| {
+        (1..=MAX_LABEL).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.is_empty() || name.len() > MAX_NAME || !name.split('.').all(label_ok) {
+        anyhow::bail!(
+            "{name:?} is not a valid DNS name (letters, digits and inner hyphens;              labels of at most {MAX_LABEL} characters, {MAX_NAME} in all)"
+        );
+    }
+    Ok(())
 }
 
 /// Serves DNS over UDP and TCP on the bound sockets until dropped.
