@@ -400,7 +400,7 @@ async fn hosts_lines(
     resolver: &ktb_proto::handshake::Resolver,
 ) -> anyhow::Result<Vec<system::HostEntry>> {
     let ns = &cluster.namespace;
-    let domain = dns::cluster_domain(resolver);
+    let domain = dns::cluster_domain(resolver)?;
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns)
         .list(&ListParams::default())
         .await
