@@ -38,6 +38,8 @@ const SYS_CLASS_NET: &str = "/sys/class/net";
 /// TAP) device, and one that outlives the processes that opened it.
 const IFF_TUN: u32 = 0x0001;
 const IFF_PERSIST: u32 = 0x0800;
+/// Present when SELinux is on.
+const SELINUX_FS: &str = "/sys/fs/selinux/enforce";
 /// Linux's limit on interface names, the terminating NUL left out.
 const MAX_DEVICE_NAME: usize = 15;
 
@@ -450,24 +452,33 @@ enum Written {
     /// A new file renamed over the old one: readers saw the old content or
     /// the new, never a mix.
     Replaced,
-    /// The file itself overwritten, since it could not be replaced.
+    /// The file itself overwritten, since it could not (or should not) be
+    /// replaced.
     InPlace,
 }
 
 /// Writes `content` into the file at `path` durably, atomically where the
 /// file can be replaced and in place where it cannot. A symbolic link is
-/// followed, so the link stays and its target gets the content.
+/// followed, so the link stays and its target gets the content. Where
+/// SELinux is on, files are written in place: a new file would get its
+/// directory's default label, not the file's own (`resolv.conf` is
+/// `net_conf_t`), and the daemons that manage the file could then be
+/// denied writing it.
 pub fn write_file(path: &Path, content: &str) -> anyhow::Result<()> {
-    let written = write_file_with(path, content, |from, to| std::fs::rename(from, to))?;
+    let keep_label = Path::new(SELINUX_FS).exists();
+    let written = write_file_with(path, content, keep_label, |from, to| {
+        std::fs::rename(from, to)
+    })?;
     tracing::debug!(path = %path.display(), ?written, "wrote");
     Ok(())
 }
 
-/// [`write_file`] with the rename step given, so tests can make it fail as
-/// it does on a bind mount.
+/// [`write_file`] with the SELinux decision and the rename step given, so
+/// tests can make the rename fail as it does on a bind mount.
 fn write_file_with(
     path: &Path,
     content: &str,
+    keep_label: bool,
     rename: impl FnOnce(&Path, &Path) -> io::Result<()>,
 ) -> anyhow::Result<Written> {
     let path = match std::fs::canonicalize(path) {
@@ -475,7 +486,15 @@ fn write_file_with(
         Err(e) if e.kind() == io::ErrorKind::NotFound => path.to_owned(),
         Err(e) => return Err(e).with_context(|| format!("cannot resolve {}", path.display())),
     };
-    match replace(&path, content, rename) {
+    let replaced = if keep_label && path.exists() {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "SELinux would label a new file differently",
+        ))
+    } else {
+        replace(&path, content, rename)
+    };
+    match replaced {
         Ok(()) => Ok(Written::Replaced),
         Err(e) if cannot_replace(&e) => {
             write_in_place(&path, content).with_context(|| {
@@ -739,7 +758,7 @@ mod tests {
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let inode = std::fs::metadata(&real).unwrap().ino();
 
-        let written = write_file_with(&link, "new\n", |a, b| std::fs::rename(a, b)).unwrap();
+        let written = write_file_with(&link, "new\n", false, |a, b| std::fs::rename(a, b)).unwrap();
         assert_eq!(written, Written::Replaced);
         assert_eq!(std::fs::read_to_string(&real).unwrap(), "new\n");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
@@ -772,18 +791,26 @@ mod tests {
         ] {
             // What rename(2) says when the file is a bind mount (EBUSY) or
             // on another file system than its directory (EXDEV).
-            let written = write_file_with(&path, shorter, |_, _| Err(error.into())).unwrap();
+            let written = write_file_with(&path, shorter, false, |_, _| Err(error.into())).unwrap();
             assert_eq!(written, Written::InPlace);
             assert_eq!(std::fs::read_to_string(&path).unwrap(), shorter);
             assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
         }
+        // Under SELinux the file keeps its inode, and so its label.
+        let written =
+            write_file_with(&path, "z\n", true, |_, _| unreachable!("not replaced")).unwrap();
+        assert_eq!(written, Written::InPlace);
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        std::fs::write(&path, "x\n").unwrap();
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             1,
             "no temporary file left"
         );
         // Any other failure is reported, the file left as it was.
-        let failed = write_file_with(&path, "y\n", |_, _| Err(io::ErrorKind::StorageFull.into()));
+        let failed = write_file_with(&path, "y\n", false, |_, _| {
+            Err(io::ErrorKind::StorageFull.into())
+        });
         assert!(format!("{:#}", failed.unwrap_err()).contains("cannot write"));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "x\n");
         std::fs::remove_dir_all(&dir).unwrap();
