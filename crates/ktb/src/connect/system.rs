@@ -159,13 +159,13 @@ fn check_device_name(name: &str) -> anyhow::Result<()> {
 pub fn check_device_free(name: &str) -> anyhow::Result<()> {
     if let Some(taken) = interface(name)? {
         let kind = if taken.tun {
-            "a TUN device (a VPN's?)"
+            "a TUN device, perhaps a VPN's"
         } else {
             "an interface"
         };
         anyhow::bail!(
-            "{name} already exists on this machine ({kind}, index {}); ktb creates a device of \
-             its own and leaves others alone: pick a free name with --device",
+            "{name} already exists on this machine ({kind}, interface index {}); ktb creates a \
+             device of its own and leaves others alone: pick a free name with --device",
             taken.index
         );
     }
