@@ -338,7 +338,8 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
     };
     if name.is_empty() || name.len() > MAX_NAME || !name.split('.').all(label_ok) {
         anyhow::bail!(
-            "{name:?} is not a valid DNS name (letters, digits and inner hyphens;              labels of at most {MAX_LABEL} characters, {MAX_NAME} in all)"
+            "{name:?} is not a valid DNS name (letters, digits and inner hyphens; \
+             labels of at most {MAX_LABEL} characters, {MAX_NAME} in all)"
         );
     }
     Ok(())

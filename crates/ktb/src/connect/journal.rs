@@ -280,6 +280,27 @@ mod tests {
     }
 
     #[test]
+    fn devices_and_routes_are_read_back_as_written() {
+        let device = OwnDevice {
+            name: "ktb0".into(),
+            index: 7,
+        };
+        let changes = vec![
+            Change::Device(device.clone()),
+            Change::Route {
+                net: "10.96.0.0/16".into(),
+                device,
+            },
+        ];
+        let text = serde_json::to_string(&changes).unwrap();
+        assert!(
+            text.contains(r#"{"change":"device","name":"ktb0","index":7}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Vec<Change>>(&text).unwrap(), changes);
+    }
+
+    #[test]
     fn a_journal_of_the_first_format_is_refused_with_advice_not_undone() {
         let dir = temp_dir("old");
         let resolv = dir.join("resolv.conf");
