@@ -286,9 +286,10 @@ pub fn resolv_line(server: IpAddr, session: &str) -> String {
     format!("nameserver {server} # ktb connect {session}: removed when it exits")
 }
 
-/// Puts `line` ahead of the existing nameservers.
+/// Puts `line` ahead of the existing nameservers, touching no other byte
+/// where it can, so that removing the line gives the file back as it was.
 pub fn with_line_first(resolv_conf: &str, line: &str) -> String {
-    let mut out = String::with_capacity(resolv_conf.len() + line.len() + 1);
+    let mut out = String::with_capacity(resolv_conf.len() + line.len() + 2);
     let mut added = false;
     for existing in resolv_conf.split_inclusive('\n') {
         if !added && existing.trim_start().starts_with("nameserver") {
@@ -297,11 +298,12 @@ pub fn with_line_first(resolv_conf: &str, line: &str) -> String {
             added = true;
         }
         out.push_str(existing);
-        if !existing.ends_with('\n') {
-            out.push('\n');
-        }
     }
     if !added {
+        if !out.is_empty() && !out.ends_with('\n') {
+            // The one byte removal does not take back: the line must start a line.
+            out.push('\n');
+        }
         out.push_str(line);
         out.push('\n');
     }
@@ -697,6 +699,15 @@ mod tests {
         assert!(switched.starts_with("search corp.example\n"));
         assert!(switched.ends_with("options timeout:1\n"));
         assert_eq!(nameservers(&with_line_first("", &line)).len(), 1);
+        let no_newline = "search corp.example\nnameserver 192.0.2.1";
+        assert_eq!(
+            with_line_first(no_newline, &line),
+            format!("search corp.example\n{line}\nnameserver 192.0.2.1")
+        );
+        assert_eq!(
+            with_line_first("search corp.example", &line),
+            format!("search corp.example\n{line}\n")
+        );
     }
 
     #[test]
