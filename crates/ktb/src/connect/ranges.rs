@@ -148,8 +148,8 @@ fn exact(node_cidrs: Vec<Ipv4Net>, service_cidrs: Vec<Ipv4Net>) -> Vec<Ipv4Net> 
     ranges
 }
 
-/// Prefixes holding every address, each between a /[`WIDEST_GUESS`] and a
-/// /[`NARROWEST_GUESS`]: the addresses that share a /12 are covered by the
+/// Prefixes holding every address, each between a /12 and a /16 (see
+/// `WIDEST_GUESS`, `NARROWEST_GUESS`): the addresses that share a /12 are covered by the
 /// smallest prefix holding them all, so addresses far apart get prefixes of
 /// their own instead of one spanning everything between.
 pub fn covering(ips: &[Ipv4Addr]) -> Vec<Ipv4Net> {
