@@ -1,29 +1,51 @@
 //! The journal of what `ktb connect` changed on this machine.
 //!
-//! Every local change (TUN device, route, DNS file, hosts block) is written
-//! here *before* it is made, so whatever moment ktb dies at, the journal
-//! holds at least what was done. Undoing an entry whose change never
-//! happened is harmless: deleting a missing route is ignored, and a file is
-//! only ever put back to the bytes it had before ktb touched it. On exit
-//! the entries are undone in reverse and the journal removed; after a crash
-//! `ktb clean --local` does the same from the file.
+//! Every local change (route, DNS line, hosts block) is written here
+//! *before* it is made, so whatever moment ktb dies at, the journal holds at
+//! least what was done; undoing an entry whose change never happened is
+//! harmless (a missing route is ignored, a line or block that is not in the
+//! file leaves the file alone). The one exception is the TUN device: it is
+//! recorded *after* ktb created it, with what identifies it, because a
+//! record made before could only name it, and undoing a failed creation by
+//! name would delete whoever's device already had that name. A device ktb
+//! dies before recording dies with it: it is not persistent.
+//!
+//! Undo takes back only ktb's own part of each change and leaves everything
+//! else as it is *now*: a file gets ktb's line or block removed, not its old
+//! content written back, so what a VPN or DHCP client changed meanwhile
+//! stays. On exit the entries are undone in reverse and the journal
+//! removed; after a crash `ktb clean --local` does the same from the file.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// One change, with what is needed to undo it.
+use super::system::{self, OwnDevice};
+
+/// The journal format this ktb writes and undoes. Format 1 (no `version`
+/// field) recorded whole files to write back and devices by name alone,
+/// neither of which is safe to undo, so it is refused with advice instead.
+const FORMAT: u32 = 2;
+
+/// One change, with what is needed to undo exactly it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "change", rename_all = "kebab-case")]
 pub enum Change {
-    /// A network device ktb created.
-    Device { name: String },
-    /// A route ktb added.
-    Route { net: String, device: String },
-    /// A file ktb rewrote; `original` is its whole content before.
-    File { path: PathBuf, original: String },
-    /// Lines ktb added to a file between two marker lines.
+    /// The TUN device ktb created; deleted on undo only while the device
+    /// with its name is still this one.
+    Device(OwnDevice),
+    /// A route ktb added (`net` like `10.96.0.0/16`) into its own device;
+    /// deleted on undo only while that device is still there, since a
+    /// route dies with its device and another device of the same name has
+    /// routes of its own.
+    Route { net: String, device: OwnDevice },
+    /// A line ktb inserted into a file (its `nameserver` line in
+    /// `resolv.conf`); `line` is its exact text, which names the session, so
+    /// removing every line equal to it removes ktb's and nothing else.
+    Line { path: PathBuf, line: String },
+    /// Lines ktb added to a file between two marker lines, `begin` and
+    /// `end`, which name the session; undo removes them and what is between.
     Block {
         path: PathBuf,
         begin: String,
@@ -33,9 +55,24 @@ pub enum Change {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Contents {
+    /// The format, [`FORMAT`] for journals this ktb writes.
+    version: u32,
     /// The ktb process that made the changes.
     pid: u32,
     changes: Vec<Change>,
+}
+
+/// What every journal format has: enough to refuse a foreign one well.
+#[derive(Deserialize)]
+struct Header {
+    /// Absent in format 1, the first one.
+    #[serde(default = "first_format")]
+    version: u32,
+    pid: u32,
+}
+
+fn first_format() -> u32 {
+    1
 }
 
 /// The journal file and what it holds.
@@ -73,6 +110,7 @@ impl Journal {
         let journal = Journal {
             path,
             contents: Contents {
+                version: FORMAT,
                 pid: std::process::id(),
                 changes: Vec::new(),
             },
@@ -81,22 +119,42 @@ impl Journal {
         Ok(journal)
     }
 
-    /// The journal at `path`, if there is one.
+    /// The journal at `path`, if there is one. A journal of another format
+    /// is an error that says what to do with it, unless its ktb still runs
+    /// (that one will undo its own changes).
     pub fn load(path: &Path) -> anyhow::Result<Option<Journal>> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let contents = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a ktb journal", path.display()))?;
+        let not_a_journal = || format!("{} is not a ktb journal", path.display());
+        let header: Header = serde_json::from_str(&text).with_context(not_a_journal)?;
+        if header.version != FORMAT {
+            if header.pid != std::process::id() && process_alive(header.pid) {
+                anyhow::bail!(
+                    "`ktb connect` (pid {}) of another ktb version runs on this machine; stop it first",
+                    header.pid
+                );
+            }
+            anyhow::bail!(
+                "{} was written by a ktb with journal format {} (this one undoes format {FORMAT}), \
+                 so its changes are not undone automatically. Read it, take back by hand what is \
+                 still there (`ip link`, `ip route`, the `nameserver 127.0.0.153` line in \
+                 /etc/resolv.conf, the `# BEGIN ktb connect` block in /etc/hosts), then delete it",
+                path.display(),
+                header.version
+            );
+        }
+        let contents = serde_json::from_str(&text).with_context(not_a_journal)?;
         Ok(Some(Journal {
             path: path.to_owned(),
             contents,
         }))
     }
 
-    /// Records a change that is about to be made.
+    /// Records a change that is about to be made (or, for the device, that
+    /// was just made).
     pub fn record(&mut self, change: Change) -> anyhow::Result<()> {
         self.contents.changes.push(change);
         self.save()
@@ -112,18 +170,10 @@ impl Journal {
         &self.contents.changes
     }
 
-    /// Writes the journal durably: a temporary file, synced, renamed over.
     fn save(&self) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("tmp");
         let text = serde_json::to_string_pretty(&self.contents)?;
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().with_context(|| format!("cannot write the journal {}", self.path.display()))
+        system::write_file(&self.path, &text)
+            .with_context(|| format!("cannot write the journal {}", self.path.display()))
     }
 
     /// Undoes every change, newest first, then removes the journal. Keeps
@@ -150,60 +200,10 @@ impl Journal {
 
 fn undo(change: &Change) -> anyhow::Result<()> {
     match change {
-        Change::Device { name } => ip_ignoring_missing(&["link", "del", name]),
-        Change::Route { net, device } => ip_ignoring_missing(&["route", "del", net, "dev", device]),
-        Change::File { path, original } => write_in_place(path, original),
-        Change::Block { path, begin, end } => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let without = remove_block(&text, begin, end);
-            if without != text {
-                write_in_place(path, &without)?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// `text` without the lines from `begin` to `end` (inclusive).
-pub fn remove_block(text: &str, begin: &str, end: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut inside = false;
-    for line in text.split_inclusive('\n') {
-        let bare = line.trim_end_matches('\n');
-        if !inside && bare == begin {
-            inside = true;
-        } else if inside && bare == end {
-            inside = false;
-        } else if !inside {
-            out.push_str(line);
-        }
-    }
-    out
-}
-
-/// Rewrites a file's content without replacing the file: `/etc/resolv.conf`
-/// and `/etc/hosts` may be bind mounts (containers, network namespaces),
-/// which a rename would fail on.
-pub fn write_in_place(path: &Path, content: &str) -> anyhow::Result<()> {
-    std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Runs `ip`; "no such device/route" counts as done, since the change
-/// is already gone (a TUN device vanishes with the process that held it).
-pub fn ip_ignoring_missing(args: &[&str]) -> anyhow::Result<()> {
-    let output = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (install iproute2)")?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let gone = ["Cannot find device", "No such process", "No such device"]
-        .iter()
-        .any(|m| stderr.contains(m));
-    if output.status.success() || gone {
-        Ok(())
-    } else {
-        anyhow::bail!("`ip {}` failed: {}", args.join(" "), stderr.trim())
+        Change::Device(device) => system::remove_device(device),
+        Change::Route { net, device } => system::remove_route(net, device),
+        Change::Line { path, line } => system::remove_line(path, line),
+        Change::Block { path, begin, end } => system::remove_block(path, begin, end),
     }
 }
 
@@ -226,47 +226,111 @@ fn process_alive(pid: u32) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_block_is_removed_exactly() {
-        let text = "127.0.0.1 localhost\n# BEGIN ktb\n10.96.0.5 web\n# END ktb\n::1 localhost\n";
-        assert_eq!(
-            remove_block(text, "# BEGIN ktb", "# END ktb"),
-            "127.0.0.1 localhost\n::1 localhost\n"
-        );
-        let untouched = "no markers\nhere";
-        assert_eq!(
-            remove_block(untouched, "# BEGIN ktb", "# END ktb"),
-            untouched
-        );
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ktb-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]
-    fn files_come_back_byte_for_byte_newest_change_first() {
-        let dir = std::env::temp_dir().join(format!("ktb-journal-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let file = dir.join("resolv.conf");
-        std::fs::create_dir_all(&dir).unwrap();
-        let original = "nameserver 192.0.2.1\noptions timeout:1\n";
-        std::fs::write(&file, original).unwrap();
+    fn only_ktbs_own_lines_go_and_what_others_changed_stays() {
+        let dir = temp_dir("undo");
+        let resolv = dir.join("resolv.conf");
+        let hosts = dir.join("hosts");
+        std::fs::write(&resolv, "nameserver 192.0.2.1\noptions timeout:1\n").unwrap();
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
 
         let mut journal = Journal::start(&dir).unwrap();
-        for round in ["first", "second"] {
-            let before = std::fs::read_to_string(&file).unwrap();
-            journal
-                .record(Change::File {
-                    path: file.clone(),
-                    original: before,
-                })
-                .unwrap();
-            std::fs::write(&file, format!("nameserver 127.0.0.153 # {round}\n")).unwrap();
-        }
+        system::switch_resolv_conf(&mut journal, &resolv, "127.0.0.153".parse().unwrap(), "s1")
+            .unwrap();
+        let entry = system::HostEntry::new("10.96.0.5".parse().unwrap(), ["web"]).unwrap();
+        system::add_hosts_block(&mut journal, &hosts, "s1", &[entry]).unwrap();
+        // Meanwhile a VPN client adds its server, and someone a host.
+        let resolv_now = std::fs::read_to_string(&resolv).unwrap();
+        std::fs::write(
+            &resolv,
+            format!("{resolv_now}nameserver 198.51.100.7 # vpn\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            &hosts,
+            format!(
+                "{}192.0.2.9 printer\n",
+                std::fs::read_to_string(&hosts).unwrap()
+            ),
+        )
+        .unwrap();
+
         // A crash: the journal on disk is all that is left.
         drop(journal);
         let left = Journal::load(&journal_path(&dir)).unwrap().unwrap();
         assert_eq!(left.changes().len(), 2);
         left.undo().unwrap();
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+        assert_eq!(
+            std::fs::read_to_string(&resolv).unwrap(),
+            "nameserver 192.0.2.1\noptions timeout:1\nnameserver 198.51.100.7 # vpn\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1 localhost\n192.0.2.9 printer\n"
+        );
         assert!(!journal_path(&dir).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn devices_and_routes_are_read_back_as_written() {
+        let device = OwnDevice {
+            name: "ktb0".into(),
+            index: 7,
+        };
+        let changes = vec![
+            Change::Device(device.clone()),
+            Change::Route {
+                net: "10.96.0.0/16".into(),
+                device,
+            },
+        ];
+        let text = serde_json::to_string(&changes).unwrap();
+        assert!(
+            text.contains(r#"{"change":"device","name":"ktb0","index":7}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Vec<Change>>(&text).unwrap(), changes);
+    }
+
+    #[test]
+    fn a_journal_of_the_first_format_is_refused_with_advice_not_undone() {
+        let dir = temp_dir("old");
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.153\n").unwrap();
+        let old = serde_json::json!({
+            "pid": 999_999_999u32,
+            "changes": [
+                { "change": "device", "name": "tun0" },
+                { "change": "file", "path": resolv, "original": "" },
+            ],
+        });
+        std::fs::write(journal_path(&dir), old.to_string()).unwrap();
+        for refused in [
+            Journal::load(&journal_path(&dir)).err(),
+            Journal::start(&dir).err(),
+        ] {
+            let message = format!("{:#}", refused.expect("refused"));
+            assert!(message.contains("journal format 1"), "{message}");
+            assert!(message.contains("then delete it"), "{message}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(&resolv).unwrap(),
+            "nameserver 127.0.0.153\n"
+        );
+        assert!(Journal::load(&dir.join("absent.json")).unwrap().is_none());
+        std::fs::write(journal_path(&dir), r#"{"hello": 1}"#).unwrap();
+        assert!(
+            format!("{:#}", Journal::load(&journal_path(&dir)).err().unwrap())
+                .contains("is not a ktb journal")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -318,19 +318,9 @@ async fn start_local(
         ));
     }
     let journal = journal.context("tun mode keeps a journal")?;
-    let device = &options.device;
-    system::record_device(journal, device)?;
-    let tun = tun::create(device).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
-            "creating the TUN device {device} needs root or CAP_NET_ADMIN: run ktb with sudo, \
-             or use `--mode socks5`, which needs neither"
-        ),
-        _ => anyhow::anyhow!(
-            "cannot create the TUN device {device}: {e} (is /dev/net/tun there? `modprobe tun` loads it)"
-        ),
-    })?;
+    let (tun, device) = system::create_device(journal, &options.device)?;
     tasks.spawn(tun::serve(tun, outbound.clone()));
-    system::add_routes(journal, ranges, device)?;
+    system::add_routes(journal, ranges, &device)?;
     let routed = ranges
         .iter()
         .map(Ipv4Net::to_string)
@@ -350,6 +340,7 @@ async fn start_local(
                 journal,
                 Path::new(system::RESOLV_CONF),
                 dns::LISTEN.ip(),
+                session,
             )?;
             let others = upstream
                 .iter()
@@ -363,37 +354,58 @@ async fn start_local(
             )
         }
         DnsMode::Hosts => {
-            let lines = hosts_lines(cluster, &outbound.resolver()).await?;
-            let count = lines.len();
-            system::add_hosts_block(journal, Path::new(system::HOSTS), session, &lines)?;
+            let entries = hosts_lines(cluster, &outbound.resolver()).await?;
+            let count = entries.len();
+            system::add_hosts_block(journal, Path::new(system::HOSTS), session, &entries)?;
             format!("DNS: {count} Services in /etc/hosts")
         }
         DnsMode::Off => "DNS: off".to_owned(),
     };
-    Ok(format!("{routed} routed through {device}; {dns}"))
+    Ok(format!("{routed} routed through {}; {dns}", device.name))
 }
 
 /// `/etc/hosts` lines for the namespace's Services: every spelling a pod
-/// of the namespace could use.
+/// of the namespace could use. A Service whose name or ClusterIP could not
+/// be a hosts line is left out, with a warning.
 async fn hosts_lines(
     cluster: &Cluster,
     resolver: &ktb_proto::handshake::Resolver,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<system::HostEntry>> {
     let ns = &cluster.namespace;
-    let domain = dns::cluster_domain(resolver);
+    let domain = dns::cluster_domain(resolver)?;
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns)
         .list(&ListParams::default())
         .await
         .context("cannot list the namespace's Services for /etc/hosts")?;
-    Ok(services
-        .items
-        .iter()
-        .filter_map(|s| {
-            let name = s.metadata.name.as_deref()?;
-            let ip = s.spec.as_ref()?.cluster_ip.as_deref()?;
-            (ip != "None" && !ip.is_empty()).then(|| {
-                format!("{ip} {name} {name}.{ns} {name}.{ns}.svc {name}.{ns}.svc.{domain}")
-            })
-        })
-        .collect())
+    let mut entries = Vec::new();
+    for service in &services.items {
+        let name = service.metadata.name.as_deref().unwrap_or_default();
+        let Some(ip) = service.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) else {
+            continue;
+        };
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        let entry = ip
+            .parse()
+            .with_context(|| format!("its ClusterIP {ip:?} is no IP address"))
+            .and_then(|ip| {
+                system::HostEntry::new(
+                    ip,
+                    [
+                        name.to_owned(),
+                        format!("{name}.{ns}"),
+                        format!("{name}.{ns}.svc"),
+                        format!("{name}.{ns}.svc.{domain}"),
+                    ],
+                )
+            });
+        match entry {
+            Ok(entry) => entries.push(entry),
+            Err(e) => say(format!(
+                "warning: Service {name:?} left out of /etc/hosts: {e:#}"
+            )),
+        }
+    }
+    Ok(entries)
 }

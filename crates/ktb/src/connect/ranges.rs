@@ -4,8 +4,12 @@
 //! ServiceCIDR API), so the ranges are guessed from what is visible in the
 //! namespace — the ClusterIPs of its Services and the IPs of its pods — and
 //! widened to covering prefixes, each at least a /16, since a cluster hands
-//! out pod and Service addresses from a few wide blocks. When the user may
-//! read nodes' `podCIDR`s and ServiceCIDRs, those exact ranges win.
+//! out pod and Service addresses from a few wide blocks, and at most a /12,
+//! so that a few scattered addresses never route whole private networks
+//! away from the LAN or a VPN. A hostNetwork pod's IP is its node's
+//! address, on whatever network the nodes sit on, so it is no clue. When
+//! the user may read nodes' `podCIDR`s and ServiceCIDRs, those exact ranges
+//! win, if none is wider than the guesses may be.
 //! `--cidr` replaces the guess, `--exclude` cuts holes in it, and the
 //! apiserver's own address is always cut out: the tunnel rides on it.
 //!
@@ -14,6 +18,7 @@
 //! one) would silently take that traffic away, so it is refused with both
 //! named, unless the user forces it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
@@ -21,8 +26,14 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ListParams};
 
-/// The widest guess made from visible addresses of one kind.
-const GUESS_PREFIX: u8 = 16;
+/// The narrowest prefix guessed around visible addresses: clusters hand
+/// out addresses from blocks at least this wide.
+const NARROWEST_GUESS: u8 = 16;
+/// The widest prefix discovery routes. Kubernetes' widest default block is
+/// a /12 (kubeadm's Service range 10.96.0.0/12), so a cluster's ranges fit;
+/// wider ones are what whole sites and VPNs use (10.0.0.0/8), and routing
+/// one of those into the tunnel would take their traffic away.
+const WIDEST_GUESS: u8 = 12;
 
 /// Ranges seen in the cluster, before exclusions.
 pub async fn discover(client: &kube::Client, namespace: &str) -> anyhow::Result<Vec<Ipv4Net>> {
@@ -43,34 +54,55 @@ pub async fn discover(client: &kube::Client, namespace: &str) -> anyhow::Result<
     let pods = Api::<Pod>::namespaced(client.clone(), namespace)
         .list(&ListParams::default())
         .await?;
-    let pod_ips = pods
-        .items
-        .iter()
-        .filter_map(|p| p.status.as_ref()?.pod_ips.clone())
-        .flatten()
-        .filter_map(|ip| ip.ip.parse::<Ipv4Addr>().ok())
-        .collect::<Vec<_>>();
-    let guessed = [covering(&service_ips), covering(&pod_ips)]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>();
+    let mut guessed = covering(&service_ips);
+    guessed.extend(covering(&pod_addresses(&pods.items)));
     Ok(Ipv4Net::aggregate(&guessed))
+}
+
+/// The pods' own IPv4 addresses. A hostNetwork pod has its node's address,
+/// as does any pod whose IP is its host's, so those are left out.
+pub fn pod_addresses(pods: &[Pod]) -> Vec<Ipv4Addr> {
+    pods.iter()
+        .filter(|p| {
+            !p.spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false)
+        })
+        .filter_map(|p| p.status.as_ref())
+        .flat_map(|status| {
+            let host_ips = status
+                .host_ips
+                .iter()
+                .flatten()
+                .map(|h| h.ip.as_str())
+                .chain(status.host_ip.as_deref())
+                .collect::<Vec<_>>();
+            status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.as_str())
+                .filter(move |ip| !host_ips.contains(ip))
+                .filter_map(|ip| ip.parse::<Ipv4Addr>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Node pod CIDRs and ServiceCIDRs, if this user may read them.
 async fn exact_ranges(client: &kube::Client) -> Vec<Ipv4Net> {
-    let mut ranges = Vec::new();
     let Ok(nodes) = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
     else {
-        return ranges;
+        return Vec::new();
     };
     let Ok(cidrs) = Api::<ServiceCIDR>::all(client.clone())
         .list(&ListParams::default())
         .await
     else {
-        return ranges;
+        return Vec::new();
     };
     let parse = |cidrs: Vec<String>| -> Vec<Ipv4Net> {
         cidrs.iter().filter_map(|c| c.parse().ok()).collect()
@@ -91,21 +123,56 @@ async fn exact_ranges(client: &kube::Client) -> Vec<Ipv4Net> {
             .flatten()
             .collect(),
     );
-    // Only both together are exact; one alone would drop the other kind.
-    if !node_cidrs.is_empty() && !service_cidrs.is_empty() {
-        ranges.extend(node_cidrs.into_iter().chain(service_cidrs));
+    exact(node_cidrs, service_cidrs)
+}
+
+/// The cluster's own ranges when they can be routed as they are: pod and
+/// Service ranges both (one alone would drop the other kind), none wider
+/// than a /[`WIDEST_GUESS`]. Empty means: guess instead.
+fn exact(node_cidrs: Vec<Ipv4Net>, service_cidrs: Vec<Ipv4Net>) -> Vec<Ipv4Net> {
+    if node_cidrs.is_empty() || service_cidrs.is_empty() {
+        return Vec::new();
+    }
+    let ranges = node_cidrs
+        .into_iter()
+        .chain(service_cidrs)
+        .collect::<Vec<_>>();
+    if let Some(wide) = ranges.iter().find(|r| r.prefix_len() < WIDEST_GUESS) {
+        tracing::warn!(
+            "the cluster's range {wide} is wider than a /{WIDEST_GUESS}, which ktb does not route \
+             unasked; routing ranges guessed from the namespace's addresses instead \
+             (--cidr routes the ranges you give it)"
+        );
+        return Vec::new();
     }
     ranges
 }
 
-/// The smallest prefix, no narrower than [`GUESS_PREFIX`], holding every address.
-pub fn covering(ips: &[Ipv4Addr]) -> Option<Ipv4Net> {
-    let first = *ips.first()?;
-    let mut net = Ipv4Net::new(first, GUESS_PREFIX).ok()?.trunc();
-    while !ips.iter().all(|ip| net.contains(ip)) {
-        net = net.supernet()?;
+/// Prefixes holding every address, each between a /12 and a /16 (see
+/// `WIDEST_GUESS`, `NARROWEST_GUESS`): the addresses that share a /12 are covered by the
+/// smallest prefix holding them all, so addresses far apart get prefixes of
+/// their own instead of one spanning everything between.
+pub fn covering(ips: &[Ipv4Addr]) -> Vec<Ipv4Net> {
+    let mut groups = BTreeMap::<Ipv4Net, Vec<Ipv4Addr>>::new();
+    for ip in ips {
+        let block = Ipv4Net::new(*ip, WIDEST_GUESS)
+            .expect("a valid prefix length")
+            .trunc();
+        groups.entry(block).or_default().push(*ip);
     }
-    Some(net)
+    groups
+        .values()
+        .map(|group| {
+            let mut net = Ipv4Net::new(group[0], NARROWEST_GUESS)
+                .expect("a valid prefix length")
+                .trunc();
+            // Ends at the group's /12 at the latest, which holds them all.
+            while !group.iter().all(|ip| net.contains(ip)) {
+                net = net.supernet().expect("a /12 has a supernet");
+            }
+            net
+        })
+        .collect()
 }
 
 /// `ranges` with every `hole` cut out, as few prefixes as possible.
@@ -197,13 +264,77 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn ips<const N: usize>(ips: [&str; N]) -> [Ipv4Addr; N] {
+        ips.map(|s| s.parse().unwrap())
+    }
+
     #[test]
     fn visible_addresses_widen_to_a_covering_block() {
-        let ips = ["10.96.0.1", "10.96.14.7", "10.96.200.3"].map(|s| s.parse().unwrap());
-        assert_eq!(covering(&ips), Some(net("10.96.0.0/16")));
-        let spread = ["10.96.0.1", "10.100.0.1"].map(|s| s.parse().unwrap());
-        assert_eq!(covering(&spread), Some(net("10.96.0.0/13")));
-        assert_eq!(covering(&[]), None);
+        let same = ips(["10.96.0.1", "10.96.14.7", "10.96.200.3"]);
+        assert_eq!(covering(&same), [net("10.96.0.0/16")]);
+        let spread = ips(["10.96.0.1", "10.100.0.1"]);
+        assert_eq!(covering(&spread), [net("10.96.0.0/13")]);
+        assert!(covering(&[]).is_empty());
+    }
+
+    #[test]
+    fn no_guess_is_wider_than_a_slash_12() {
+        // Once this widened to 0.0.0.0/0, taking every route of the machine.
+        let far = ips(["10.96.0.1", "172.16.5.4", "10.244.1.9"]);
+        assert_eq!(
+            covering(&far),
+            [
+                net("10.96.0.0/16"),
+                net("10.244.0.0/16"),
+                net("172.16.0.0/16")
+            ]
+        );
+        let across_a_slash_12 = ips(["10.95.0.1", "10.96.0.1"]);
+        assert_eq!(
+            covering(&across_a_slash_12),
+            [net("10.95.0.0/16"), net("10.96.0.0/16")]
+        );
+        let whole_block = ips(["10.96.0.1", "10.111.255.254"]);
+        assert_eq!(covering(&whole_block), [net("10.96.0.0/12")]);
+    }
+
+    #[test]
+    fn exact_ranges_wider_than_a_slash_12_are_not_routed() {
+        let pods = vec![net("10.244.0.0/24"), net("10.244.1.0/24")];
+        assert_eq!(
+            exact(pods.clone(), vec![net("10.96.0.0/12")]),
+            [
+                net("10.244.0.0/24"),
+                net("10.244.1.0/24"),
+                net("10.96.0.0/12")
+            ]
+        );
+        assert!(exact(pods.clone(), vec![net("10.0.0.0/8")]).is_empty());
+        assert!(exact(pods, Vec::new()).is_empty());
+    }
+
+    fn pod(ip: &str, host_ip: &str, host_network: Option<bool>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p" },
+            "spec": { "containers": [], "hostNetwork": host_network },
+            "status": { "podIP": ip, "podIPs": [{ "ip": ip }], "hostIP": host_ip, "hostIPs": [{ "ip": host_ip }] },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn host_network_pods_are_no_clue_to_the_cluster_ranges() {
+        let pods = [
+            pod("10.244.1.7", "192.168.10.21", None),
+            pod("10.244.2.9", "192.168.10.22", Some(false)),
+            // kube-proxy, CNI agents: the node's address on the office LAN.
+            pod("192.168.10.21", "192.168.10.21", Some(true)),
+            // The same, with hostNetwork not reported.
+            pod("192.168.10.22", "192.168.10.22", None),
+        ];
+        let found = pod_addresses(&pods);
+        assert_eq!(found, ips(["10.244.1.7", "10.244.2.9"]));
+        assert_eq!(covering(&found), [net("10.244.0.0/16")]);
     }
 
     #[test]

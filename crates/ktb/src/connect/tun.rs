@@ -42,7 +42,10 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2 * 60 
 /// from delayed ACKs on the small segments, in `cargo xtask bench connect`.
 const MSS: u16 = MTU - 40;
 
-/// Creates the device, up, with its address. Needs CAP_NET_ADMIN.
+/// Creates the device, up, with its address. Needs CAP_NET_ADMIN. Never
+/// made persistent: the device goes with the last handle to it, so one
+/// that ktb dies before journaling cannot outlive it (see
+/// [`super::system::create_device`]).
 pub fn create(name: &str) -> io::Result<AsyncDevice> {
     DeviceBuilder::new()
         .name(name)
