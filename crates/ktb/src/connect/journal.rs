@@ -101,8 +101,8 @@ impl Journal {
                     old.contents.pid
                 );
             }
-            eprintln!(
-                "ktb: undoing what an earlier `ktb connect` (pid {}) left behind",
+            tracing::warn!(
+                "undoing what an earlier `ktb connect` (pid {}) left behind",
                 old.contents.pid
             );
             old.undo()?;

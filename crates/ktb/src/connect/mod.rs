@@ -105,7 +105,11 @@ pub async fn run(
     }
     preflight::check(cluster, &needs).await?;
     let ranges = match options.mode {
-        Mode::Tun => plan_ranges(cluster, &options, reporter).await?,
+        Mode::Tun => {
+            // Refused before the cluster is touched, not after the agent is up.
+            system::check_device_free(&options.device)?;
+            plan_ranges(cluster, &options, reporter).await?
+        }
         Mode::Socks5 => Vec::new(),
     };
     let socks = match options.mode {
@@ -147,6 +151,7 @@ pub async fn run(
         options: &options,
         session: &session,
         ranges: &ranges,
+        reporter,
         cluster,
     };
     let local = tokio::select! {
@@ -291,6 +296,7 @@ struct LocalPlan<'a> {
     options: &'a ConnectOptions,
     session: &'a str,
     ranges: &'a [Ipv4Net],
+    reporter: &'a Reporter,
     cluster: &'a Cluster,
 }
 
@@ -308,6 +314,7 @@ async fn start_local(
         options,
         session,
         ranges,
+        reporter,
         cluster,
     } = *plan;
     if let Some(listener) = socks {
@@ -354,7 +361,7 @@ async fn start_local(
             )
         }
         DnsMode::Hosts => {
-            let entries = hosts_lines(cluster, &outbound.resolver()).await?;
+            let entries = hosts_lines(cluster, &outbound.resolver(), reporter).await?;
             let count = entries.len();
             system::add_hosts_block(journal, Path::new(system::HOSTS), session, &entries)?;
             format!("DNS: {count} Services in /etc/hosts")
@@ -370,6 +377,7 @@ async fn start_local(
 async fn hosts_lines(
     cluster: &Cluster,
     resolver: &ktb_proto::handshake::Resolver,
+    reporter: &Reporter,
 ) -> anyhow::Result<Vec<system::HostEntry>> {
     let ns = &cluster.namespace;
     let domain = dns::cluster_domain(resolver)?;
@@ -402,9 +410,7 @@ async fn hosts_lines(
             });
         match entry {
             Ok(entry) => entries.push(entry),
-            Err(e) => say(format!(
-                "warning: Service {name:?} left out of /etc/hosts: {e:#}"
-            )),
+            Err(e) => reporter.warn(format!("Service {name:?} left out of /etc/hosts: {e:#}")),
         }
     }
     Ok(entries)

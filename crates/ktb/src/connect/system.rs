@@ -213,7 +213,7 @@ pub fn remove_device(device: &OwnDevice) -> anyhow::Result<()> {
         DeviceUndo::Delete => ip_ignoring_missing(&["link", "del", "dev", name]),
         DeviceUndo::Gone => Ok(()),
         DeviceUndo::NotOurs(why) => {
-            eprintln!("ktb: leaving the interface {name} alone: {why}");
+            tracing::warn!("leaving the interface {name} alone: {why}");
             Ok(())
         }
     }
