@@ -375,6 +375,22 @@ impl Workload {
         );
     }
 
+    /// Like [`Workload::wait_reaches_original`] on `port`, but any pod of
+    /// the Deployment counts: after scale mode the workload's pods are new.
+    pub fn wait_reaches_workload_on(&self, port: u16, what: &str) {
+        let prefix = format!("{}-", self.name);
+        self.wait_reaches_on(
+            port,
+            &format!(
+                "{what}: callers of {} to reach a pod of Deployment {}",
+                self.target_on(port),
+                self.name
+            ),
+            |got| got.starts_with(&prefix),
+            Duration::from_secs(60),
+        );
+    }
+
     /// ktb's objects for this Service.
     pub fn ktb_objects(&self) -> Vec<KtbObject> {
         ktb_objects(&self.namespace, Some(&self.name))

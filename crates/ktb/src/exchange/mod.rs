@@ -462,6 +462,11 @@ async fn warn_once_if_drifted(
             let Ok(Ok(current)) = tokio::time::timeout(every, services.get(name)).await else {
                 continue;
             };
+            // Another session's mark means our Lease was taken over: the
+            // renewals say so, with who and since when.
+            if service::session_of(&current).is_some_and(|s| s != session) {
+                continue;
+            }
             let selector = selector_of(&current);
             if selector
                 .get(ktb_kube::names::SESSION_LABEL)
