@@ -9,6 +9,12 @@
 //! - `probe tcp HOST:PORT`: connect, print `connected`.
 //! - `probe dns-latency SERVER:PORT NAME COUNT`: COUNT A queries one after
 //!   the other, print the median and 99th percentile round trip in µs.
+//! - `probe flood TUNNEL:PORT CALLERS:PORT SECONDS`: the hostile in-cluster
+//!   neighbour of an agent. 1,000 connections to the tunnel endpoint, each a
+//!   WebSocket upgrade to `/tunnel` followed by most of a 256 KiB first
+//!   message and then silence, and 2,000 idle connections to an exposed
+//!   port; all held for SECONDS, then a one-line count of what the agent
+//!   let through (`tunnel: … callers: …`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -26,9 +32,10 @@ fn main() -> ExitCode {
         ["http", target, path] => http(target, path),
         ["tcp", target] => connect(target).map(|_| println!("connected")),
         ["dns-latency", server, name, count] => dns_latency(server, name, count),
+        ["flood", tunnel, callers, seconds] => flood(tunnel, callers, seconds),
         _ => Err(
             "usage: probe resolve NAME | http HOST:PORT [PATH] | tcp HOST:PORT \
-                  | dns-latency SERVER:PORT NAME COUNT"
+                  | dns-latency SERVER:PORT NAME COUNT | flood TUNNEL:PORT CALLERS:PORT SECONDS"
                 .into(),
         ),
     };
@@ -99,4 +106,89 @@ fn http(target: &str, path: &str) -> Result<()> {
     }
     print!("{body}");
     Ok(())
+}
+
+/// Connections to the tunnel endpoint, and to the exposed port.
+const FLOOD_TUNNEL: usize = 1000;
+const FLOOD_CALLERS: usize = 2000;
+/// Threads opening them, so that stalled writes overlap.
+const FLOOD_THREADS: usize = 20;
+/// The first message announced, and how much of it is sent.
+const FLOOD_MESSAGE: usize = 256 * 1024;
+const FLOOD_SENT: usize = FLOOD_MESSAGE - 4096;
+
+/// What one flooding connection got to.
+#[derive(Default, Clone, Copy)]
+struct Reached {
+    connected: usize,
+    upgraded: usize,
+    /// Every byte meant for the first message was accepted by the socket.
+    written: usize,
+}
+
+fn flood(tunnel: &str, callers: &str, seconds: &str) -> Result<()> {
+    let seconds: u64 = seconds.parse()?;
+    let tunnel: SocketAddr = tunnel.parse()?;
+    let callers: SocketAddr = callers.parse()?;
+    let per_thread = FLOOD_TUNNEL / FLOOD_THREADS;
+    let workers: Vec<_> = (0..FLOOD_THREADS)
+        .map(|_| std::thread::spawn(move || flood_tunnel(tunnel, per_thread)))
+        .collect();
+    let mut held = Vec::new();
+    let mut reached = Reached::default();
+    for worker in workers {
+        let (sockets, r) = worker.join().map_err(|_| "a flooding thread panicked")?;
+        held.extend(sockets);
+        reached.connected += r.connected;
+        reached.upgraded += r.upgraded;
+        reached.written += r.written;
+    }
+    let mut idle = 0;
+    for _ in 0..FLOOD_CALLERS {
+        if let Ok(s) = TcpStream::connect_timeout(&callers, TIMEOUT) {
+            held.push(s);
+            idle += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(seconds));
+    println!(
+        "tunnel: {} connected, {} upgraded, {} wrote {FLOOD_SENT} bytes; callers: {idle} connected",
+        reached.connected, reached.upgraded, reached.written
+    );
+    Ok(())
+}
+
+/// `count` connections to the tunnel endpoint, each left hanging inside
+/// its first WebSocket message.
+fn flood_tunnel(addr: SocketAddr, count: usize) -> (Vec<TcpStream>, Reached) {
+    let mut held = Vec::new();
+    let mut reached = Reached::default();
+    for i in 0..count {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, TIMEOUT) else {
+            continue;
+        };
+        reached.connected += 1;
+        let _ = s.set_read_timeout(Some(TIMEOUT));
+        let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+        let upgrade = format!(
+            "GET /tunnel HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: a3RiLWZsb29kLXRlc3QtMDA=\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let mut answer = [0u8; 1024];
+        let upgraded = s.write_all(upgrade.as_bytes()).is_ok()
+            && matches!(s.read(&mut answer), Ok(n) if answer[..n].starts_with(b"HTTP/1.1 101"));
+        if upgraded {
+            reached.upgraded += 1;
+            // A masked binary frame announcing FLOOD_MESSAGE bytes.
+            let mut frame = vec![0x82, 0x80 | 127];
+            frame.extend_from_slice(&(FLOOD_MESSAGE as u64).to_be_bytes());
+            frame.extend_from_slice(&(i as u32).to_be_bytes());
+            frame.resize(frame.len() + FLOOD_SENT, 0x5a);
+            if s.write_all(&frame).is_ok() {
+                reached.written += 1;
+            }
+        }
+        held.push(s);
+    }
+    (held, reached)
 }
