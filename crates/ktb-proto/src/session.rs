@@ -28,7 +28,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -199,8 +198,6 @@ pub(crate) struct Inner {
     /// Data, FIN and datagrams, in order per stream; bounded for backpressure.
     pub(crate) data: mpsc::Sender<Message>,
     state: Mutex<State>,
-    /// The id of the next stream this side opens; only grows.
-    next_stream: AtomicU32,
     closed: watch::Sender<Option<CloseReason>>,
     /// Becomes true when the writer has stopped (close frame sent or socket dead).
     writer_done: watch::Receiver<bool>,
@@ -208,6 +205,10 @@ pub(crate) struct Inner {
 
 struct State {
     streams: HashMap<StreamId, StreamSlot>,
+    /// The id of the next stream this side opens; only grows. Allocated
+    /// under the lock that also queues the `Open`, so `Open`s leave in id
+    /// order even when many tasks open streams at once.
+    next_stream: StreamId,
     /// Window bytes granted beyond [`INITIAL_WINDOW`], over open streams.
     widened: usize,
     /// The highest id the peer has opened (0: none yet). Its ids must grow,
@@ -273,29 +274,38 @@ impl Session {
     /// the session's stream limit the stream comes back already reset,
     /// with the reason.
     pub fn open(&self, target: Target) -> Result<Stream, SessionClosed> {
-        let id = self
-            .inner
-            .next_stream
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |id| id.checked_add(2))
-            .map_err(|_| {
-                self.inner.shut_down(local_close(
-                    close_code::OVERLOADED,
-                    "this tunnel used up its 2^31 stream ids; reconnect",
-                ));
-                self.closed_error()
-            })?;
-        match self.inner.register(id, true) {
-            Ok((stream, widened)) => {
-                self.inner
-                    .send_control(frame(Frame::Open { stream: id, target }));
-                self.inner.send_widening(id, widened);
-                Ok(stream)
-            }
+        let inner = &self.inner;
+        let mut state = inner.state.lock().expect("state lock");
+        let id = state.next_stream;
+        let Some(next) = id.checked_add(2) else {
+            drop(state);
+            inner.shut_down(local_close(
+                close_code::OVERLOADED,
+                "this tunnel used up its 2^31 stream ids; reconnect",
+            ));
+            return Err(self.closed_error());
+        };
+        let (stream, widened) = match inner.register(&mut state, id, true) {
+            Ok(registered) => registered,
             Err(Unregistered::Refused(reason)) => {
-                Ok(Stream::refused(Arc::clone(&self.inner), &reason))
+                drop(state);
+                return Ok(Stream::refused(Arc::clone(inner), &reason));
             }
-            Err(Unregistered::Closed) => Err(self.closed_error()),
+            Err(Unregistered::Closed) => {
+                drop(state);
+                return Err(self.closed_error());
+            }
+        };
+        state.next_stream = next;
+        let queued = inner
+            .control
+            .try_send(frame(Frame::Open { stream: id, target }));
+        drop(state);
+        if let Err(TrySendError::Full(_)) = queued {
+            inner.overloaded();
         }
+        inner.send_widening(id, widened);
+        Ok(stream)
     }
 
     /// Agent side: completes the handshake. Sent ahead of anything else on
@@ -377,11 +387,11 @@ impl Inner {
             data: data_tx,
             state: Mutex::new(State {
                 streams: HashMap::new(),
+                next_stream: side.first_stream_id(),
                 widened: 0,
                 peer_high: 0,
                 closed: false,
             }),
-            next_stream: AtomicU32::new(side.first_stream_id()),
             closed: closed_tx,
             writer_done: writer_done_rx,
         });
@@ -397,10 +407,10 @@ impl Inner {
     /// says whether its window was widened beyond [`INITIAL_WINDOW`].
     fn register(
         self: &Arc<Self>,
+        state: &mut State,
         id: StreamId,
         opened_here: bool,
     ) -> Result<(Stream, bool), Unregistered> {
-        let mut state = self.state.lock().expect("state lock");
         if state.closed {
             return Err(Unregistered::Closed);
         }
@@ -440,13 +450,16 @@ impl Inner {
     /// Never call with the state lock held.
     pub(crate) fn send_control(&self, message: Message) {
         if let Err(TrySendError::Full(_)) = self.control.try_send(message) {
-            self.shut_down(local_close(
-                close_code::OVERLOADED,
-                format!(
-                    "the peer stopped reading while {CONTROL_QUEUE} control frames waited for it"
-                ),
-            ));
+            self.overloaded();
         }
+    }
+
+    /// The control queue is full: see [`Inner::send_control`].
+    fn overloaded(&self) {
+        self.shut_down(local_close(
+            close_code::OVERLOADED,
+            format!("the peer stopped reading while {CONTROL_QUEUE} control frames waited for it"),
+        ));
     }
 
     fn stats(&self) -> SessionStats {
@@ -636,7 +649,7 @@ fn never_opened(inner: &Inner, state: &State, id: StreamId) -> bool {
         || if inner.side.opened_by_peer(id) {
             id > state.peer_high
         } else {
-            id >= inner.next_stream.load(Ordering::Relaxed)
+            id >= state.next_stream
         }
 }
 
@@ -702,7 +715,7 @@ fn dispatch(
             with_slot(inner, stream, "Opened", |slot| slot.confirm_open(stream))?
         }
         Frame::Open { stream: id, target } => {
-            {
+            let registered = {
                 let mut state = inner.state.lock().expect("state lock");
                 if !inner.side.opened_by_peer(id) || id <= state.peer_high {
                     return Err(local_close(
@@ -718,8 +731,9 @@ fn dispatch(
                     ));
                 }
                 state.peer_high = id;
-            }
-            let stream = match inner.register(id, false) {
+                inner.register(&mut state, id, false)
+            };
+            let stream = match registered {
                 Ok((stream, widened)) => {
                     inner.send_widening(id, widened);
                     stream
@@ -1036,10 +1050,7 @@ mod tests {
     #[tokio::test]
     async fn stream_ids_are_never_reused() {
         let (session, _incoming, _peer) = session_with_raw_peer().await;
-        session
-            .inner
-            .next_stream
-            .store(u32::MAX - 2, Ordering::Relaxed);
+        session.inner.state.lock().unwrap().next_stream = u32::MAX - 2;
         let last = session.open(Target::AgentPort { port: 1 }).unwrap();
         assert_eq!(last.id(), u32::MAX - 2);
         let err = session.open(Target::AgentPort { port: 1 }).unwrap_err();
