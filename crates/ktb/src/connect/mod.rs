@@ -32,11 +32,10 @@ use kube::api::{Api, ListParams};
 use rand::Rng;
 
 use ktb_kube::names::{connect_lease, AGENT_TUNNEL_PORT};
-use ktb_proto::SessionConfig;
+use ktb_proto::{ClientKey, SessionConfig};
 
 use crate::cluster::Cluster;
 use crate::exchange::lock::{self, Lock, Taken};
-use crate::exchange::random_token;
 use crate::exchange::shadow::{session_labels, Shadow, ShadowSpec};
 use crate::portforward::PortForward;
 use crate::preflight::{self, need};
@@ -230,13 +229,14 @@ async fn start_agent(
     objects: &str,
     lease: &Lock,
 ) -> anyhow::Result<(RunningTunnel, Outbound)> {
-    let token = random_token();
+    let key = ClientKey::generate()?;
+    let public_key = key.public().to_string();
     let spec = ShadowSpec {
         name: objects,
         session,
         service: None,
         lease: &lease.name(),
-        token: &token,
+        token: &public_key,
         target_ports: Vec::new(),
         image: &options.agent_image,
         pull_policy: &options.pull_policy,
@@ -256,7 +256,7 @@ async fn start_agent(
         port: AGENT_TUNNEL_PORT,
     };
     let config = TunnelConfig {
-        token,
+        key: Arc::new(key),
         session: SessionConfig::default(),
     };
     let outbound = Outbound::default();

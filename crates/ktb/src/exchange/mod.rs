@@ -29,7 +29,7 @@ use rand::Rng;
 use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
 use ktb_kube::service::{self, display, selector_of, Restored};
 use ktb_kube::workload::{self, Found, Kind};
-use ktb_proto::SessionConfig;
+use ktb_proto::{ClientKey, SessionConfig};
 
 use crate::cluster::Cluster;
 use crate::expose::Expose;
@@ -270,14 +270,15 @@ async fn exchange_locked(
     }
     let original = services.get(name).await?;
     let objects = session_objects(name, session);
-    let token = random_token();
+    let key = ClientKey::generate()?;
+    let public_key = key.public().to_string();
     let lease_name = lock.name();
     let spec = ShadowSpec {
         name: &objects,
         session,
         service: Some(name),
         lease: &lease_name,
-        token: &token,
+        token: &public_key,
         target_ports: routes.iter().map(|r| r.target_port).collect(),
         image: &options.agent_image,
         pull_policy: &options.pull_policy,
@@ -304,7 +305,7 @@ async fn exchange_locked(
             options.transport.describe()
         ));
         let tunnel_config = TunnelConfig {
-            token: token.clone(),
+            key: Arc::new(key),
             session: SessionConfig::default(),
         };
         let role = tunnel::exchange_role(
@@ -465,9 +466,4 @@ async fn warn_about_closed_local_ports(routes: &[PortRoute]) {
             say(format!("warning: nothing listens on {local} yet; callers will be reset until something does"));
         }
     }
-}
-
-pub(crate) fn random_token() -> String {
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
