@@ -92,6 +92,8 @@ impl Admission {
 /// A connection whose reads are capped in total until [`lift`](Self::lift).
 pub struct ReadLimit<S> {
     io: S,
+    /// The cap, for the error that reports it.
+    limit: usize,
     /// Bytes that may still be read; `None` once lifted.
     remaining: Option<usize>,
 }
@@ -100,6 +102,7 @@ impl<S> ReadLimit<S> {
     pub fn new(io: S, limit: usize) -> Self {
         ReadLimit {
             io,
+            limit,
             remaining: Some(limit),
         }
     }
@@ -125,7 +128,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadLimit<S> {
             *remaining = remaining.checked_sub(read).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("more than {HANDSHAKE_READ_LIMIT} bytes before authentication"),
+                    format!(
+                        "the client sent more than {} bytes before authenticating",
+                        this.limit
+                    ),
                 )
             })?;
         }

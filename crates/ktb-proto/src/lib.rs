@@ -16,7 +16,7 @@
 //!
 //! | kind | name       | body                                                        |
 //! |------|------------|-------------------------------------------------------------|
-//! | 0x01 | `Hello`    | magic `b"ktb!"`, min version u16, max version u16, 64 u8, client nonce (64 hex digits) |
+//! | 0x01 | `Hello`    | magic `b"ktb!"`, min version u16, max version u16, nonce len u8 (64), client nonce as 64 hex digits |
 //! | 0x02 | `Welcome`  | chosen version u16, port count u16, ports u16…, agent build len u8, agent build, resolver |
 //! | 0x03 | `Challenge`| agent nonce (32 bytes)                                      |
 //! | 0x04 | `Proof`    | Ed25519 signature (64 bytes, see [`auth`])                  |

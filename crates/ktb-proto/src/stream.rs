@@ -159,8 +159,8 @@ impl StreamSlot {
         Ok(())
     }
 
-    /// Credit the peer holds but has not used, and this side's bytes
-    /// queued and not yet delivered: (window, buffered).
+    /// (the window granted to the peer, the credit it used that this side
+    /// has not returned yet: bytes queued or being written out).
     pub(crate) fn receive_usage(&self) -> (u32, u32) {
         (self.window, self.in_flight.load(Ordering::Acquire))
     }
