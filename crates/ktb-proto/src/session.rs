@@ -41,7 +41,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::codec::{Frame, StreamId};
 use crate::handshake::{close_code, close_frame, Welcome};
-use crate::stream::{Stream, StreamSlot, INITIAL_WINDOW};
+use crate::stream::{Stream, StreamSlot, INITIAL_WINDOW, MAX_CHUNK};
 use crate::tcp::Target;
 use crate::udp::{Datagram, FlowId};
 
@@ -56,9 +56,9 @@ pub struct SessionConfig {
     /// The widest receive window granted to a stream (never less than
     /// [`INITIAL_WINDOW`]); also the most credit a peer may grant us.
     pub window: u32,
-    /// Largest `Data` payload read from a socket at once. Reads start
-    /// smaller and grow while the socket keeps filling them, so idle
-    /// streams do not each pin a full chunk.
+    /// Largest `Data` payload read from a socket at once (at most
+    /// [`MAX_CHUNK`]). Reads start smaller and grow while the socket keeps
+    /// filling them, so idle streams do not each pin a full chunk.
     pub chunk: usize,
     /// How often to ping the peer.
     pub keepalive_interval: Duration,
@@ -80,10 +80,10 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             window: 1024 * 1024,
-            // One allocation of exactly 64 KiB per frame: large enough for
+            // One allocation of exactly 48 KiB per frame: large enough for
             // few frames per byte, small enough to stay in malloc's arenas
             // (larger blocks are mmapped and page-faulted in on every read).
-            chunk: 64 * 1024 - crate::codec::DATA_HEADER_LEN,
+            chunk: MAX_CHUNK - crate::codec::DATA_HEADER_LEN,
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(20),
             incoming_queue: 4096,
@@ -1085,6 +1085,72 @@ mod tests {
         .await
         .expect("the tunnel closes");
         assert_eq!(reason.code, Some(close_code::OVERLOADED), "{reason}");
+    }
+
+    /// Two sessions over a pipe, the agent echoing every stream the
+    /// client opens.
+    async fn echoing_pair(config: SessionConfig) -> Session {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let agent =
+            WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
+        let client =
+            WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
+        let (_agent, mut incoming) = Session::start(agent, Side::Agent, config.clone());
+        tokio::spawn(async move {
+            while let Some(Incoming::Stream { stream, .. }) = incoming.recv().await {
+                stream.accept();
+                let (here, there) = tokio::io::duplex(64 * 1024);
+                let (r, w) = tokio::io::split(here);
+                tokio::spawn(stream.bridge(r, w));
+                let (mut r, mut w) = tokio::io::split(there);
+                tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await });
+            }
+        });
+        Session::start(client, Side::Client, config).0
+    }
+
+    #[tokio::test]
+    async fn narrow_windows_never_stall_whatever_the_write_sizes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // No widening: every stream keeps INITIAL_WINDOW, where a chunk
+        // larger than three quarters of the window could wait for credit
+        // the receiver holds back below its return threshold.
+        let config = SessionConfig {
+            max_streams: 4,
+            receive_budget: 4 * INITIAL_WINDOW as usize,
+            ..SessionConfig::default()
+        };
+        let session = echoing_pair(config).await;
+        let stream = session.open(Target::AgentPort { port: 1 }).unwrap();
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let (r, w) = tokio::io::split(theirs);
+        tokio::spawn(stream.bridge(r, w));
+        let (mut reader, mut writer) = tokio::io::split(ours);
+        let sizes = [
+            10_000, 65_531, 3, 40_000, 65_531, 16_383, 65_531, 1, 50_000, 65_531,
+        ];
+        let total: usize = sizes.iter().sum::<usize>() * 20;
+        let writes = tokio::spawn(async move {
+            for round in 0..20 {
+                for (i, size) in sizes.iter().enumerate() {
+                    writer
+                        .write_all(&vec![(round + i) as u8; *size])
+                        .await
+                        .unwrap();
+                    if i % 3 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut echoed))
+            .await
+            .expect("the stream never stalls")
+            .unwrap();
+        writes.await.unwrap();
+        assert_eq!(echoed.len(), total);
     }
 
     proptest::proptest! {

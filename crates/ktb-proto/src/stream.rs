@@ -37,6 +37,13 @@ pub const INITIAL_WINDOW: u32 = 64 * 1024;
 /// frame's bookkeeping would otherwise cost more than its bytes.
 pub const MIN_DATA_COST: u32 = 256;
 
+/// The largest `Data` payload a sender reads at once: three quarters of
+/// the narrowest window. A receiver returns credit once a quarter of its
+/// window is delivered, so a sender waiting for credit always has more
+/// than that quarter in flight, and the two never wait on each other
+/// (with whole-window chunks they did: found by a unit test).
+pub const MAX_CHUNK: usize = INITIAL_WINDOW as usize * 3 / 4;
+
 /// Credit a `Data` frame of `len` payload bytes consumes.
 pub(crate) fn data_cost(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX).max(MIN_DATA_COST)
@@ -353,9 +360,7 @@ async fn upstream<R: AsyncRead + Unpin>(
     credit: &Semaphore,
     mut reader: R,
 ) -> Result<(), StreamError> {
-    // Never more than the peer is sure to grant: acquiring more credit than
-    // a window holds would wait forever.
-    let max_chunk = inner.config.chunk.min(INITIAL_WINDOW as usize);
+    let max_chunk = inner.config.chunk.clamp(1, MAX_CHUNK);
     let mut read_size = max_chunk.min(MIN_READ);
     let tunnel_closed = || StreamError::Peer("the tunnel closed".into());
     loop {
