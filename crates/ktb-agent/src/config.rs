@@ -88,6 +88,7 @@ pub struct Config {
 
     /// Connect role: let the client dial link-local addresses
     /// (169.254.0.0/16, fe80::/10), where clouds serve node credentials.
+    /// (The pod's nameservers are allowed without it, on port 53.)
     #[arg(long, env = "KTB_AGENT_ALLOW_LINK_LOCAL")]
     pub allow_link_local: bool,
 
@@ -144,6 +145,7 @@ impl Config {
         DialPolicy {
             allow_loopback: self.allow_loopback,
             allow_link_local: self.allow_link_local,
+            nameservers: self.resolver.nameservers.iter().copied().collect(),
         }
     }
 }

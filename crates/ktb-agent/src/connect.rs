@@ -11,7 +11,10 @@
 //! it), link-local reaches the node's cloud metadata service (credentials
 //! of the node, at 169.254.169.254). The agent refuses those unless a flag
 //! allows them ([`DialPolicy`]), and never dials what cannot be a peer
-//! (unspecified, multicast, broadcast). Host names are resolved first and
+//! (unspecified, multicast, broadcast). The agent's own nameservers are
+//! always allowed, on port 53: they are what `Welcome` tells the client to
+//! ask, and node-local DNS caches listen on link-local addresses
+//! (169.254.20.10). Host names are resolved first and
 //! every address checked; the agent dials only addresses it checked, so a
 //! name cannot point elsewhere between check and dial.
 
@@ -101,12 +104,15 @@ impl fmt::Display for Special {
 }
 
 /// Which special destinations the client may reach anyway.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DialPolicy {
     /// `--allow-loopback`.
     pub allow_loopback: bool,
     /// `--allow-link-local`.
     pub allow_link_local: bool,
+    /// The nameservers of the agent's `resolv.conf` (port 53), allowed
+    /// whatever their address.
+    pub nameservers: Arc<[SocketAddr]>,
 }
 
 impl DialPolicy {
@@ -116,6 +122,9 @@ impl DialPolicy {
         let Some(kind) = Special::of(addr.ip()) else {
             return Ok(());
         };
+        if self.nameservers.contains(&addr) {
+            return Ok(());
+        }
         let flag = match kind {
             Special::Loopback if self.allow_loopback => return Ok(()),
             Special::LinkLocal if self.allow_link_local => return Ok(()),
@@ -139,7 +148,12 @@ pub async fn serve_requests(
     while let Some(item) = incoming.recv().await {
         match item {
             Incoming::Stream { stream, target } if connect_role => {
-                tokio::spawn(dial_and_bridge(stream, target, dial_timeout, policy));
+                tokio::spawn(dial_and_bridge(
+                    stream,
+                    target,
+                    dial_timeout,
+                    policy.clone(),
+                ));
             }
             Incoming::Stream { stream, .. } => stream
                 .reset("this agent is in exchange role and does not dial out (use `ktb connect`)"),
@@ -159,7 +173,7 @@ async fn dial_and_bridge(
     dial_timeout: Duration,
     policy: DialPolicy,
 ) {
-    let dialed = tokio::time::timeout(dial_timeout, dial(&target, policy)).await;
+    let dialed = tokio::time::timeout(dial_timeout, dial(&target, &policy)).await;
     let mut tcp = match dialed {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(reason)) => return stream.reset(&reason),
@@ -180,7 +194,7 @@ async fn dial_and_bridge(
 
 /// Connects to `target` if the policy allows it; the error is the reason
 /// the client is told.
-async fn dial(target: &Target, policy: DialPolicy) -> Result<TcpStream, String> {
+async fn dial(target: &Target, policy: &DialPolicy) -> Result<TcpStream, String> {
     let candidates: Vec<SocketAddr> = match target {
         Target::Addr(addr) => vec![*addr],
         Target::Host { host, port } => tokio::net::lookup_host((host.as_str(), *port))
@@ -360,6 +374,7 @@ mod tests {
         let open = DialPolicy {
             allow_loopback: true,
             allow_link_local: true,
+            ..DialPolicy::default()
         };
         assert!(open.check("127.0.0.1:80".parse().unwrap()).is_ok());
         assert!(open.check("[fe80::1]:80".parse().unwrap()).is_ok());
@@ -369,13 +384,25 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_agents_own_nameservers_are_allowed_on_port_53_only() {
+        let node_local_dns: SocketAddr = "169.254.20.10:53".parse().unwrap();
+        let policy = DialPolicy {
+            nameservers: Arc::from([node_local_dns]),
+            ..DialPolicy::default()
+        };
+        assert!(policy.check(node_local_dns).is_ok());
+        assert!(policy.check("169.254.20.10:80".parse().unwrap()).is_err());
+        assert!(policy.check("169.254.169.254:53".parse().unwrap()).is_err());
+    }
+
     #[tokio::test]
     async fn a_name_that_resolves_to_loopback_is_refused() {
         let target = Target::Host {
             host: "localhost".into(),
             port: 9,
         };
-        let reason = dial(&target, DialPolicy::default()).await.unwrap_err();
+        let reason = dial(&target, &DialPolicy::default()).await.unwrap_err();
         assert!(
             reason.contains("resolves only to addresses the agent refuses"),
             "{reason}"
