@@ -11,26 +11,29 @@ use ktb::report::{Event, Reporter};
 use ktb::tunnel::{attach, AttachError, AttachOptions, Direct};
 use ktb_agent::config::LogFormat;
 use ktb_agent::{Agent, Config};
-use ktb_proto::SessionConfig;
+use ktb_proto::{ClientKey, ClientPublicKey, SessionConfig};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::proxy::CuttableProxy;
 
-pub const TOKEN: &str = "test-token-0123456789abcdef";
-
-/// Agent configuration for loopback tests: one exposed ephemeral port.
-pub fn agent_config(connect: bool) -> Config {
+/// Agent configuration for loopback tests: one exposed ephemeral port,
+/// and the defaults of a real agent otherwise (in connect role, loopback
+/// destinations are refused: tests that dial local servers say so).
+pub fn agent_config(connect: bool, client_key: ClientPublicKey) -> Config {
     Config {
         listen: (Ipv4Addr::LOCALHOST, 0).into(),
-        token_file: None,
-        token: Some(TOKEN.into()),
+        ready_listen: None,
+        client_key,
+        handshake_timeout: Duration::from_secs(5),
         expose_ports: vec![0],
         expose_address: Ipv4Addr::LOCALHOST.into(),
         connect,
         resolv_conf: "/etc/resolv.conf".into(),
         resolver: Default::default(),
         dial_timeout: Duration::from_secs(5),
+        allow_loopback: false,
+        allow_link_local: false,
         service: None,
         lease: None,
         session: None,
@@ -44,17 +47,28 @@ pub fn agent_config(connect: bool) -> Config {
 pub struct RunningAgent {
     pub tunnel: SocketAddr,
     pub exposed: SocketAddr,
+    /// The readiness-only endpoint, when the configuration asked for one.
+    pub ready: Option<SocketAddr>,
+    /// The private key of the agent's client, as the laptop would hold it.
+    pub key: Arc<ClientKey>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl RunningAgent {
     pub async fn start(connect: bool) -> Self {
-        let agent = Agent::bind(agent_config(connect))
-            .await
-            .expect("agent binds");
+        Self::start_with(connect, |_| {}).await
+    }
+
+    /// An agent whose configuration `adjust` changes first.
+    pub async fn start_with(connect: bool, adjust: impl FnOnce(&mut Config)) -> Self {
+        let key = Arc::new(ClientKey::generate().expect("a session key"));
+        let mut config = agent_config(connect, key.public());
+        adjust(&mut config);
+        let agent = Agent::bind(config).await.expect("agent binds");
         let tunnel = agent.tunnel_addr();
         let exposed = agent.exposed_addrs()[0];
+        let ready = agent.ready_addr();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             agent
@@ -65,6 +79,8 @@ impl RunningAgent {
         RunningAgent {
             tunnel,
             exposed,
+            ready,
+            key,
             stop: Some(stop),
             task,
         }
@@ -131,11 +147,15 @@ impl Bridge {
     /// Starts everything and waits until the tunnel is up.
     pub async fn start(local: SocketAddr) -> Self {
         init_test_logging();
-        let agent = RunningAgent::start(false).await;
+        Self::attach(RunningAgent::start(false).await, local).await
+    }
+
+    /// Attaches a CLI to `agent` and waits until the tunnel is up.
+    pub async fn attach(agent: RunningAgent, local: SocketAddr) -> Self {
         let proxy = CuttableProxy::start(agent.tunnel).await;
         let events = Events::default();
         let options = AttachOptions {
-            token: TOKEN.into(),
+            key: Arc::clone(&agent.key),
             exposes: vec![Expose {
                 local: local.port(),
                 remote: Some(agent.exposed.port()),

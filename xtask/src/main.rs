@@ -6,9 +6,12 @@
 //! - `bench exchange`, `bench connect`: ktb on the test cluster against
 //!   `kubectl port-forward`.
 //! - `test`: the one command that runs every test, as the README and CI call it.
+//! - `fuzz [--seconds N]`: every fuzz target of `ktb-proto` for N seconds
+//!   each (nightly Rust and cargo-fuzz).
 
 mod bench;
 mod cluster;
+mod fuzz;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +35,13 @@ enum Command {
         /// Only the workspace's own tests (no cluster); for quick local runs.
         #[arg(long)]
         without_cluster: bool,
+    },
+    /// Run every fuzz target of ktb-proto for a time budget each and print
+    /// the executions (needs nightly Rust and cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run a benchmark and print its figures side by side with baselines.
     Bench {
@@ -67,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cluster { command } => cluster::run(command),
         Command::Test { without_cluster } => test::run(&workspace(), without_cluster),
+        Command::Fuzz { seconds } => fuzz::run(&workspace(), seconds),
         Command::Bench {
             bench: Bench::Tunnel,
         } => bench::tunnel(&workspace()),

@@ -9,6 +9,9 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ktb_kube::grace::parse_duration;
 use ktb_proto::handshake::Resolver;
+use ktb_proto::ClientPublicKey;
+
+use crate::connect::DialPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -23,17 +26,27 @@ pub enum LogFormat {
     about = "The ktb agent: the cluster end of a ktb tunnel"
 )]
 pub struct Config {
-    /// Address of the HTTP endpoint: `/tunnel` (WebSocket) and `/readyz`.
+    /// Address of the tunnel endpoint: `/tunnel` (WebSocket) and `/readyz`.
+    /// `127.0.0.1:7777` keeps it off the pod network: a port-forward still
+    /// reaches it (it connects inside the pod), nothing else does.
     #[arg(long, env = "KTB_AGENT_LISTEN", default_value = "0.0.0.0:7777")]
     pub listen: SocketAddr,
 
-    /// File holding the session token (mount the session's Secret here).
-    #[arg(long, env = "KTB_AGENT_TOKEN_FILE", conflicts_with = "token")]
-    pub token_file: Option<PathBuf>,
+    /// Another address serving only `/readyz`, for the kubelet's probe when
+    /// the tunnel endpoint listens on loopback (e.g. `0.0.0.0:7778`).
+    #[arg(long, env = "KTB_AGENT_READY_LISTEN")]
+    pub ready_listen: Option<SocketAddr>,
 
-    /// The session token itself; prefer --token-file outside tests.
-    #[arg(long, env = "KTB_AGENT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// The session's public key, 64 hex digits: only the holder of its
+    /// private half (the developer's `ktb`, which never writes it out) may
+    /// attach. Public, so it may sit in the pod spec.
+    #[arg(long, env = "KTB_AGENT_CLIENT_KEY")]
+    pub client_key: ClientPublicKey,
+
+    /// Time a new connection has for the whole handshake before it is
+    /// dropped: HTTP request, WebSocket upgrade, Hello, proof of the key.
+    #[arg(long, env = "KTB_AGENT_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
 
     /// Exchange role: ports to accept cluster callers on (repeat or comma-separate).
     #[arg(
@@ -68,6 +81,17 @@ pub struct Config {
     #[arg(long, env = "KTB_AGENT_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
 
+    /// Connect role: let the client dial loopback addresses (127.0.0.0/8,
+    /// ::1), which reach the agent's own pod rather than the cluster.
+    #[arg(long, env = "KTB_AGENT_ALLOW_LOOPBACK")]
+    pub allow_loopback: bool,
+
+    /// Connect role: let the client dial link-local addresses
+    /// (169.254.0.0/16, fe80::/10), where clouds serve node credentials.
+    /// (The pod's nameservers are allowed without it, on port 53.)
+    #[arg(long, env = "KTB_AGENT_ALLOW_LINK_LOCAL")]
+    pub allow_link_local: bool,
+
     /// The Service this agent stands in for: restored by the agent itself if
     /// the laptop vanishes (needs --lease and --namespace too).
     #[arg(long, env = "KTB_AGENT_SERVICE", requires_all = ["lease", "namespace"])]
@@ -97,19 +121,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// The token, from the file when one is given.
-    pub fn resolve_token(&mut self) -> anyhow::Result<()> {
-        if let Some(path) = &self.token_file {
-            let token = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?;
-            self.token = Some(token.trim().to_owned());
-        }
-        match &self.token {
-            Some(token) if !token.is_empty() => Ok(()),
-            _ => anyhow::bail!("no session token: pass --token-file (or KTB_AGENT_TOKEN_FILE)"),
-        }
-    }
-
     /// In connect role, what the pod's resolver is configured with.
     pub fn read_resolver(&mut self) -> anyhow::Result<()> {
         if self.connect {
@@ -135,8 +146,13 @@ impl Config {
         })
     }
 
-    pub fn token(&self) -> &str {
-        self.token.as_deref().unwrap_or_default()
+    /// Which destinations the connect role may dial.
+    pub fn dial_policy(&self) -> DialPolicy {
+        DialPolicy {
+            allow_loopback: self.allow_loopback,
+            allow_link_local: self.allow_link_local,
+            nameservers: self.resolver.nameservers.iter().copied().collect(),
+        }
     }
 }
 
@@ -144,11 +160,26 @@ impl Config {
 mod tests {
     use super::*;
 
+    const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
     #[test]
     fn ports_come_comma_separated_from_the_environment() {
         let config =
-            Config::try_parse_from(["ktb-agent", "--token", "t", "--expose-port", "80,8080"])
+            Config::try_parse_from(["ktb-agent", "--client-key", KEY, "--expose-port", "80,8080"])
                 .unwrap();
         assert_eq!(config.expose_ports, vec![80, 8080]);
+        assert_eq!(config.client_key.to_string(), KEY);
+    }
+
+    #[test]
+    fn a_client_key_is_required_and_checked() {
+        let missing = Config::try_parse_from(["ktb-agent"])
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("--client-key"), "{missing}");
+        let wrong = Config::try_parse_from(["ktb-agent", "--client-key", "s3cret"])
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("64 hexadecimal digits"), "{wrong}");
     }
 }

@@ -13,8 +13,9 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::attachment::Attachment;
+use crate::probe::Probes;
 
-pub async fn serve_port(listener: TcpListener, attachment: Arc<Attachment>) {
+pub async fn serve_port(listener: TcpListener, attachment: Arc<Attachment>, probes: Arc<Probes>) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -31,7 +32,11 @@ pub async fn serve_port(listener: TcpListener, attachment: Arc<Attachment>) {
             abort(tcp);
             continue;
         };
+        let probes = Arc::clone(&probes);
         tokio::spawn(async move {
+            if probes.claims(port, &tcp).await {
+                return;
+            }
             let Ok(stream) = session.open(Target::AgentPort { port }) else {
                 abort(tcp);
                 return;

@@ -2,7 +2,11 @@
 //! tunnels to.
 //!
 //! It serves one HTTP port: `/tunnel` upgrades to the WebSocket tunnel of
-//! [`ktb_proto`], `/readyz` tells Kubernetes it is up. In *exchange* role it
+//! [`ktb_proto`], `/readyz` tells Kubernetes it is up (optionally also on a
+//! port of its own, so the tunnel can listen on loopback only). Only the
+//! holder of the session's private key may attach: the agent knows its
+//! public half (`--client-key`) and checks a proof on every connection,
+//! within the limits of [`preauth`]. In *exchange* role it
 //! listens on the ports of the Service it stands in for and carries every
 //! caller to the attached laptop ([`exchange`]); in *connect* role it dials
 //! addresses and relays datagrams inside the cluster on the laptop's behalf
@@ -16,6 +20,8 @@ pub mod config;
 pub mod connect;
 pub mod deadman;
 pub mod exchange;
+pub mod preauth;
+pub mod probe;
 pub mod server;
 
 use std::future::Future;
@@ -28,11 +34,14 @@ use tokio::net::{TcpListener, TcpSocket};
 pub use config::Config;
 
 use attachment::Attachment;
+use probe::Probes;
 
 /// An agent with its sockets bound, ready to [`run`](Agent::run).
 pub struct Agent {
     config: Arc<Config>,
     tunnel: TcpListener,
+    /// `--ready-listen`, when given.
+    ready: Option<TcpListener>,
     exposed: Vec<TcpListener>,
 }
 
@@ -58,6 +67,13 @@ impl Agent {
     pub async fn bind(config: Config) -> anyhow::Result<Agent> {
         let tunnel = listen(config.listen)
             .with_context(|| format!("cannot listen for tunnels on {}", config.listen))?;
+        let ready = match config.ready_listen {
+            Some(addr) => Some(
+                listen(addr)
+                    .with_context(|| format!("cannot listen for readiness probes on {addr}"))?,
+            ),
+            None => None,
+        };
         let mut exposed = Vec::new();
         for port in &config.expose_ports {
             let addr = SocketAddr::new(config.expose_address, *port);
@@ -68,6 +84,7 @@ impl Agent {
         Ok(Agent {
             config: Arc::new(config),
             tunnel,
+            ready,
             exposed,
         })
     }
@@ -77,6 +94,13 @@ impl Agent {
         self.tunnel
             .local_addr()
             .expect("bound listener has an address")
+    }
+
+    /// Where the readiness-only endpoint listens, when there is one.
+    pub fn ready_addr(&self) -> Option<SocketAddr> {
+        self.ready
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
     /// The exposed ports as bound (port 0 in the config becomes a real port).
@@ -91,12 +115,33 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let ports = self.exposed_addrs().iter().map(SocketAddr::port).collect();
         let attachment = Arc::new(Attachment::new(ports, Arc::clone(&self.config)));
+        let probes = Arc::new(Probes::new(
+            self.config.namespace.clone(),
+            self.config.service.clone(),
+        ));
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.exposed {
-            tasks.spawn(exchange::serve_port(listener, Arc::clone(&attachment)));
+            tasks.spawn(exchange::serve_port(
+                listener,
+                Arc::clone(&attachment),
+                Arc::clone(&probes),
+            ));
         }
-        tasks.spawn(server::serve(self.tunnel, Arc::clone(&attachment)));
-        tracing::info!(tunnel = %self.config.listen, ports = ?attachment.ports(), connect = self.config.connect, "agent ready");
+        tasks.spawn(server::serve(
+            self.tunnel,
+            server::Endpoint::Tunnel,
+            Arc::clone(&attachment),
+            Arc::clone(&probes),
+        ));
+        if let Some(ready) = self.ready {
+            tasks.spawn(server::serve(
+                ready,
+                server::Endpoint::Readiness,
+                Arc::clone(&attachment),
+                Arc::clone(&probes),
+            ));
+        }
+        tracing::info!(tunnel = %self.config.listen, ready = ?self.config.ready_listen, ports = ?attachment.ports(), connect = self.config.connect, "agent ready");
         let session_over = async {
             match self.config.dead_man() {
                 Some(dead_man) => dead_man.watch(Arc::clone(&attachment)).await,

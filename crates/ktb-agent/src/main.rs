@@ -14,7 +14,6 @@ use tokio::signal::unix::{signal, SignalKind};
 async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
     init_logging(config.log_format);
-    config.resolve_token()?;
     config.read_resolver()?;
     let agent = Agent::bind(config).await?;
     let mut terminate = signal(SignalKind::terminate())?;

@@ -100,7 +100,9 @@ impl Probes {
             nonce,
             arrived: Some(arrived),
         });
-        let result = self.dial(SocketAddr::new(ip, service_port), &nonce, arrival).await;
+        let result = self
+            .dial(SocketAddr::new(ip, service_port), &nonce, arrival)
+            .await;
         *self.pending.lock().expect("probe lock") = None;
         result.map_err(|reason| format!("{reason} (target port {target})"))
     }
@@ -114,7 +116,11 @@ impl Probes {
         let mut tcp = match tokio::time::timeout(ARRIVAL_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(format!("cannot connect to the Service at {addr}: {e}")),
-            Err(_) => return Err(format!("no answer from the Service at {addr} within {ARRIVAL_TIMEOUT:?}")),
+            Err(_) => {
+                return Err(format!(
+                    "no answer from the Service at {addr} within {ARRIVAL_TIMEOUT:?}"
+                ))
+            }
         };
         tcp.write_all(nonce)
             .await

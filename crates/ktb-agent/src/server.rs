@@ -1,8 +1,13 @@
-//! The agent's HTTP endpoint: readiness, and the upgrade to a tunnel.
+//! The agent's HTTP endpoints: readiness, and the upgrade to a tunnel.
 //!
 //! hyper parses HTTP so that a port scanner, a health checker or garbage
-//! bytes only ever cost one connection; header reads are time-limited so a
-//! slow client cannot pin a task forever.
+//! bytes only ever cost one connection. Every connection passes the
+//! endpoint's [`Gate`] when it is accepted and keeps its [`Admission`] for
+//! life: until the client has proved its key it is held to a deadline and a
+//! few KiB of reads (see [`crate::preauth`]). The tunnel endpoint also
+//! answers `/readyz`; a separate readiness endpoint (`--ready-listen`)
+//! answers nothing else, so the tunnel can stay on the pod's loopback while
+//! the kubelet probes another port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,33 +29,83 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::attachment::Attachment;
+use crate::preauth::{Admission, Gate, ReadLimit, HANDSHAKE_READ_LIMIT, HTTP_BUFFER};
+use crate::probe::Probes;
 
 /// The path of the tunnel endpoint.
 pub const TUNNEL_PATH: &str = "/tunnel";
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The path the laptop asks to prove the Service reaches this agent
+/// (`?port=SERVICE_PORT&target=LISTEN_PORT`, see [`crate::probe`]).
+pub const PROBE_PATH: &str = "/probe";
 
-pub async fn serve(listener: TcpListener, attachment: Arc<Attachment>) {
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/tunnel` and `/readyz`.
+    Tunnel,
+    /// `/readyz` only.
+    Readiness,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: Endpoint,
+    attachment: Arc<Attachment>,
+    probes: Arc<Probes>,
+) {
+    let gate = Gate::new(attachment.config().handshake_timeout);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "cannot accept a tunnel connection");
+                tracing::warn!(error = %e, "cannot accept a connection");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Some(admission) = gate.admit() else {
+            tracing::debug!(%peer, ?endpoint, "too many connections: closing a new one at once");
+            crate::exchange::abort(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let attachment = Arc::clone(&attachment);
+        let probes = Arc::clone(&probes);
         tokio::spawn(async move {
-            let service = service_fn(move |req| route(req, Arc::clone(&attachment)));
+            let admission = Arc::new(admission);
+            let deadline = admission.deadline;
+            let service = {
+                let admission = Arc::clone(&admission);
+                service_fn(move |req| {
+                    let attachment = Arc::clone(&attachment);
+                    let admission = Arc::clone(&admission);
+                    let probes = Arc::clone(&probes);
+                    async move {
+                        let response = route(req, endpoint, &attachment, &admission, &probes);
+                        Ok::<_, Infallible>(response.await)
+                    }
+                })
+            };
+            // All of the connection's HTTP before the deadline, however
+            // many requests it makes: an HTTP client gets no more time
+            // than a tunnel's handshake, and an upgraded connection keeps
+            // the deadline for its handshake. (Not `keep_alive(false)`:
+            // hyper would then answer the upgrade with `Connection: close`.)
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                )
+                .max_buf_size(HTTP_BUFFER)
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            match tokio::time::timeout_at(deadline, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error")
+                }
+                Err(_) => tracing::debug!(%peer, "HTTP request not complete by the deadline"),
             }
         });
     }
@@ -58,17 +113,44 @@ pub async fn serve(listener: TcpListener, attachment: Arc<Attachment>) {
 
 async fn route(
     req: Request<Body>,
-    attachment: Arc<Attachment>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/readyz" | "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, TUNNEL_PATH) => upgrade(req, attachment),
+    endpoint: Endpoint,
+    attachment: &Arc<Attachment>,
+    admission: &Arc<Admission>,
+    probes: &Probes,
+) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path(), endpoint) {
+        (&Method::GET, "/readyz" | "/healthz", _) => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, PROBE_PATH, Endpoint::Tunnel) => run_probe(req.uri().query(), probes).await,
+        (&Method::GET, TUNNEL_PATH, Endpoint::Tunnel) => {
+            upgrade(req, Arc::clone(attachment), Arc::clone(admission))
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: this is a ktb agent (try /readyz)\n",
         ),
+    }
+}
+
+/// `GET /probe?port=P&target=T`: 200 once a connection to the Service's
+/// port P arrived on this agent's port T, 503 with the reason otherwise.
+async fn run_probe(query: Option<&str>, probes: &Probes) -> Response<Full<Bytes>> {
+    let param = |name: &str| {
+        query?
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value.parse::<u16>().ok())
     };
-    Ok(response)
+    let (Some(port), Some(target)) = (param("port"), param("target")) else {
+        return text(StatusCode::BAD_REQUEST, "expected /probe?port=P&target=T\n");
+    };
+    let (status, body) = match probes.run(port, target).await {
+        Ok(()) => (StatusCode::OK, "arrived\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -78,7 +160,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Answers the WebSocket upgrade and hands the connection to [`attach`].
-fn upgrade(mut req: Request<Body>, attachment: Arc<Attachment>) -> Response<Full<Bytes>> {
+fn upgrade(
+    mut req: Request<Body>,
+    attachment: Arc<Attachment>,
+    admission: Arc<Admission>,
+) -> Response<Full<Bytes>> {
     let is_websocket = req
         .headers()
         .get(header::UPGRADE)
@@ -92,9 +178,10 @@ fn upgrade(mut req: Request<Body>, attachment: Arc<Attachment>) -> Response<Full
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => attach(TokioIo::new(upgraded), attachment).await,
-            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        match tokio::time::timeout_at(admission.deadline, on_upgrade).await {
+            Ok(Ok(upgraded)) => attach(TokioIo::new(upgraded), attachment, admission).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+            Err(_) => tracing::debug!("WebSocket upgrade not complete by the deadline"),
         }
     });
     Response::builder()
@@ -109,20 +196,25 @@ fn upgrade(mut req: Request<Body>, attachment: Arc<Attachment>) -> Response<Full
         .expect("static response parts are valid")
 }
 
-/// Runs the handshake, then serves the tunnel until it ends.
-async fn attach<S>(io: S, attachment: Arc<Attachment>)
+/// Runs the handshake, then serves the tunnel until it ends. The
+/// connection keeps its place in the endpoint's limits (`admission`) for
+/// as long as it lives.
+async fn attach<S>(io: S, attachment: Arc<Attachment>, admission: Arc<Admission>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let io = ReadLimit::new(io, HANDSHAKE_READ_LIMIT);
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config())).await;
     let config = attachment.config();
-    let version = match agent_handshake(&mut ws, config.token()).await {
+    let version = match agent_handshake(&mut ws, config.client_key, admission.deadline).await {
         Ok(version) => version,
         Err(e) => {
             tracing::warn!(error = %e, "refused a tunnel");
             return;
         }
     };
+    ws.get_mut().lift();
+    admission.authenticated();
     let (session, incoming) = Session::start(ws, Side::Agent, SessionConfig::default());
     let welcome = Welcome {
         version,
@@ -134,13 +226,12 @@ where
         return;
     }
     tracing::info!("client attached");
-    let dial_timeout = config.dial_timeout;
-    let connect_role = config.connect;
     let requests = tokio::spawn(crate::connect::serve_requests(
         session.clone(),
         incoming,
-        connect_role,
-        dial_timeout,
+        config.connect,
+        config.dial_timeout,
+        config.dial_policy(),
     ));
     let reason = session.closed().await;
     requests.abort();

@@ -18,8 +18,11 @@ pub const HOST_ANNOTATION: &str = "ktb.dev/host";
 /// Label on every object ktb creates, whatever the session.
 pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_VALUE: &str = "ktb";
-/// Port the agent's tunnel endpoint listens on inside the pod.
+/// Port the agent's tunnel endpoint listens on inside the pod (on its
+/// loopback unless the laptop dials the pod IP).
 pub const AGENT_TUNNEL_PORT: u16 = 7777;
+/// Port of the agent's readiness endpoint, for the kubelet.
+pub const AGENT_READY_PORT: u16 = 7778;
 
 /// The Lease that locks `service` for exchange.
 pub fn exchange_lease(service: &str) -> String {
@@ -31,7 +34,7 @@ pub fn connect_lease(session: &str) -> String {
     format!("ktb-connect-{session}")
 }
 
-/// Name of the objects (pod, secret, service account, role) of a session.
+/// Name of the objects (pod, service account, role, role binding) of a session.
 pub fn session_objects(service: &str, session: &str) -> String {
     format!("ktb-{service}-{session}")
 }

@@ -8,6 +8,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::auth::{Nonce, Proof};
 use crate::handshake::{Hello, Welcome};
 use crate::tcp::Target;
 use crate::udp;
@@ -24,9 +25,11 @@ pub const MAX_REASON_LEN: usize = 512;
 
 pub type StreamId = u32;
 
-mod kind {
+pub(crate) mod kind {
     pub const HELLO: u8 = 0x01;
     pub const WELCOME: u8 = 0x02;
+    pub const CHALLENGE: u8 = 0x03;
+    pub const PROOF: u8 = 0x04;
     pub const OPEN: u8 = 0x10;
     pub const OPENED: u8 = 0x11;
     pub const DATA: u8 = 0x12;
@@ -42,6 +45,10 @@ mod kind {
 pub enum Frame {
     Hello(Hello),
     Welcome(Welcome),
+    /// The agent's random challenge, answered by `Proof`.
+    Challenge(Nonce),
+    /// The client's signature over the challenge (see [`crate::auth`]).
+    Proof(Proof),
     /// Ask the peer to connect a new stream to `target`.
     Open {
         stream: StreamId,
@@ -106,6 +113,14 @@ impl Frame {
                 out.put_u8(kind::WELCOME);
                 welcome.encode_body(&mut out);
             }
+            Frame::Challenge(nonce) => {
+                out.put_u8(kind::CHALLENGE);
+                out.put_slice(&nonce.0);
+            }
+            Frame::Proof(proof) => {
+                out.put_u8(kind::PROOF);
+                out.put_slice(&proof.0);
+            }
             Frame::Open { stream, target } => {
                 put_stream_header(&mut out, kind::OPEN, *stream);
                 target.encode(&mut out);
@@ -153,6 +168,8 @@ impl Frame {
         let frame = match r.kind {
             kind::HELLO => Frame::Hello(Hello::decode_body(&mut r)?),
             kind::WELCOME => Frame::Welcome(Welcome::decode_body(&mut r)?),
+            kind::CHALLENGE => Frame::Challenge(Nonce(r.array()?)),
+            kind::PROOF => Frame::Proof(Proof(r.array()?)),
             kind::OPEN => Frame::Open {
                 stream: r.u32()?,
                 target: Target::decode(&mut r)?,
@@ -240,6 +257,12 @@ impl Reader {
         Ok(self.bytes.split_to(n))
     }
 
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.take(N)?);
+        Ok(out)
+    }
+
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
@@ -289,6 +312,7 @@ pub(crate) fn put_short_string(out: &mut BytesMut, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{NONCE_LEN, PROOF_LEN};
     use crate::handshake::{Resolver, PROTOCOL_VERSION};
     use proptest::prelude::*;
     use std::net::{IpAddr, SocketAddr};
@@ -309,11 +333,15 @@ mod tests {
     fn frame() -> impl Strategy<Value = Frame> {
         let payload = proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u16>(), "[a-f0-9]{0,64}").prop_map(|(v, token)| Frame::Hello(Hello {
+            (any::<u16>(), any::<[u8; NONCE_LEN]>()).prop_map(|(v, nonce)| Frame::Hello(Hello {
                 min_version: v,
                 max_version: v.saturating_add(1),
-                token,
+                nonce: Nonce(nonce),
             })),
+            any::<[u8; NONCE_LEN]>().prop_map(|nonce| Frame::Challenge(Nonce(nonce))),
+            proptest::collection::vec(any::<u8>(), PROOF_LEN).prop_map(|bytes| {
+                Frame::Proof(Proof(bytes.try_into().expect("PROOF_LEN bytes")))
+            }),
             (
                 proptest::collection::vec(any::<u16>(), 0..8),
                 "[ -~]{0,40}",

@@ -5,18 +5,21 @@
 //! The crate is shared by both ends so the two can never disagree about the
 //! wire format. It is organised like the protocol itself: [`codec`] frames
 //! messages, one module per message family ([`handshake`], [`tcp`], [`udp`])
-//! defines their bodies, and [`session`] runs a live tunnel with per-stream
-//! flow control and keepalive.
+//! defines their bodies, [`auth`] holds the session keys the handshake
+//! proves, and [`session`] runs a live tunnel with per-stream flow control
+//! and keepalive.
 //!
-//! # Wire format (protocol version 1)
+//! # Wire format (protocol version 3)
 //!
 //! Every WebSocket *binary* message carries exactly one frame. All integers are
 //! big-endian. A frame starts with a one-byte kind; its body follows:
 //!
 //! | kind | name       | body                                                        |
 //! |------|------------|-------------------------------------------------------------|
-//! | 0x01 | `Hello`    | magic `b"ktb!"`, min version u16, max version u16, token len u8, token |
-//! | 0x02 | `Welcome`  | chosen version u16, port count u16, ports u16…, agent build len u8, agent build |
+//! | 0x01 | `Hello`    | magic `b"ktb!"`, min version u16, max version u16, nonce len u8 (64), client nonce as 64 hex digits |
+//! | 0x02 | `Welcome`  | chosen version u16, port count u16, ports u16…, agent build len u8, agent build, resolver |
+//! | 0x03 | `Challenge`| agent nonce (32 bytes)                                      |
+//! | 0x04 | `Proof`    | Ed25519 signature (64 bytes, see [`auth`])                  |
 //! | 0x10 | `Open`     | stream u32, target (see [`tcp::Target`])                    |
 //! | 0x11 | `Opened`   | stream u32                                                  |
 //! | 0x12 | `Data`     | stream u32, payload (the rest of the message)               |
@@ -26,18 +29,27 @@
 //! | 0x20 | `Datagram` | flow u32, address (see [`udp`]), payload (the rest)         |
 //! | 0x21 | `FlowEnd`  | flow u32                                                    |
 //!
-//! The client speaks first with `Hello`; the agent answers `Welcome` or closes
-//! the WebSocket with a close code from [`handshake::close_code`] and a reason a
-//! person can act on. Streams opened by the agent have odd ids, streams opened
-//! by the client even ids, so both sides allocate without coordination.
+//! The client speaks first with `Hello`; the agent answers with a
+//! `Challenge`, the client with a `Proof` of its session key, and the agent
+//! with `Welcome` — or it closes the WebSocket with a close code from
+//! [`handshake::close_code`] and a reason a person can act on. Streams opened
+//! by the agent have odd ids, streams opened by the client even ids, so both
+//! sides allocate without coordination; ids only grow and are never reused.
 //!
-//! A stream's sender may have at most [`session::SessionConfig::window`] bytes
-//! of `Data` in flight; the receiver returns `Credit` as it delivers bytes to
-//! their destination. A peer that overruns its window, sends a frame larger
-//! than [`codec::MAX_FRAME_LEN`] or anything that does not decode is
-//! disconnected with a close reason; nothing it sends can make the process
-//! panic or buffer without bound. Liveness rides WebSocket ping/pong.
+//! Every stream starts with [`stream::INITIAL_WINDOW`] bytes of credit each
+//! way; the receiver may widen it with `Credit` up to
+//! [`session::SessionConfig::window`] while its session-wide receive budget
+//! allows, and returns `Credit` as it delivers bytes to their destination.
+//! A `Data` frame costs its length in credit, but at least
+//! [`stream::MIN_DATA_COST`], so the number of frames a receiver queues is
+//! bounded too. A peer that overruns its window, sends a frame larger than
+//! [`codec::MAX_FRAME_LEN`], anything that does not decode or a frame
+//! sequence that makes no sense (data after `Fin`, a stream it never
+//! opened…) is disconnected with a close reason; nothing it sends can make
+//! the process panic or buffer without bound. Liveness rides WebSocket
+//! ping/pong.
 
+pub mod auth;
 pub mod codec;
 pub mod handshake;
 pub mod session;
@@ -45,6 +57,7 @@ pub mod stream;
 pub mod tcp;
 pub mod udp;
 
+pub use auth::{ClientKey, ClientPublicKey};
 pub use codec::{DecodeError, Frame};
 pub use session::{CloseReason, Incoming, Session, SessionClosed, SessionConfig, Side};
 pub use stream::{Stream, StreamError};

@@ -8,35 +8,57 @@
 //! flow-control updates, coalesces queued messages into one flush, and sends
 //! keepalive pings. Any protocol violation closes the whole tunnel with a
 //! reason, because after one the peer's state can no longer be trusted.
+//!
+//! Everything a session holds is bounded whatever the peer sends:
+//! - at most [`SessionConfig::max_streams`] streams; more are reset with a
+//!   reason, whichever side opens them;
+//! - receive windows add up to at most [`SessionConfig::receive_budget`]:
+//!   every stream gets [`INITIAL_WINDOW`], and streams are widened to
+//!   [`SessionConfig::window`] first come, first served, while what the
+//!   budget holds beyond `max_streams × INITIAL_WINDOW` lasts;
+//! - the control queue holds [`CONTROL_QUEUE`] frames: it only fills when
+//!   the peer stops reading while it keeps making this side answer, and
+//!   then the tunnel is closed (waiting instead would stall the reader,
+//!   which must never wait, and dropping control frames would corrupt flow
+//!   control);
+//! - frames for streams that ended are ignored with no state kept; frames
+//!   that make no sense (a stream the peer never opened, a reused id, data
+//!   after `Fin`…) close the tunnel. Stream ids only grow: when they run
+//!   out, the tunnel closes rather than wrap.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::codec::{Frame, StreamId};
 use crate::handshake::{close_code, close_frame, Welcome};
-use crate::stream::{Inbound, Stream, StreamSlot};
+use crate::stream::{Stream, StreamSlot, INITIAL_WINDOW, MAX_CHUNK};
 use crate::tcp::Target;
 use crate::udp::{Datagram, FlowId};
+
+/// Control frames waiting for the writer before the tunnel counts as stuck.
+pub const CONTROL_QUEUE: usize = 8192;
+/// How long the writer tries to get the close frame out once the tunnel ended.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Tuning of one tunnel. The defaults suit loopback and port-forward alike.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Bytes a sender may have in flight per stream; also the most a
-    /// receiver ever buffers for one stream.
+    /// The widest receive window granted to a stream (never less than
+    /// [`INITIAL_WINDOW`]); also the most credit a peer may grant us.
     pub window: u32,
-    /// Largest `Data` payload read from a socket at once. Reads start
-    /// smaller and grow while the socket keeps filling them, so idle
-    /// streams do not each pin a full chunk.
+    /// Largest `Data` payload read from a socket at once (at most
+    /// [`MAX_CHUNK`]). Reads start smaller and grow while the socket keeps
+    /// filling them, so idle streams do not each pin a full chunk.
     pub chunk: usize,
     /// How often to ping the peer.
     pub keepalive_interval: Duration,
@@ -45,20 +67,44 @@ pub struct SessionConfig {
     /// Streams and datagrams the peer may have waiting for the application
     /// to pick them up; beyond that new streams are reset and datagrams dropped.
     pub incoming_queue: usize,
+    /// Streams open at once, both directions together; more are reset.
+    pub max_streams: usize,
+    /// Bytes this side may have to buffer for the whole session: the sum
+    /// of every stream's receive window. `max_streams × INITIAL_WINDOW` of
+    /// it is reserved so that every stream can open; the rest widens
+    /// streams to `window`.
+    pub receive_budget: usize,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             window: 1024 * 1024,
-            // One allocation of exactly 64 KiB per frame: large enough for
+            // One allocation of exactly 48 KiB per frame: large enough for
             // few frames per byte, small enough to stay in malloc's arenas
             // (larger blocks are mmapped and page-faulted in on every read).
-            chunk: 64 * 1024 - crate::codec::DATA_HEADER_LEN,
+            chunk: MAX_CHUNK - crate::codec::DATA_HEADER_LEN,
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(20),
             incoming_queue: 4096,
+            max_streams: 1024,
+            // 64 MiB so that 1024 streams can open, 32 MiB to run 32 of
+            // them at full speed: ~100 MiB, within the agent pod's 256 MiB.
+            receive_budget: 96 * 1024 * 1024,
         }
+    }
+}
+
+impl SessionConfig {
+    /// What the budget holds beyond every stream's initial window.
+    fn widening_budget(&self) -> usize {
+        self.receive_budget
+            .saturating_sub(self.max_streams.saturating_mul(INITIAL_WINDOW as usize))
+    }
+
+    /// The full window, as the protocol allows it.
+    fn wide_window(&self) -> u32 {
+        self.window.max(INITIAL_WINDOW)
     }
 }
 
@@ -123,6 +169,20 @@ impl fmt::Display for CloseReason {
 #[error("{0}")]
 pub struct SessionClosed(pub CloseReason);
 
+/// What a session holds right now, for diagnostics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Streams open, both directions.
+    pub streams: usize,
+    /// Receive windows granted to the peer, summed: the most this side can
+    /// be made to buffer; never above [`SessionConfig::receive_budget`].
+    pub granted: usize,
+    /// Credit the peer has used and this side not yet returned: bytes
+    /// queued for delivery (each frame counted at least
+    /// [`crate::stream::MIN_DATA_COST`]).
+    pub buffered: usize,
+}
+
 /// A handle to a running tunnel. Cheap to clone; the tunnel lives until it is
 /// closed or the connection fails, not until the handles are dropped.
 #[derive(Clone)]
@@ -133,20 +193,51 @@ pub struct Session {
 pub(crate) struct Inner {
     pub(crate) side: Side,
     pub(crate) config: SessionConfig,
-    /// Small frames that must not wait behind bulk data.
-    pub(crate) control: mpsc::UnboundedSender<Message>,
+    /// Small frames that must not wait behind bulk data; see [`CONTROL_QUEUE`].
+    control: mpsc::Sender<Message>,
     /// Data, FIN and datagrams, in order per stream; bounded for backpressure.
     pub(crate) data: mpsc::Sender<Message>,
-    pub(crate) state: Mutex<State>,
-    next_stream: AtomicU32,
+    state: Mutex<State>,
     closed: watch::Sender<Option<CloseReason>>,
     /// Becomes true when the writer has stopped (close frame sent or socket dead).
     writer_done: watch::Receiver<bool>,
 }
 
-pub(crate) struct State {
-    pub(crate) streams: HashMap<StreamId, StreamSlot>,
+struct State {
+    streams: HashMap<StreamId, StreamSlot>,
+    /// The id of the next stream this side opens; only grows. Allocated
+    /// under the lock that also queues the `Open`, so `Open`s leave in id
+    /// order even when many tasks open streams at once.
+    next_stream: StreamId,
+    /// Window bytes granted beyond [`INITIAL_WINDOW`], over open streams.
+    widened: usize,
+    /// The highest id the peer has opened (0: none yet). Its ids must grow,
+    /// so anything at or below this was used once and is never valid again.
+    peer_high: StreamId,
     closed: bool,
+}
+
+impl State {
+    /// Forgets a stream, returning its widening to the budget.
+    fn remove(&mut self, id: StreamId) -> Option<StreamSlot> {
+        let slot = self.streams.remove(&id)?;
+        self.widened -= (slot.window - INITIAL_WINDOW) as usize;
+        Some(slot)
+    }
+}
+
+/// Why a stream could not be registered.
+enum Unregistered {
+    Closed,
+    /// The session's limits; the reason is told to whoever opened it.
+    Refused(String),
+}
+
+/// The receive queues of a session, for [`Session::start`] and the fuzzer.
+struct Queues {
+    control: mpsc::Receiver<Message>,
+    data: mpsc::Receiver<Message>,
+    writer_done: watch::Sender<bool>,
 }
 
 impl Session {
@@ -160,50 +251,67 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let (data_tx, data_rx) = mpsc::channel(64);
-        let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_queue);
-        let (closed_tx, closed_rx) = watch::channel(None);
-        let (writer_done_tx, writer_done_rx) = watch::channel(false);
-        let inner = Arc::new(Inner {
-            side,
-            config,
-            control: control_tx,
-            data: data_tx,
-            state: Mutex::new(State {
-                streams: HashMap::new(),
-                closed: false,
-            }),
-            next_stream: AtomicU32::new(side.first_stream_id()),
-            closed: closed_tx,
-            writer_done: writer_done_rx,
-        });
+        let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_queue.max(1));
+        let (inner, queues) = Inner::new(side, config);
         let (sink, stream) = ws.split();
         let keepalive = inner.config.keepalive_interval;
+        let closed = inner.closed.subscribe();
         tokio::spawn(async move {
-            write_loop(sink, control_rx, data_rx, closed_rx, keepalive).await;
-            writer_done_tx.send_replace(true);
+            let Queues {
+                control,
+                data,
+                writer_done,
+            } = queues;
+            write_loop(sink, control, data, closed, keepalive).await;
+            writer_done.send_replace(true);
         });
         tokio::spawn(read_loop(stream, Arc::clone(&inner), incoming_tx));
         (Session { inner }, incoming_rx)
     }
 
     /// Opens a stream to `target` on the peer. Data may be written at once;
-    /// [`Stream::opened`] tells whether the peer reached the target.
+    /// [`Stream::opened`] tells whether the peer reached the target. Beyond
+    /// the session's stream limit the stream comes back already reset,
+    /// with the reason.
     pub fn open(&self, target: Target) -> Result<Stream, SessionClosed> {
-        let id = self.inner.next_stream.fetch_add(2, Ordering::Relaxed);
-        let stream = self.inner.register(id, true)?;
-        let _ = self
-            .inner
+        let inner = &self.inner;
+        let mut state = inner.state.lock().expect("state lock");
+        let id = state.next_stream;
+        let Some(next) = id.checked_add(2) else {
+            drop(state);
+            inner.shut_down(local_close(
+                close_code::OVERLOADED,
+                "this tunnel used up its 2^31 stream ids; reconnect",
+            ));
+            return Err(self.closed_error());
+        };
+        let (stream, widened) = match inner.register(&mut state, id, true) {
+            Ok(registered) => registered,
+            Err(Unregistered::Refused(reason)) => {
+                drop(state);
+                return Ok(Stream::refused(Arc::clone(inner), &reason));
+            }
+            Err(Unregistered::Closed) => {
+                drop(state);
+                return Err(self.closed_error());
+            }
+        };
+        state.next_stream = next;
+        let queued = inner
             .control
-            .send(frame(Frame::Open { stream: id, target }));
+            .try_send(frame(Frame::Open { stream: id, target }));
+        drop(state);
+        if let Err(TrySendError::Full(_)) = queued {
+            inner.overloaded();
+        }
+        inner.send_widening(id, widened);
         Ok(stream)
     }
 
     /// Agent side: completes the handshake. Sent ahead of anything else on
     /// the tunnel, so call it before the session can open streams.
     pub fn welcome(&self, welcome: Welcome) {
-        let _ = self.inner.control.send(frame(Frame::Welcome(welcome)));
+        self.inner.send_control(frame(Frame::Welcome(welcome)));
     }
 
     /// Sends a datagram; waits only when the tunnel's send queue is full.
@@ -217,7 +325,7 @@ impl Session {
 
     /// Tells the peer that this side is done with `flow`.
     pub fn end_flow(&self, flow: FlowId) {
-        let _ = self.inner.control.send(frame(Frame::FlowEnd { flow }));
+        self.inner.send_control(frame(Frame::FlowEnd { flow }));
     }
 
     /// Closes the tunnel, telling the peer why. Every stream is reset.
@@ -251,6 +359,11 @@ impl Session {
         self.inner.closed.borrow().is_some()
     }
 
+    /// Streams, granted windows and buffered bytes right now.
+    pub fn stats(&self) -> SessionStats {
+        self.inner.stats()
+    }
+
     fn closed_error(&self) -> SessionClosed {
         let reason = self.inner.closed.borrow().clone();
         SessionClosed(reason.unwrap_or_else(|| CloseReason {
@@ -262,48 +375,123 @@ impl Session {
 }
 
 impl Inner {
-    /// Creates the bookkeeping for stream `id` unless the tunnel is closed.
+    fn new(side: Side, config: SessionConfig) -> (Arc<Inner>, Queues) {
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel(64);
+        let (closed_tx, _) = watch::channel(None);
+        let (writer_done_tx, writer_done_rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            side,
+            config,
+            control: control_tx,
+            data: data_tx,
+            state: Mutex::new(State {
+                streams: HashMap::new(),
+                next_stream: side.first_stream_id(),
+                widened: 0,
+                peer_high: 0,
+                closed: false,
+            }),
+            closed: closed_tx,
+            writer_done: writer_done_rx,
+        });
+        let queues = Queues {
+            control: control_rx,
+            data: data_rx,
+            writer_done: writer_done_tx,
+        };
+        (inner, queues)
+    }
+
+    /// Creates the bookkeeping for stream `id` within the session's limits;
+    /// says whether its window was widened beyond [`INITIAL_WINDOW`].
     fn register(
         self: &Arc<Self>,
+        state: &mut State,
         id: StreamId,
         opened_here: bool,
-    ) -> Result<Stream, SessionClosed> {
-        let mut state = self.state.lock().expect("state lock");
+    ) -> Result<(Stream, bool), Unregistered> {
         if state.closed {
-            drop(state);
-            return Err(Session {
-                inner: Arc::clone(self),
-            }
-            .closed_error());
+            return Err(Unregistered::Closed);
         }
-        let (slot, stream) = Stream::new(id, Arc::clone(self), opened_here);
+        if state.streams.len() >= self.config.max_streams {
+            return Err(Unregistered::Refused(format!(
+                "too many streams on this tunnel (limit {}): try again when some have finished",
+                self.config.max_streams
+            )));
+        }
+        let widening = (self.config.wide_window() - INITIAL_WINDOW) as usize;
+        let widened = widening > 0 && state.widened + widening <= self.config.widening_budget();
+        let window = if widened {
+            state.widened += widening;
+            self.config.wide_window()
+        } else {
+            INITIAL_WINDOW
+        };
+        let (slot, stream) = Stream::new(id, Arc::clone(self), opened_here, window);
         state.streams.insert(id, slot);
-        Ok(stream)
+        Ok((stream, widened))
+    }
+
+    /// Grants a widened stream the rest of its window.
+    fn send_widening(&self, id: StreamId, widened: bool) {
+        if widened {
+            let bytes = self.config.wide_window() - INITIAL_WINDOW;
+            self.send_control(frame(Frame::Credit { stream: id, bytes }));
+        }
     }
 
     pub(crate) fn forget_stream(&self, id: StreamId) {
-        self.state.lock().expect("state lock").streams.remove(&id);
+        self.state.lock().expect("state lock").remove(id);
     }
 
-    /// Ends the tunnel once: resets every stream with the reason and tells
-    /// the writer to send a close frame (for closes decided on this side).
-    fn shut_down(&self, reason: CloseReason) {
+    /// Queues a control frame. A full queue means the peer has not read
+    /// for a long while as it kept this side answering; the tunnel closes.
+    /// Never call with the state lock held.
+    pub(crate) fn send_control(&self, message: Message) {
+        if let Err(TrySendError::Full(_)) = self.control.try_send(message) {
+            self.overloaded();
+        }
+    }
+
+    /// The control queue is full: see [`Inner::send_control`].
+    fn overloaded(&self) {
+        self.shut_down(local_close(
+            close_code::OVERLOADED,
+            format!("the peer stopped reading while {CONTROL_QUEUE} control frames waited for it"),
+        ));
+    }
+
+    fn stats(&self) -> SessionStats {
+        let state = self.state.lock().expect("state lock");
+        let (granted, buffered) = state.streams.values().map(StreamSlot::receive_usage).fold(
+            (0, 0),
+            |(granted, buffered), (window, used)| {
+                (granted + window as usize, buffered + used as usize)
+            },
+        );
+        SessionStats {
+            streams: state.streams.len(),
+            granted,
+            buffered,
+        }
+    }
+
+    /// Ends the tunnel once: resets every stream with the reason and wakes
+    /// the writer, which sends a close frame for closes decided on this side.
+    pub(crate) fn shut_down(&self, reason: CloseReason) {
         let slots = {
             let mut state = self.state.lock().expect("state lock");
             if state.closed {
                 return;
             }
             state.closed = true;
+            state.widened = 0;
             std::mem::take(&mut state.streams)
         };
         let message = reason.to_string();
         for (_, slot) in slots {
             slot.fail(&message);
-        }
-        if let (false, Some(code)) = (reason.by_peer, reason.code) {
-            let _ = self
-                .control
-                .send(Message::Close(Some(close_frame(code, &reason.reason))));
         }
         self.closed.send_replace(Some(reason));
     }
@@ -313,7 +501,7 @@ pub(crate) fn frame(frame: Frame) -> Message {
     Message::Binary(frame.encode())
 }
 
-fn local_close(code: u16, reason: impl Into<String>) -> CloseReason {
+pub(crate) fn local_close(code: u16, reason: impl Into<String>) -> CloseReason {
     CloseReason {
         code: Some(code),
         reason: reason.into(),
@@ -323,7 +511,7 @@ fn local_close(code: u16, reason: impl Into<String>) -> CloseReason {
 
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut control: mpsc::UnboundedReceiver<Message>,
+    mut control: mpsc::Receiver<Message>,
     mut data: mpsc::Receiver<Message>,
     mut closed: watch::Receiver<Option<CloseReason>>,
     keepalive_interval: Duration,
@@ -335,22 +523,18 @@ async fn write_loop<S>(
     const BATCH: usize = 32;
     let mut keepalive = tokio::time::interval(keepalive_interval);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    'tunnel: loop {
         let first = tokio::select! {
             biased;
             Some(message) = control.recv() => message,
+            _ = closed.changed() => break,
             Some(message) = data.recv() => message,
             _ = keepalive.tick() => Message::Ping(Default::default()),
-            _ = closed.changed() => break,
         };
-        let mut closing = matches!(first, Message::Close(_));
         if sink.feed(first).await.is_err() {
-            break;
+            return;
         }
         for _ in 1..BATCH {
-            if closing {
-                break;
-            }
             let next = match control.try_recv() {
                 Ok(message) => message,
                 Err(_) => match data.try_recv() {
@@ -358,16 +542,31 @@ async fn write_loop<S>(
                     Err(_) => break,
                 },
             };
-            closing = matches!(next, Message::Close(_));
             if sink.feed(next).await.is_err() {
-                return;
+                break 'tunnel;
             }
         }
-        if sink.flush().await.is_err() || closing {
+        if sink.flush().await.is_err() {
             break;
         }
     }
-    let _ = sink.close().await;
+    // Say why, when this side decided; briefly, since a peer that stopped
+    // reading would make us wait forever.
+    let reason = closed.borrow().clone();
+    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+        if let Some(CloseReason {
+            code: Some(code),
+            reason,
+            by_peer: false,
+        }) = reason
+        {
+            let _ = sink
+                .send(Message::Close(Some(close_frame(code, &reason))))
+                .await;
+        }
+        let _ = sink.close().await;
+    })
+    .await;
 }
 
 async fn read_loop<S>(
@@ -442,6 +641,47 @@ fn peer_gone(reason: &str) -> CloseReason {
     }
 }
 
+/// Whether a frame's stream is one that cannot exist: id 0, an id of ours
+/// not handed out yet, or one of the peer's above any it opened. (Ids below
+/// those were open once; their late frames are ignored.)
+fn never_opened(inner: &Inner, state: &State, id: StreamId) -> bool {
+    id == 0
+        || if inner.side.opened_by_peer(id) {
+            id > state.peer_high
+        } else {
+            id >= state.next_stream
+        }
+}
+
+/// Whether stream `id` is open: `Ok(false)` for one that ended (its late
+/// frames are ignored), an error for one that never existed.
+fn is_open(inner: &Inner, state: &State, id: StreamId, what: &str) -> Result<bool, CloseReason> {
+    if state.streams.contains_key(&id) {
+        return Ok(true);
+    }
+    if never_opened(inner, state, id) {
+        return Err(local_close(
+            close_code::MALFORMED,
+            format!("{what} for stream {id}, which was never opened"),
+        ));
+    }
+    Ok(false)
+}
+
+/// Runs `f` on the slot of an open stream (see [`is_open`]).
+fn with_slot(
+    inner: &Inner,
+    id: StreamId,
+    what: &str,
+    f: impl FnOnce(&mut StreamSlot) -> Result<(), CloseReason>,
+) -> Result<(), CloseReason> {
+    let mut state = inner.state.lock().expect("state lock");
+    if !is_open(inner, &state, id, what)? {
+        return Ok(());
+    }
+    f(state.streams.get_mut(&id).expect("checked just above"))
+}
+
 /// Routes one frame from the peer. Never waits: queues towards the
 /// application are either credit-bounded or dropped when full.
 fn dispatch(
@@ -449,67 +689,62 @@ fn dispatch(
     incoming: &mpsc::Sender<Incoming>,
     bytes: bytes::Bytes,
 ) -> Result<(), CloseReason> {
-    let frame = Frame::decode(bytes)
+    let decoded = Frame::decode(bytes)
         .map_err(|e| local_close(close_code::MALFORMED, format!("malformed frame: {e}")))?;
-    match frame {
-        Frame::Data { stream, payload } => {
-            let state = inner.state.lock().expect("state lock");
-            if let Some(slot) = state.streams.get(&stream) {
-                slot.deliver_data(payload, inner.config.window)
-                    .map_err(|e| local_close(close_code::FLOW_CONTROL, e))?;
-            }
-        }
-        Frame::Fin { stream } => {
-            if let Some(slot) = inner.state.lock().expect("state lock").streams.get(&stream) {
-                slot.deliver(Inbound::Fin);
-            }
-        }
+    match decoded {
+        Frame::Data { stream, payload } => with_slot(inner, stream, "Data", |slot| {
+            slot.deliver_data(stream, &payload)
+        })?,
+        Frame::Fin { stream } => with_slot(inner, stream, "Fin", |slot| slot.deliver_fin(stream))?,
         Frame::Reset { stream, reason } => {
-            let slot = inner
-                .state
-                .lock()
-                .expect("state lock")
-                .streams
-                .remove(&stream);
-            if let Some(slot) = slot {
+            let removed = {
+                let mut state = inner.state.lock().expect("state lock");
+                match is_open(inner, &state, stream, "Reset")? {
+                    true => state.remove(stream),
+                    false => None,
+                }
+            };
+            if let Some(slot) = removed {
                 slot.fail(&reason);
             }
         }
-        Frame::Credit { stream, bytes } => {
-            let mut state = inner.state.lock().expect("state lock");
-            if let Some(slot) = state.streams.get_mut(&stream) {
-                slot.grant(bytes, inner.config.window)
-                    .map_err(|e| local_close(close_code::FLOW_CONTROL, e))?;
-            }
-        }
+        Frame::Credit { stream, bytes } => with_slot(inner, stream, "Credit", |slot| {
+            slot.grant(stream, bytes, inner.config.wide_window())
+        })?,
         Frame::Opened { stream } => {
-            if let Some(slot) = inner
-                .state
-                .lock()
-                .expect("state lock")
-                .streams
-                .get_mut(&stream)
-            {
-                slot.confirm_open();
-            }
+            with_slot(inner, stream, "Opened", |slot| slot.confirm_open(stream))?
         }
         Frame::Open { stream: id, target } => {
-            let duplicate = inner
-                .state
-                .lock()
-                .expect("state lock")
-                .streams
-                .contains_key(&id);
-            if !inner.side.opened_by_peer(id) || duplicate {
-                return Err(local_close(
-                    close_code::MALFORMED,
-                    format!("invalid stream id {id} in Open"),
-                ));
-            }
-            let Ok(stream) = inner.register(id, false) else {
-                return Ok(());
+            let registered = {
+                let mut state = inner.state.lock().expect("state lock");
+                if !inner.side.opened_by_peer(id) || id <= state.peer_high {
+                    return Err(local_close(
+                        close_code::MALFORMED,
+                        format!(
+                            "invalid stream id {id} in Open: the peer's ids must be {} and grow",
+                            if inner.side == Side::Client {
+                                "odd"
+                            } else {
+                                "even"
+                            }
+                        ),
+                    ));
+                }
+                state.peer_high = id;
+                inner.register(&mut state, id, false)
             };
-            if let Err(mpsc::error::TrySendError::Full(Incoming::Stream { stream, .. })) =
+            let stream = match registered {
+                Ok((stream, widened)) => {
+                    inner.send_widening(id, widened);
+                    stream
+                }
+                Err(Unregistered::Refused(reason)) => {
+                    inner.send_control(frame(Frame::Reset { stream: id, reason }));
+                    return Ok(());
+                }
+                Err(Unregistered::Closed) => return Ok(()),
+            };
+            if let Err(TrySendError::Full(Incoming::Stream { stream, .. })) =
                 incoming.try_send(Incoming::Stream { stream, target })
             {
                 stream.reset("too many connections waiting to be accepted");
@@ -522,7 +757,7 @@ fn dispatch(
         Frame::FlowEnd { flow } => {
             let _ = incoming.try_send(Incoming::FlowEnd(flow));
         }
-        Frame::Hello(_) | Frame::Welcome(_) => {
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Challenge(_) | Frame::Proof(_) => {
             return Err(local_close(
                 close_code::MALFORMED,
                 "handshake frame after the handshake",
@@ -532,26 +767,433 @@ fn dispatch(
     Ok(())
 }
 
+/// Feeds `frames` to a session's reader as if a peer sent them, with no
+/// socket and no tasks, and checks the session's bounds after each one.
+/// Panics if a bound is broken; stops at the first frame that closes the
+/// tunnel. For the fuzzer and property tests.
+#[doc(hidden)]
+pub fn dispatch_for_fuzzing(side: Side, config: SessionConfig, frames: &[bytes::Bytes]) {
+    let (incoming_tx, mut incoming_rx) = mpsc::channel(config.incoming_queue.max(1));
+    let (inner, mut queues) = Inner::new(side, config);
+    let mut accepted = Vec::new();
+    for bytes in frames {
+        if dispatch(&inner, &incoming_tx, bytes.clone()).is_err() {
+            break;
+        }
+        // Keep every other stream the peer opens (it stays registered) and
+        // drop the rest (reset at once), like an application would.
+        while let Ok(item) = incoming_rx.try_recv() {
+            if let Incoming::Stream { stream, .. } = item {
+                if stream.id() % 4 < 2 {
+                    accepted.push(stream);
+                }
+            }
+        }
+        while queues.control.try_recv().is_ok() {}
+        while queues.data.try_recv().is_ok() {}
+        let config = &inner.config;
+        let stats = inner.stats();
+        let state = inner.state.lock().expect("state lock");
+        assert!(stats.streams <= config.max_streams, "{stats:?}");
+        assert!(
+            stats.granted
+                <= config
+                    .receive_budget
+                    .max(config.max_streams * INITIAL_WINDOW as usize),
+            "{stats:?}"
+        );
+        assert!(state.widened <= config.widening_budget());
+        for slot in state.streams.values() {
+            let (window, used) = slot.receive_usage();
+            assert!(
+                used <= window,
+                "a stream buffers {used} of a {window} window"
+            );
+        }
+    }
+    drop(accepted);
+    queues.writer_done.send_replace(true);
+}
+
 #[cfg(test)]
 mod tests {
     //! A session against a raw WebSocket peer that misbehaves on purpose.
 
     use super::*;
     use crate::handshake::websocket_config;
+    use crate::stream::INITIAL_WINDOW;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
-    async fn session_with_raw_peer() -> (
-        Session,
-        mpsc::Receiver<Incoming>,
-        WebSocketStream<tokio::io::DuplexStream>,
-    ) {
-        let (a, b) = tokio::io::duplex(1 << 20);
+    type Peer = WebSocketStream<tokio::io::DuplexStream>;
+
+    async fn session_with_raw_peer() -> (Session, mpsc::Receiver<Incoming>, Peer) {
+        session_with_config(SessionConfig::default(), 1 << 20).await
+    }
+
+    async fn session_with_config(
+        config: SessionConfig,
+        pipe: usize,
+    ) -> (Session, mpsc::Receiver<Incoming>, Peer) {
+        let (a, b) = tokio::io::duplex(pipe);
         let ours =
             WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
         let peer =
             WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
-        let (session, incoming) = Session::start(ours, Side::Agent, SessionConfig::default());
+        let (session, incoming) = Session::start(ours, Side::Agent, config);
         (session, incoming, peer)
+    }
+
+    async fn send(peer: &mut Peer, frame: Frame) {
+        peer.send(Message::Binary(frame.encode())).await.unwrap();
+    }
+
+    fn open(stream: StreamId) -> Frame {
+        Frame::Open {
+            stream,
+            target: Target::AgentPort { port: 80 },
+        }
+    }
+
+    fn data(stream: StreamId, payload: &'static [u8]) -> Frame {
+        Frame::Data {
+            stream,
+            payload: bytes::Bytes::from_static(payload),
+        }
+    }
+
+    /// The peer opens `stream`; returns it as the application gets it.
+    async fn peer_opens(
+        peer: &mut Peer,
+        incoming: &mut mpsc::Receiver<Incoming>,
+        stream: StreamId,
+    ) -> Stream {
+        send(peer, open(stream)).await;
+        match tokio::time::timeout(Duration::from_secs(10), incoming.recv()).await {
+            Ok(Some(Incoming::Stream { stream, .. })) => stream,
+            other => panic!("expected stream {stream}, got {other:?}"),
+        }
+    }
+
+    /// Sends `frames` and expects the tunnel to close with `code` and a
+    /// reason containing `words`.
+    async fn violation_closes(frames: Vec<Frame>, code: u16, words: &str) {
+        let (session, mut incoming, mut peer) = session_with_raw_peer().await;
+        let _kept = peer_opens(&mut peer, &mut incoming, 2).await;
+        for frame in frames {
+            send(&mut peer, frame).await;
+        }
+        let reason = tokio::time::timeout(Duration::from_secs(10), session.closed())
+            .await
+            .expect("the tunnel closes");
+        assert_eq!(reason.code, Some(code), "{reason}");
+        assert!(reason.reason.contains(words), "{reason}");
+        assert_ne!(peer_sees_the_end(&mut peer).await, Some(1000));
+    }
+
+    #[tokio::test]
+    async fn an_empty_data_frame_is_a_violation() {
+        violation_closes(vec![data(2, b"")], close_code::MALFORMED, "empty Data").await;
+    }
+
+    #[tokio::test]
+    async fn a_second_fin_is_a_violation() {
+        let fins = vec![Frame::Fin { stream: 2 }, Frame::Fin { stream: 2 }];
+        violation_closes(fins, close_code::MALFORMED, "duplicate Fin").await;
+    }
+
+    #[tokio::test]
+    async fn data_after_fin_is_a_violation() {
+        let frames = vec![Frame::Fin { stream: 2 }, data(2, b"late")];
+        violation_closes(frames, close_code::MALFORMED, "Data after Fin").await;
+    }
+
+    #[tokio::test]
+    async fn frames_for_streams_never_opened_are_violations() {
+        // The peer's parity, above anything it opened.
+        violation_closes(vec![data(6, b"x")], close_code::MALFORMED, "never opened").await;
+        // Ours, not handed out yet.
+        let credit = Frame::Credit {
+            stream: 99,
+            bytes: 1,
+        };
+        violation_closes(vec![credit], close_code::MALFORMED, "never opened").await;
+        violation_closes(
+            vec![Frame::Reset {
+                stream: 0,
+                reason: String::new(),
+            }],
+            close_code::MALFORMED,
+            "never opened",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_reused_or_decreasing_stream_id_is_a_violation() {
+        let reset = Frame::Reset {
+            stream: 2,
+            reason: "done".into(),
+        };
+        violation_closes(
+            vec![reset, open(2)],
+            close_code::MALFORMED,
+            "must be even and grow",
+        )
+        .await;
+        violation_closes(
+            vec![open(6), open(4)],
+            close_code::MALFORMED,
+            "invalid stream id 4",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn opened_for_the_peers_own_stream_is_a_violation() {
+        let opened = Frame::Opened { stream: 2 };
+        violation_closes(vec![opened], close_code::MALFORMED, "which the peer opened").await;
+    }
+
+    #[tokio::test]
+    async fn credit_beyond_the_window_is_a_violation() {
+        let credit = Frame::Credit {
+            stream: 2,
+            bytes: u32::MAX,
+        };
+        violation_closes(vec![credit], close_code::FLOW_CONTROL, "beyond the window").await;
+    }
+
+    #[tokio::test]
+    async fn late_frames_for_ended_streams_are_ignored() {
+        let (session, mut incoming, mut peer) = session_with_raw_peer().await;
+        let ended = peer_opens(&mut peer, &mut incoming, 2).await;
+        ended.reset("the application refused it");
+        for frame in [
+            data(2, b"in flight"),
+            Frame::Fin { stream: 2 },
+            Frame::Fin { stream: 2 },
+            Frame::Credit {
+                stream: 2,
+                bytes: 10,
+            },
+            Frame::Reset {
+                stream: 2,
+                reason: "crossed".into(),
+            },
+        ] {
+            send(&mut peer, frame).await;
+        }
+        let _next = peer_opens(&mut peer, &mut incoming, 4).await;
+        assert!(!session.is_closed());
+        assert_eq!(session.stats().streams, 1, "no state kept for stream 2");
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_limit_are_reset_with_a_reason_either_way() {
+        let config = SessionConfig {
+            max_streams: 2,
+            ..SessionConfig::default()
+        };
+        let (session, mut incoming, mut peer) = session_with_config(config, 1 << 20).await;
+        let _a = peer_opens(&mut peer, &mut incoming, 2).await;
+        let _b = session.open(Target::AgentPort { port: 1 }).unwrap();
+        // The peer's third stream: reset on the wire.
+        send(&mut peer, open(4)).await;
+        let reset = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(Ok(Message::Binary(bytes))) = peer.next().await {
+                    if let Ok(Frame::Reset { stream: 4, reason }) = Frame::decode(bytes) {
+                        return reason;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("stream 4 is reset");
+        assert!(reset.contains("too many streams"), "{reset}");
+        // This side's third stream: refused before it reaches the wire.
+        let mut refused = session.open(Target::AgentPort { port: 1 }).unwrap();
+        let reason = refused.opened().await.unwrap_err();
+        assert!(
+            reason.contains("too many streams on this tunnel (limit 2)"),
+            "{reason}"
+        );
+        assert_eq!(session.stats().streams, 2);
+        assert!(!session.is_closed());
+    }
+
+    #[tokio::test]
+    async fn windows_add_up_to_the_receive_budget() {
+        let config = SessionConfig {
+            max_streams: 8,
+            receive_budget: 8 * INITIAL_WINDOW as usize + 2 * 1024 * 1024,
+            window: 1024 * 1024,
+            ..SessionConfig::default()
+        };
+        let budget = config.receive_budget;
+        let (session, mut incoming, mut peer) = session_with_config(config, 1 << 20).await;
+        let mut streams = Vec::new();
+        for id in (2..=16).step_by(2) {
+            streams.push(peer_opens(&mut peer, &mut incoming, id).await);
+        }
+        let stats = session.stats();
+        assert_eq!(stats.streams, 8);
+        // Two streams fit the widening part of the budget, six keep the initial window.
+        assert_eq!(stats.granted, 2 * 1024 * 1024 + 6 * INITIAL_WINDOW as usize);
+        assert!(stats.granted <= budget);
+        // A finished stream gives its widening back to the next one.
+        drop(streams.remove(0));
+        let _next = peer_opens(&mut peer, &mut incoming, 18).await;
+        assert_eq!(session.stats().granted, stats.granted);
+    }
+
+    #[tokio::test]
+    async fn stream_ids_are_never_reused() {
+        let (session, _incoming, _peer) = session_with_raw_peer().await;
+        session.inner.state.lock().unwrap().next_stream = u32::MAX - 2;
+        let last = session.open(Target::AgentPort { port: 1 }).unwrap();
+        assert_eq!(last.id(), u32::MAX - 2);
+        let err = session.open(Target::AgentPort { port: 1 }).unwrap_err();
+        assert_eq!(err.0.code, Some(close_code::OVERLOADED), "{err}");
+        assert!(err.0.reason.contains("stream ids"), "{err}");
+        assert!(session.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_cannot_grow_the_control_queue() {
+        // Every stream the peer opens is refused (limit 0), so each Open
+        // makes this side queue a Reset the peer never reads.
+        let config = SessionConfig {
+            max_streams: 0,
+            ..SessionConfig::default()
+        };
+        let (session, _incoming, peer) = session_with_config(config, 64 * 1024).await;
+        let (mut sink, _unread) = peer.split();
+        let flood = async {
+            for id in (2..).step_by(2).take(4 * CONTROL_QUEUE) {
+                if sink.send(Message::Binary(open(id).encode())).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let reason = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::select! {
+                _ = flood => session.closed().await,
+                reason = session.closed() => reason,
+            }
+        })
+        .await
+        .expect("the tunnel closes");
+        assert_eq!(reason.code, Some(close_code::OVERLOADED), "{reason}");
+    }
+
+    /// Two sessions over a pipe, the agent echoing every stream the
+    /// client opens.
+    async fn echoing_pair(config: SessionConfig) -> Session {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let agent =
+            WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
+        let client =
+            WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
+        let (_agent, mut incoming) = Session::start(agent, Side::Agent, config.clone());
+        tokio::spawn(async move {
+            while let Some(Incoming::Stream { stream, .. }) = incoming.recv().await {
+                stream.accept();
+                let (here, there) = tokio::io::duplex(64 * 1024);
+                let (r, w) = tokio::io::split(here);
+                tokio::spawn(stream.bridge(r, w));
+                let (mut r, mut w) = tokio::io::split(there);
+                tokio::spawn(async move { tokio::io::copy(&mut r, &mut w).await });
+            }
+        });
+        Session::start(client, Side::Client, config).0
+    }
+
+    #[tokio::test]
+    async fn narrow_windows_never_stall_whatever_the_write_sizes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // No widening: every stream keeps INITIAL_WINDOW, where a chunk
+        // larger than three quarters of the window could wait for credit
+        // the receiver holds back below its return threshold.
+        let config = SessionConfig {
+            max_streams: 4,
+            receive_budget: 4 * INITIAL_WINDOW as usize,
+            ..SessionConfig::default()
+        };
+        let session = echoing_pair(config).await;
+        let stream = session.open(Target::AgentPort { port: 1 }).unwrap();
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let (r, w) = tokio::io::split(theirs);
+        tokio::spawn(stream.bridge(r, w));
+        let (mut reader, mut writer) = tokio::io::split(ours);
+        let sizes = [
+            10_000, 65_531, 3, 40_000, 65_531, 16_383, 65_531, 1, 50_000, 65_531,
+        ];
+        let total: usize = sizes.iter().sum::<usize>() * 20;
+        let writes = tokio::spawn(async move {
+            for round in 0..20 {
+                for (i, size) in sizes.iter().enumerate() {
+                    writer
+                        .write_all(&vec![(round + i) as u8; *size])
+                        .await
+                        .unwrap();
+                    if i % 3 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut echoed))
+            .await
+            .expect("the stream never stalls")
+            .unwrap();
+        writes.await.unwrap();
+        assert_eq!(echoed.len(), total);
+    }
+
+    proptest::proptest! {
+        /// Any sequence of frames, valid or not, keeps the session within
+        /// its bounds (checked after every frame by `dispatch_for_fuzzing`).
+        #[test]
+        fn arbitrary_frame_sequences_stay_bounded(
+            frames in proptest::collection::vec(fuzz_frame(), 0..64),
+            side in proptest::prop_oneof![proptest::strategy::Just(Side::Agent), proptest::strategy::Just(Side::Client)],
+        ) {
+            let config = SessionConfig {
+                max_streams: 3,
+                receive_budget: 3 * INITIAL_WINDOW as usize + 300_000,
+                window: 200_000,
+                incoming_queue: 2,
+                ..SessionConfig::default()
+            };
+            dispatch_for_fuzzing(side, config, &frames);
+        }
+    }
+
+    /// Frames on a handful of stream ids, so that sequences hit live streams.
+    fn fuzz_frame() -> impl proptest::strategy::Strategy<Value = bytes::Bytes> {
+        use proptest::prelude::*;
+        let id = 0u32..12;
+        prop_oneof![
+            id.clone().prop_map(|stream| open(stream).encode()),
+            (id.clone(), 0usize..70_000).prop_map(|(stream, len)| Frame::Data {
+                stream,
+                payload: vec![7u8; len].into()
+            }
+            .encode()),
+            id.clone().prop_map(|stream| Frame::Fin { stream }.encode()),
+            id.clone()
+                .prop_map(|stream| Frame::Opened { stream }.encode()),
+            id.clone().prop_map(|stream| Frame::Reset {
+                stream,
+                reason: "r".into()
+            }
+            .encode()),
+            (id, any::<u32>()).prop_map(|(stream, bytes)| Frame::Credit { stream, bytes }.encode()),
+            proptest::collection::vec(any::<u8>(), 0..16).prop_map(bytes::Bytes::from),
+        ]
     }
 
     /// Waits until the peer sees the tunnel end; returns the close code if

@@ -9,6 +9,12 @@
 //! per stream. Half-close travels as `Fin`; any failure as `Reset`, which the
 //! bridge's owner turns into a TCP reset so callers see what a real network
 //! would show them.
+//!
+//! What the reader task queues for a stream is bounded by credit alone, in
+//! bytes and in frames: every `Data` frame costs at least
+//! [`MIN_DATA_COST`], empty ones and anything after `Fin` are protocol
+//! violations, and payloads are copied out of the WebSocket's read buffer
+//! (a queued slice of it would keep the whole buffer alive).
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,7 +25,29 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::codec::{data_frame_buffer, finish_data_frame, Frame, StreamId};
-use crate::session::{frame, Inner};
+use crate::handshake::close_code;
+use crate::session::{frame, local_close, CloseReason, Inner};
+
+/// Credit every stream starts with in each direction. Part of the protocol
+/// (version 3): a sender may send this much at once, before it hears
+/// anything from the receiver, who may then widen the window with `Credit`.
+pub const INITIAL_WINDOW: u32 = 64 * 1024;
+/// The least credit one `Data` frame costs, whatever its length, so that a
+/// receiver queues at most window / `MIN_DATA_COST` frames for a stream: a
+/// frame's bookkeeping would otherwise cost more than its bytes.
+pub const MIN_DATA_COST: u32 = 256;
+
+/// The largest `Data` payload a sender reads at once: three quarters of
+/// the narrowest window. A receiver returns credit once a quarter of its
+/// window is delivered, so a sender waiting for credit always has more
+/// than that quarter in flight, and the two never wait on each other
+/// (with whole-window chunks they did: found by a unit test).
+pub const MAX_CHUNK: usize = INITIAL_WINDOW as usize * 3 / 4;
+
+/// Credit a `Data` frame of `len` payload bytes consumes.
+pub(crate) fn data_cost(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX).max(MIN_DATA_COST)
+}
 
 /// What the reader task hands a stream.
 #[derive(Debug)]
@@ -30,55 +58,118 @@ pub(crate) enum Inbound {
 }
 
 /// The session's side of a stream: where the reader task delivers frames.
+/// The inbound queue is unbounded as a channel but bounded by credit: at
+/// most `window` bytes in at most `window / MIN_DATA_COST` frames, one
+/// `Fin` and one `Reset`.
 pub(crate) struct StreamSlot {
     inbound: mpsc::UnboundedSender<Inbound>,
     credit: Arc<Semaphore>,
     in_flight: Arc<AtomicU32>,
+    /// The receive window granted to the peer: [`INITIAL_WINDOW`], or the
+    /// session's `window` when its receive budget allowed widening.
+    pub(crate) window: u32,
+    /// The peer sent `Fin`: it may send nothing more on this stream.
+    fin_received: bool,
+    /// `Some` until the peer answers a stream this side opened.
     opened: Option<oneshot::Sender<Result<(), String>>>,
+    opened_here: bool,
 }
 
 impl StreamSlot {
-    /// Queues data unless the peer overran the window it was granted.
-    pub(crate) fn deliver_data(&self, payload: Bytes, window: u32) -> Result<(), String> {
-        let len = payload.len() as u32;
-        let in_flight = self
-            .in_flight
-            .fetch_add(len, Ordering::AcqRel)
-            .saturating_add(len);
-        if in_flight > window {
-            return Err(format!(
-                "the peer sent {in_flight} bytes on a stream with a window of {window}"
+    /// Queues data unless the peer broke the stream's rules: data after
+    /// `Fin`, an empty frame, or more than the window it was granted.
+    pub(crate) fn deliver_data(&mut self, id: StreamId, payload: &[u8]) -> Result<(), CloseReason> {
+        if self.fin_received {
+            return Err(local_close(
+                close_code::MALFORMED,
+                format!("Data after Fin on stream {id}"),
             ));
         }
-        self.deliver(Inbound::Data(payload));
+        if payload.is_empty() {
+            return Err(local_close(
+                close_code::MALFORMED,
+                format!("empty Data frame on stream {id}"),
+            ));
+        }
+        let cost = data_cost(payload.len());
+        let in_flight = self
+            .in_flight
+            .fetch_add(cost, Ordering::AcqRel)
+            .saturating_add(cost);
+        if in_flight > self.window {
+            return Err(local_close(
+                close_code::FLOW_CONTROL,
+                format!(
+                    "the peer sent {in_flight} bytes of credit on stream {id}, whose window is {}",
+                    self.window
+                ),
+            ));
+        }
+        self.deliver(Inbound::Data(Bytes::copy_from_slice(payload)));
         Ok(())
     }
 
-    pub(crate) fn deliver(&self, inbound: Inbound) {
+    /// Queues the peer's half-close; a second one is a protocol violation.
+    pub(crate) fn deliver_fin(&mut self, id: StreamId) -> Result<(), CloseReason> {
+        if std::mem::replace(&mut self.fin_received, true) {
+            return Err(local_close(
+                close_code::MALFORMED,
+                format!("duplicate Fin on stream {id}"),
+            ));
+        }
+        self.deliver(Inbound::Fin);
+        Ok(())
+    }
+
+    fn deliver(&self, inbound: Inbound) {
         // The stream may be gone already; its bytes have nowhere to go.
         let _ = self.inbound.send(inbound);
     }
 
-    /// Adds credit, refusing grants that exceed what was ever sent.
-    pub(crate) fn grant(&mut self, bytes: u32, window: u32) -> Result<(), String> {
+    /// Adds credit, refusing grants beyond the largest window a receiver
+    /// may grant (`max_window`): the peer would be inventing credit.
+    pub(crate) fn grant(
+        &mut self,
+        id: StreamId,
+        bytes: u32,
+        max_window: u32,
+    ) -> Result<(), CloseReason> {
         if self
             .credit
             .available_permits()
             .saturating_add(bytes as usize)
-            > window as usize
+            > max_window as usize
         {
-            return Err(format!(
-                "the peer granted {bytes} bytes of credit beyond the window of {window}"
+            return Err(local_close(
+                close_code::FLOW_CONTROL,
+                format!(
+                    "the peer granted {bytes} bytes of credit on stream {id}, beyond the window of {max_window}"
+                ),
             ));
         }
         self.credit.add_permits(bytes as usize);
         Ok(())
     }
 
-    pub(crate) fn confirm_open(&mut self) {
+    /// The peer reached the target of a stream this side opened; `Opened`
+    /// for a stream the peer opened itself is a protocol violation.
+    pub(crate) fn confirm_open(&mut self, id: StreamId) -> Result<(), CloseReason> {
+        if !self.opened_here {
+            return Err(local_close(
+                close_code::MALFORMED,
+                format!("Opened for stream {id}, which the peer opened itself"),
+            ));
+        }
         if let Some(opened) = self.opened.take() {
             let _ = opened.send(Ok(()));
         }
+        Ok(())
+    }
+
+    /// (the window granted to the peer, the credit it used that this side
+    /// has not returned yet: bytes queued or being written out).
+    pub(crate) fn receive_usage(&self) -> (u32, u32) {
+        (self.window, self.in_flight.load(Ordering::Acquire))
     }
 
     /// Kills the stream: wakes both halves of its bridge with `reason`.
@@ -108,6 +199,8 @@ pub enum StreamError {
 pub struct Stream {
     id: StreamId,
     inner: Arc<Inner>,
+    /// This side's receive window (see [`StreamSlot::window`]).
+    window: u32,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     credit: Arc<Semaphore>,
     in_flight: Arc<AtomicU32>,
@@ -124,9 +217,14 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Stream {
-    pub(crate) fn new(id: StreamId, inner: Arc<Inner>, opened_here: bool) -> (StreamSlot, Stream) {
+    pub(crate) fn new(
+        id: StreamId,
+        inner: Arc<Inner>,
+        opened_here: bool,
+        window: u32,
+    ) -> (StreamSlot, Stream) {
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
-        let credit = Arc::new(Semaphore::new(inner.config.window as usize));
+        let credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
         let in_flight = Arc::new(AtomicU32::new(0));
         let (opened_tx, opened_rx) = if opened_here {
             let (tx, rx) = oneshot::channel();
@@ -138,11 +236,15 @@ impl Stream {
             inbound: inbound_tx,
             credit: Arc::clone(&credit),
             in_flight: Arc::clone(&in_flight),
+            window,
+            fin_received: false,
             opened: opened_tx,
+            opened_here,
         };
         let stream = Stream {
             id,
             inner,
+            window,
             inbound: inbound_rx,
             credit,
             in_flight,
@@ -152,16 +254,25 @@ impl Stream {
         (slot, stream)
     }
 
+    /// A stream this side could not open (the session's stream limit):
+    /// never on the wire, it fails like a stream the peer reset, with
+    /// `reason`, so its owner resets the caller the usual way.
+    pub(crate) fn refused(inner: Arc<Inner>, reason: &str) -> Stream {
+        // Id 0 belongs to neither side, so no frame can ever match it.
+        let (slot, mut stream) = Stream::new(0, inner, true, INITIAL_WINDOW);
+        slot.fail(reason);
+        stream.finished = true;
+        stream
+    }
+
     pub fn id(&self) -> StreamId {
         self.id
     }
 
     /// Tells the peer that this side reached the stream's target.
     pub fn accept(&self) {
-        let _ = self
-            .inner
-            .control
-            .send(frame(Frame::Opened { stream: self.id }));
+        self.inner
+            .send_control(frame(Frame::Opened { stream: self.id }));
     }
 
     /// Refuses or aborts the stream, telling the peer why.
@@ -190,6 +301,7 @@ impl Stream {
             let down = downstream(
                 self.id,
                 &self.inner,
+                self.window,
                 &mut self.inbound,
                 &self.in_flight,
                 writer,
@@ -216,7 +328,7 @@ impl Stream {
             stream: self.id,
             reason: reason.to_owned(),
         };
-        let _ = self.inner.control.send(frame(reset));
+        self.inner.send_control(frame(reset));
     }
 }
 
@@ -248,7 +360,7 @@ async fn upstream<R: AsyncRead + Unpin>(
     credit: &Semaphore,
     mut reader: R,
 ) -> Result<(), StreamError> {
-    let max_chunk = inner.config.chunk.min(inner.config.window as usize);
+    let max_chunk = inner.config.chunk.clamp(1, MAX_CHUNK);
     let mut read_size = max_chunk.min(MIN_READ);
     let tunnel_closed = || StreamError::Peer("the tunnel closed".into());
     loop {
@@ -263,7 +375,7 @@ async fn upstream<R: AsyncRead + Unpin>(
             return inner.data.send(fin).await.map_err(|_| tunnel_closed());
         }
         credit
-            .acquire_many(n as u32)
+            .acquire_many(data_cost(n))
             .await
             .map_err(|_| StreamError::Peer("the stream was reset".into()))?
             .forget();
@@ -276,12 +388,13 @@ async fn upstream<R: AsyncRead + Unpin>(
 async fn downstream<W: AsyncWrite + Unpin>(
     id: StreamId,
     inner: &Inner,
+    window: u32,
     inbound: &mut mpsc::UnboundedReceiver<Inbound>,
     in_flight: &AtomicU32,
     mut writer: W,
 ) -> Result<(), StreamError> {
     // Returning credit in quarters keeps the sender busy without a frame per write.
-    let threshold = (inner.config.window / 4).max(1);
+    let threshold = (window / 4).max(1);
     let mut unreturned = 0u32;
     loop {
         let Some(inbound) = inbound.recv().await else {
@@ -290,14 +403,14 @@ async fn downstream<W: AsyncWrite + Unpin>(
         match inbound {
             Inbound::Data(bytes) => {
                 writer.write_all(&bytes).await.map_err(StreamError::Local)?;
-                unreturned += bytes.len() as u32;
+                unreturned += data_cost(bytes.len());
                 if unreturned >= threshold {
                     in_flight.fetch_sub(unreturned, Ordering::AcqRel);
                     let credit = Frame::Credit {
                         stream: id,
                         bytes: unreturned,
                     };
-                    let _ = inner.control.send(frame(credit));
+                    inner.send_control(frame(credit));
                     unreturned = 0;
                 }
             }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use ktb::expose::Expose;
 use ktb::report::{Event, Reporter};
 use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb_kube::grace::parse_duration;
-use ktb_proto::SessionConfig;
+use ktb_proto::{ClientKey, SessionConfig};
 
 #[derive(Parser)]
 #[command(
@@ -113,18 +114,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Attach to a running agent by address and serve its callers from local
-    /// ports (what `exchange --transport direct` does once the agent exists).
+    /// Attach to an agent by address and serve its callers from local ports
+    /// (what `exchange --transport direct` does once the agent exists).
+    /// Generates this session's key pair and prints the public key first:
+    /// start the agent with `--client-key` set to it. The private key stays
+    /// in this process's memory; a new `ktb attach` needs a new agent.
     Attach {
         /// The agent's tunnel endpoint, HOST:PORT.
         #[arg(long)]
         agent: String,
-        /// File holding the session token.
-        #[arg(long, conflicts_with = "token")]
-        token_file: Option<PathBuf>,
-        /// The session token (prefer --token-file: arguments show up in `ps`).
-        #[arg(long, env = "KTB_TOKEN", hide_env_values = true)]
-        token: Option<String>,
         /// LOCAL[:REMOTE]: serve agent port REMOTE from 127.0.0.1:LOCAL. Repeatable.
         #[arg(long, required = true)]
         expose: Vec<Expose>,
@@ -311,26 +309,14 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let service = service.trim_start_matches("svc/");
             ktb::recover::run(&cluster, service, force, &reporter).await
         }
-        Command::Attach {
-            agent,
-            token_file,
-            token,
-            expose,
-        } => {
-            let token = match (token_file, token) {
-                (Some(path), _) => std::fs::read_to_string(&path)
-                    .map_err(|e| {
-                        anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
-                    })?
-                    .trim()
-                    .to_owned(),
-                (None, Some(token)) => token,
-                (None, None) => {
-                    anyhow::bail!("no session token: pass --token-file or set KTB_TOKEN")
-                }
-            };
+        Command::Attach { agent, expose } => {
+            let key = ClientKey::generate()?;
+            let public = key.public();
+            eprintln!(
+                "ktb: this session's public key is {public}; start the agent with --client-key {public}"
+            );
             let options = AttachOptions {
-                token,
+                key: Arc::new(key),
                 exposes: expose,
                 session: SessionConfig::default(),
             };

@@ -3,9 +3,9 @@
 //! One tunnel carries every connection of a session, so it is dialed once
 //! and re-dialed with exponential backoff whenever it drops: streams in
 //! flight fail (their callers see a reset), new ones work as soon as the
-//! tunnel is back. Errors that retrying cannot fix — a wrong token, a
-//! protocol version mismatch, a port the agent does not expose — end the
-//! attachment at once with the agent's own explanation.
+//! tunnel is back. Errors that retrying cannot fix — a key the agent does
+//! not know, a protocol version mismatch, a port the agent does not expose
+//! — end the attachment at once with the agent's own explanation.
 
 use std::future::Future;
 use std::io;
@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ktb_proto::handshake::{
-    client_handshake, close_code, websocket_config, HandshakeError, Welcome,
+    client_handshake, close_code, websocket_config, HandshakeError, Welcome, HANDSHAKE_TIMEOUT,
 };
 use ktb_proto::session::Side;
-use ktb_proto::{Incoming, Session, SessionConfig};
+use ktb_proto::{ClientKey, Incoming, Session, SessionConfig};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -74,7 +74,8 @@ impl Transport for Direct {
 
 /// What `ktb attach` needs.
 pub struct AttachOptions {
-    pub token: String,
+    /// The session's private key; the agent knows its public half.
+    pub key: Arc<ClientKey>,
     pub exposes: Vec<Expose>,
     pub session: SessionConfig,
 }
@@ -152,7 +153,7 @@ pub async fn attach<T: Transport>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AttachError> {
     let tunnel = TunnelConfig {
-        token: options.token,
+        key: options.key,
         session: options.session,
     };
     attach_as(
@@ -165,10 +166,11 @@ pub async fn attach<T: Transport>(
     .await
 }
 
-/// How to open a tunnel: the agent's token and the session's settings.
+/// How to open a tunnel: the session's key and settings.
 #[derive(Clone)]
 pub struct TunnelConfig {
-    pub token: String,
+    /// Proves to the agent, on every connection, that this is its client.
+    pub key: Arc<ClientKey>,
     pub session: SessionConfig,
 }
 
@@ -230,15 +232,22 @@ async fn connect_and_serve<T: Transport, R: ClientRole>(
         .await
         .map_err(|e| Failure::Retry(format!("cannot reach the agent at {where_to}: {e}")))?;
     let url = format!("ws://{}/tunnel", transport.authority());
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()))
-            .await
-            .map_err(|e| {
-                Failure::Retry(format!(
-                    "the agent at {where_to} did not accept a tunnel: {e}"
-                ))
-            })?;
-    let welcome = match client_handshake(&mut ws, &config.token).await {
+    // Bounded: an agent that accepts the connection and then says nothing
+    // (or a port-forward to a gone pod) must not hold the client forever.
+    let upgrade = tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()));
+    let (mut ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade)
+        .await
+        .map_err(|_| {
+            Failure::Retry(format!(
+                "the agent at {where_to} did not answer the tunnel request in {HANDSHAKE_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| {
+            Failure::Retry(format!(
+                "the agent at {where_to} did not accept a tunnel: {e}"
+            ))
+        })?;
+    let welcome = match client_handshake(&mut ws, &config.key).await {
         Ok(welcome) => welcome,
         Err(HandshakeError::Refused { code, reason })
             if code == close_code::UNAUTHORIZED || code == close_code::VERSION_MISMATCH =>

@@ -4,7 +4,6 @@
 //! handle when the path is dropped.
 
 use std::fs;
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -212,23 +211,24 @@ impl KtbPath {
         local: SocketAddr,
     ) -> anyhow::Result<KtbPath> {
         let bin = |name: &str| -> PathBuf { workspace.join("target/release").join(name) };
-        let token = scratch.join("token");
-        let mut random = [0u8; 16];
-        fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
-        fs::write(
-            &token,
-            random
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
-        )?;
         let (tunnel_port, exposed_port) = (free_port()?, free_port()?);
+        // `ktb attach` makes the session's key and prints its public half,
+        // which the agent is started with; the CLI retries until the agent
+        // listens.
+        let cli_log = scratch.join("ktb.log");
+        let cli = Process::spawn(
+            Command::new(bin("ktb"))
+                .args(["attach", "--agent", &format!("127.0.0.1:{tunnel_port}")])
+                .arg("--expose")
+                .arg(format!("{}:{exposed_port}", local.port())),
+            &cli_log,
+        )?;
+        let client_key = wait_for_client_key(&cli_log).await?;
         let agent = Process::spawn(
             Command::new(bin("ktb-agent"))
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{tunnel_port}"))
-                .arg("--token-file")
-                .arg(&token)
+                .args(["--client-key", &client_key])
                 .args([
                     "--expose-address",
                     "127.0.0.1",
@@ -238,16 +238,6 @@ impl KtbPath {
             &scratch.join("agent.log"),
         )?;
         wait_until_listening(([127, 0, 0, 1], tunnel_port).into(), "ktb-agent").await?;
-        let cli_log = scratch.join("ktb.log");
-        let cli = Process::spawn(
-            Command::new(bin("ktb"))
-                .args(["attach", "--agent", &format!("127.0.0.1:{tunnel_port}")])
-                .arg("--token-file")
-                .arg(&token)
-                .arg("--expose")
-                .arg(format!("{}:{exposed_port}", local.port())),
-            &cli_log,
-        )?;
         for _ in 0..100 {
             if fs::read_to_string(&cli_log)?.contains("tunnel up") {
                 return Ok(KtbPath {
@@ -271,6 +261,26 @@ impl KtbPath {
     pub fn cli_peak_rss_kib(&self) -> anyhow::Result<u64> {
         peak_rss_kib(self.cli.pid())
     }
+}
+
+/// The public key `ktb attach` printed in `log`: the 64 hex digits after
+/// `--client-key`.
+async fn wait_for_client_key(log: &Path) -> anyhow::Result<String> {
+    const MARK: &str = "--client-key ";
+    for _ in 0..100 {
+        let text = fs::read_to_string(log)?;
+        if let Some(key) = text
+            .find(MARK)
+            .and_then(|at| text.get(at + MARK.len()..at + MARK.len() + 64))
+        {
+            return Ok(key.to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!(
+        "ktb attach did not print its public key: {}",
+        fs::read_to_string(log)?
+    )
 }
 
 /// `VmHWM` of a process: the most resident memory it ever had.

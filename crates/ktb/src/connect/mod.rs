@@ -32,16 +32,17 @@ use kube::api::{Api, ListParams};
 
 use ktb_kube::lease::{self, Kind as LeaseKind};
 use ktb_kube::names::{connect_lease, AGENT_TUNNEL_PORT};
+use ktb_proto::auth::ClientKey;
 use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
 use crate::portforward::PortForward;
 use crate::preflight::{self, need};
 use crate::report::Reporter;
+use crate::session as sessions;
 use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
-use crate::session::{self as sessions, random_token};
 use crate::tunnel::{RunningTunnel, TunnelConfig};
 use journal::Journal;
 use outbound::Outbound;
@@ -241,13 +242,14 @@ async fn start_agent(
     lease: &Lock,
     reporter: &Reporter,
 ) -> anyhow::Result<(RunningTunnel, Outbound)> {
-    let token = random_token();
+    let key = ClientKey::generate()?;
     let spec = AgentPodSpec {
         name: objects,
         session,
         service: None,
         lease: lease.name(),
-        token: &token,
+        client_key: key.public().to_string(),
+        tunnel_on_pod_network: false,
         listen_ports: Vec::new(),
         declared_ports: Vec::new(),
         image: &options.agent_image,
@@ -268,7 +270,7 @@ async fn start_agent(
         port: AGENT_TUNNEL_PORT,
     };
     let config = TunnelConfig {
-        token,
+        key: Arc::new(key),
         session: SessionConfig::default(),
     };
     let outbound = Outbound::default();

@@ -14,6 +14,7 @@
 //! of the session are the [`crate::session`] layer's; this module keeps
 //! only what is exchange's own: the Service, its ports and its workload.
 
+pub mod proof;
 pub mod target;
 
 use std::future::Future;
@@ -27,6 +28,7 @@ use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
 use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
 use ktb_kube::service::{self, display, selector_of, Restored};
 use ktb_kube::workload::{self, Found, Kind};
+use ktb_proto::auth::ClientKey;
 use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
@@ -34,10 +36,10 @@ use crate::expose::Expose;
 use crate::portforward::PortForward;
 use crate::preflight::{self, need, Need};
 use crate::report::Reporter;
+use crate::session as sessions;
 use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec, DeclaredPort};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
-use crate::session::{self as sessions, random_token};
 use crate::tunnel::{self, Direct, RunningTunnel, TunnelConfig};
 use target::{ExposeArg, PortRoute};
 
@@ -275,12 +277,12 @@ async fn exchange_locked(
     restore_leftover(cluster, plan, reporter).await?;
     let original = services.get(plan.name).await?;
     let objects = session_objects(plan.name, plan.session);
-    let token = random_token();
+    let key = ClientKey::generate()?;
     reporter.progress(format!("creating shadow pod {objects}"));
     let shadow = AgentPod::create(
         &cluster.client,
         ns,
-        &shadow_spec(options, plan, lock, &objects, &token),
+        &shadow_spec(options, plan, lock, &objects, &key),
     )
     .await?;
     let started = async {
@@ -290,8 +292,13 @@ async fn exchange_locked(
             "opening the tunnel ({})",
             options.transport.describe()
         ));
-        let tunnel = open_tunnel(cluster, options, plan, &shadow, token.clone(), reporter).await?;
+        let tunnel = open_tunnel(cluster, options, plan, &shadow, key, reporter).await?;
         switch_service(cluster, &services, &original, plan, reporter).await?;
+        reporter.progress("checking that callers of the Service arrive at the shadow pod");
+        match agent_transport(cluster, options, &shadow).await? {
+            AgentTransport::PortForward(t) => proof::prove(&t, plan.qualified, plan.routes).await?,
+            AgentTransport::Direct(t) => proof::prove(&t, plan.qualified, plan.routes).await?,
+        }
         Ok::<_, anyhow::Error>(tunnel)
     };
     match started.await {
@@ -343,7 +350,7 @@ fn shadow_spec<'a>(
     plan: &Plan<'a>,
     lock: &'a Lock,
     objects: &'a str,
-    token: &'a str,
+    key: &ClientKey,
 ) -> AgentPodSpec<'a> {
     let session_labels = session_labels(plan.session);
     AgentPodSpec {
@@ -351,7 +358,8 @@ fn shadow_spec<'a>(
         session: plan.session,
         service: Some(plan.name),
         lease: lock.name(),
-        token,
+        client_key: key.public().to_string(),
+        tunnel_on_pod_network: options.transport == TransportKind::Direct,
         listen_ports: plan.routes.iter().map(|r| r.target_port).collect(),
         declared_ports: plan.declared.to_vec(),
         image: &options.agent_image,
@@ -373,16 +381,43 @@ fn shadow_spec<'a>(
     }
 }
 
+/// How this machine reaches the shadow pod's agent.
+enum AgentTransport {
+    PortForward(PortForward),
+    Direct(Direct),
+}
+
+async fn agent_transport(
+    cluster: &Cluster,
+    options: &ExchangeOptions,
+    shadow: &AgentPod,
+) -> anyhow::Result<AgentTransport> {
+    Ok(match options.transport {
+        TransportKind::PortForward => AgentTransport::PortForward(PortForward {
+            client: cluster.client.clone(),
+            namespace: cluster.namespace.clone(),
+            pod: shadow.name.clone(),
+            port: AGENT_TUNNEL_PORT,
+        }),
+        TransportKind::Direct => {
+            let ip = shadow.pod_ip().await?;
+            AgentTransport::Direct(Direct {
+                addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
+            })
+        }
+    })
+}
+
 async fn open_tunnel(
     cluster: &Cluster,
     options: &ExchangeOptions,
     plan: &Plan<'_>,
     shadow: &AgentPod,
-    token: String,
+    key: ClientKey,
     reporter: &Reporter,
 ) -> anyhow::Result<RunningTunnel> {
     let config = TunnelConfig {
-        token,
+        key: std::sync::Arc::new(key),
         session: SessionConfig::default(),
     };
     let role = tunnel::exchange_role(
@@ -394,23 +429,9 @@ async fn open_tunnel(
             })
             .collect(),
     );
-    match options.transport {
-        TransportKind::PortForward => {
-            let transport = PortForward {
-                client: cluster.client.clone(),
-                namespace: cluster.namespace.clone(),
-                pod: shadow.name.clone(),
-                port: AGENT_TUNNEL_PORT,
-            };
-            RunningTunnel::start(transport, config, role, reporter).await
-        }
-        TransportKind::Direct => {
-            let ip = shadow.pod_ip().await?;
-            let transport = Direct {
-                addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
-            };
-            RunningTunnel::start(transport, config, role, reporter).await
-        }
+    match agent_transport(cluster, options, shadow).await? {
+        AgentTransport::PortForward(t) => RunningTunnel::start(t, config, role, reporter).await,
+        AgentTransport::Direct(t) => RunningTunnel::start(t, config, role, reporter).await,
     }
 }
 

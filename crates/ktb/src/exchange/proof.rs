@@ -41,8 +41,7 @@ pub async fn prove<T: Transport>(
             route.service_port, route.target_port
         );
         loop {
-            let reason = match tokio::time::timeout(REQUEST_TIMEOUT, get(transport, &path)).await
-            {
+            let reason = match tokio::time::timeout(REQUEST_TIMEOUT, get(transport, &path)).await {
                 Ok(Ok((200, _))) => break,
                 Ok(Ok((_, answer))) => answer,
                 Ok(Err(e)) => format!("cannot ask the agent: {e}"),

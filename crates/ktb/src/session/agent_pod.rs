@@ -1,8 +1,13 @@
-//! The agent pod of a session and what it needs: a Secret with the tunnel
-//! token, and a ServiceAccount whose Role allows exactly what the agent may
-//! have to do on its own when the laptop vanishes (get/patch the exchanged
-//! Service, get/delete the session's Lease). Exchange calls it the shadow
-//! pod; `ktb connect` runs the same pod in connect role, with no Service.
+//! The agent pod of a session and what it needs: the session's public key
+//! (in its environment: nothing secret enters the cluster; the private half
+//! never leaves the laptop), and a ServiceAccount whose Role allows exactly
+//! what the agent may have to do on its own when the laptop vanishes
+//! (get/patch the exchanged Service, get/delete the session's Lease).
+//! Exchange calls it the shadow pod; `ktb connect` runs the same pod in
+//! connect role, with no Service. Its tunnel endpoint listens on the pod's
+//! loopback, which a port-forward reaches and the pod network does not,
+//! unless the laptop dials the pod IP itself (`--transport direct`); the
+//! kubelet's readiness probe has a port of its own.
 //!
 //! Every object is owned by the session's Lease, so the garbage collector
 //! removes them when the Lease goes, whoever deletes it; the CLI still
@@ -15,8 +20,7 @@ use anyhow::Context;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, ServiceAccount, Sysctl, Volume,
-    VolumeMount,
+    SeccompProfile, SecurityContext, ServiceAccount, Sysctl,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -25,15 +29,15 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::Client;
 
-use ktb_kube::names::{AGENT_TUNNEL_PORT, MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
+use ktb_kube::names::{
+    AGENT_READY_PORT, AGENT_TUNNEL_PORT, MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL,
+};
 use ktb_kube::workload::Kind;
 
 use crate::preflight::{need, Need};
 
-const TOKEN_DIR: &str = "/var/run/ktb";
-
 /// Verbs to start an agent pod for a session and reach it: the pod, its
-/// token Secret, its ServiceAccount and RBAC, the session Lease.
+/// ServiceAccount and RBAC, the session Lease.
 pub const AGENT_NEEDS: &[Need] = &[
     need("create", "", "pods"),
     need("get", "", "pods"),
@@ -52,8 +56,6 @@ pub const AGENT_NEEDS: &[Need] = &[
         resource: "pods",
         subresource: "portforward",
     },
-    need("create", "", "secrets"),
-    need("delete", "", "secrets"),
     need("create", "", "serviceaccounts"),
     need("delete", "", "serviceaccounts"),
     need("create", "rbac.authorization.k8s.io", "roles"),
@@ -72,7 +74,12 @@ pub struct AgentPodSpec<'a> {
     /// The Service the pod stands in for (exchange); `None` in connect role.
     pub service: Option<&'a str>,
     pub lease: String,
-    pub token: &'a str,
+    /// The session's public key (64 hex digits): the agent accepts only a
+    /// client proving it holds the private half.
+    pub client_key: String,
+    /// Whether the tunnel endpoint listens on the pod network (the laptop
+    /// dials the pod IP, `--transport direct`) rather than on loopback only.
+    pub tunnel_on_pod_network: bool,
     /// Ports the agent accepts callers on (exchange role): the target
     /// ports of the exposed Service ports.
     pub listen_ports: Vec<u16>,
@@ -179,17 +186,6 @@ impl AgentPodSpec<'_> {
         }
     }
 
-    fn secret(&self) -> Secret {
-        Secret {
-            metadata: self.meta(),
-            string_data: Some(BTreeMap::from([(
-                "token".to_owned(),
-                self.token.to_owned(),
-            )])),
-            ..Secret::default()
-        }
-    }
-
     fn pod(&self) -> Pod {
         let mut meta = self.meta();
         meta.labels = Some(self.labels.clone());
@@ -201,15 +197,6 @@ impl AgentPodSpec<'_> {
                 termination_grace_period_seconds: Some(5),
                 security_context: Some(pod_security()),
                 containers: vec![self.container()],
-                volumes: Some(vec![Volume {
-                    name: "token".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(self.name.into()),
-                        default_mode: Some(0o440),
-                        ..SecretVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                }]),
                 ..PodSpec::default()
             }),
             ..Pod::default()
@@ -226,7 +213,7 @@ impl AgentPodSpec<'_> {
             readiness_probe: Some(Probe {
                 http_get: Some(HTTPGetAction {
                     path: Some("/readyz".into()),
-                    port: IntOrString::Int(i32::from(AGENT_TUNNEL_PORT)),
+                    port: IntOrString::Int(i32::from(AGENT_READY_PORT)),
                     ..HTTPGetAction::default()
                 }),
                 period_seconds: Some(1),
@@ -234,12 +221,6 @@ impl AgentPodSpec<'_> {
             }),
             resources: Some(agent_resources()),
             security_context: Some(container_security()),
-            volume_mounts: Some(vec![VolumeMount {
-                name: "token".into(),
-                mount_path: TOKEN_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            }]),
             ..Container::default()
         }
     }
@@ -274,9 +255,22 @@ impl AgentPodSpec<'_> {
             }),
             ..EnvVar::default()
         };
+        let tunnel_ip = if self.tunnel_on_pod_network {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         role.into_iter()
             .chain([
-                env("KTB_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+                env("KTB_AGENT_CLIENT_KEY", self.client_key.clone()),
+                env(
+                    "KTB_AGENT_LISTEN",
+                    format!("{tunnel_ip}:{AGENT_TUNNEL_PORT}"),
+                ),
+                env(
+                    "KTB_AGENT_READY_LISTEN",
+                    format!("0.0.0.0:{AGENT_READY_PORT}"),
+                ),
                 env("KTB_AGENT_LEASE", self.lease.clone()),
                 env("KTB_AGENT_SESSION", self.session.into()),
                 env("KTB_AGENT_GRACE", format!("{}s", self.grace.as_secs())),
@@ -286,13 +280,13 @@ impl AgentPodSpec<'_> {
             .collect()
     }
 
-    /// The tunnel port, and every port the Service targets under the name
+    /// The readiness port, and every port the Service targets under the name
     /// the workload gives it: a Service whose `targetPort` is a name only
     /// reaches pods that declare a port of that name.
     fn container_ports(&self) -> Vec<ContainerPort> {
-        let tunnel = ContainerPort {
-            name: Some("ktb-tunnel".into()),
-            container_port: i32::from(AGENT_TUNNEL_PORT),
+        let ready = ContainerPort {
+            name: Some("ktb-ready".into()),
+            container_port: i32::from(AGENT_READY_PORT),
             ..ContainerPort::default()
         };
         let targets = self.declared_ports.iter().map(|p| ContainerPort {
@@ -301,7 +295,7 @@ impl AgentPodSpec<'_> {
             protocol: Some(p.protocol.clone()),
             ..ContainerPort::default()
         });
-        std::iter::once(tunnel).chain(targets).collect()
+        std::iter::once(ready).chain(targets).collect()
     }
 }
 
@@ -311,8 +305,6 @@ fn pod_security() -> PodSecurityContext {
         run_as_non_root: Some(true),
         run_as_user: Some(65532),
         run_as_group: Some(65532),
-        // The token file is group-readable by this group only.
-        fs_group: Some(65532),
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
             ..SeccompProfile::default()
@@ -405,10 +397,6 @@ impl AgentPod {
             .create(&pp, &spec.role_binding(ns))
             .await
             .context("cannot create the agent's RoleBinding")?;
-        Api::<Secret>::namespaced(self.client.clone(), ns)
-            .create(&pp, &spec.secret())
-            .await
-            .context("cannot create the session Secret")?;
         Api::<Pod>::namespaced(self.client.clone(), ns)
             .create(&pp, &spec.pod())
             .await
@@ -498,7 +486,6 @@ impl AgentPod {
         let name = self.name.as_str();
         let results = [
             delete::<Pod>(&self.client, ns, name, &dp).await,
-            delete::<Secret>(&self.client, ns, name, &dp).await,
             delete::<RoleBinding>(&self.client, ns, name, &dp).await,
             delete::<Role>(&self.client, ns, name, &dp).await,
             delete::<ServiceAccount>(&self.client, ns, name, &dp).await,

@@ -42,12 +42,6 @@ pub async fn owner(cluster: &Cluster) -> anyhow::Result<Owner> {
     })
 }
 
-/// The secret the laptop and its agent share for this session.
-pub fn random_token() -> String {
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Ends a session: deletes its agent pod and the objects beside it (named
 /// after this session, so never a colleague's), then releases its Lease if
 /// it is still this session's.
