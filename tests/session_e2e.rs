@@ -15,8 +15,8 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, command_as, echo_deployment_manifest, free_port, get_json, kubectl, local_echo,
-    run_bounded, try_kubectl, wait_until, As, Spawned, NAMESPACE,
+    apply, command_as, echo_deployment_manifest, free_port, get_json, kubectl, kubectl_cmd,
+    kubectl_forbidden, local_echo, run_bounded, try_kubectl, wait_until, As, Spawned, NAMESPACE,
 };
 use ktb_tests::exchange::*;
 use serde_json::Value;
@@ -555,4 +555,238 @@ fn an_exchange_survives_an_apiserver_restart_and_still_restores() {
     w.assert_restored("after SIGINT, past the apiserver restart");
     w.wait_reaches_original("after SIGINT, past the apiserver restart");
     w.assert_ktb_objects_gone("after SIGINT, past the apiserver restart");
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn a_colleague_cannot_attach_to_my_agent_with_anything_the_cluster_shows_them() {
+    let w = Workload::deploy(NAMESPACE, "ses-steal");
+    let port = free_port(&["laptop-a", "laptop-b"]);
+    let _local_a = local_echo("laptop-a", port, LOCAL_A);
+    let _local_b = local_echo("laptop-b", port, LOCAL_B);
+    let mut ktb_a = exchange_until_local(As::DevA, &w, port, "30s", LOCAL_A);
+    let agent = w.shadow_pods().pop().expect("dev-a's shadow pod").name;
+
+    // Everything dev-b's Role lets them read: the agent pod's spec holds a
+    // public key and nothing secret; Secrets are not readable at all.
+    let pod = kubectl(
+        As::DevB,
+        &["-n", NAMESPACE, "get", "pod", &agent, "-o", "json"],
+    );
+    assert!(
+        pod.contains("KTB_AGENT_CLIENT_KEY")
+            && !pod.contains("secretName")
+            && !pod.contains("TOKEN"),
+        "the agent pod shows dev-b more than a public key:\n{pod}"
+    );
+    kubectl_forbidden(As::DevB, &["-n", NAMESPACE, "get", "secrets"]);
+
+    // dev-b port-forwards to dev-a's agent (their Role allows it) and tries
+    // to attach with a key of their own.
+    let forward_port = free_port(&["laptop-b"]);
+    let mut forward = Spawned::start(
+        "kubectl port-forward dev-b",
+        kubectl_cmd(
+            As::DevB,
+            &[
+                "-n",
+                NAMESPACE,
+                "port-forward",
+                &format!("pod/{agent}"),
+                &format!("{forward_port}:7777"),
+            ],
+        ),
+    );
+    wait_until(
+        "dev-b's port-forward to dev-a's agent",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || match forward.stdout().contains("Forwarding from") {
+            true => Ok(()),
+            false => Err(forward.stderr()),
+        },
+    );
+    let attach: Vec<String> = [
+        "attach",
+        "--agent",
+        &format!("127.0.0.1:{forward_port}"),
+        "--expose",
+        &format!("{port}:8080"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = run_ktb(As::DevB, &attach);
+    expect_exit(&out, 1, "dev-b attaching to dev-a's agent");
+    expect_stderr(&out, "wrong client key", "dev-b attaching to dev-a's agent");
+
+    // dev-a's callers never reached dev-b, and still reach dev-a.
+    for i in 0..10 {
+        assert_eq!(
+            w.answer().as_deref(),
+            Ok(LOCAL_A),
+            "call {i} after dev-b's attempt"
+        );
+    }
+    forward.kill();
+    stop_ktb(&mut ktb_a, libc::SIGINT, NAMESPACE, &w.name);
+    w.assert_restored("after dev-a's SIGINT");
+    w.assert_ktb_objects_gone("after dev-a's SIGINT");
+}
+
+/// The most the shadow pod may use under the flood (its limit is 384 MiB;
+/// `deploy/README.md` states this bound).
+const FLOOD_MEMORY_BOUND: u64 = 128 * 1024 * 1024;
+
+/// The peak memory of a pod's cgroup (cgroup v1, as the test node runs).
+fn pod_memory_peak(pod: &Value) -> u64 {
+    let uid = pod["metadata"]["uid"].as_str().expect("pod uid");
+    let qos = pod["status"]["qosClass"]
+        .as_str()
+        .expect("qosClass")
+        .to_lowercase();
+    let dir = match qos.as_str() {
+        "guaranteed" => format!("/sys/fs/cgroup/memory/kubepods/pod{uid}"),
+        qos => format!("/sys/fs/cgroup/memory/kubepods/{qos}/pod{uid}"),
+    };
+    let text = std::fs::read_to_string(format!("{dir}/memory.max_usage_in_bytes"))
+        .unwrap_or_else(|e| panic!("reading the memory peak of pod {uid} in {dir}: {e}"));
+    text.trim().parse().expect("a byte count")
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn an_agent_flooded_from_the_cluster_keeps_serving_within_its_memory_bound() {
+    let w = Workload::deploy(NAMESPACE, "ses-flood");
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    // `--transport direct`: the agent's tunnel endpoint listens on the pod
+    // network, where any pod can reach it. laptop-a reaches pod IPs through
+    // its own `ktb connect`.
+    let state = std::env::temp_dir().join(format!("ktb-state-flood-{}", std::process::id()));
+    let connect_args: Vec<String> = [
+        "connect",
+        "-n",
+        NAMESPACE,
+        "--dns",
+        "off",
+        "--agent-image",
+        ktb_tests::cluster::AGENT_IMAGE,
+        "--image-pull-policy",
+        "Never",
+        "--grace",
+        "5s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut connect = Spawned::start("ktb connect dev-a", {
+        let mut cmd = ktb_cmd(As::DevA, &connect_args);
+        cmd.env("KTB_STATE_DIR", &state);
+        cmd
+    });
+    connect
+        .wait_for_stderr("Ctrl-C disconnects", Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("ktb connect never became ready: {e}"));
+    let mut args = exchange_args(&w.name, NAMESPACE, port, "30s");
+    args.extend(["--transport".to_owned(), "direct".to_owned()]);
+    let mut ktb = start_ktb(As::DevA, &args);
+    wait_ready_line(&mut ktb);
+    w.wait_reaches_local(LOCAL_A);
+
+    let agent = w.shadow_pods().pop().expect("the shadow pod").name;
+    let pod = get_json(NAMESPACE, &["pod", &agent]);
+    let pod_ip = pod["status"]["podIP"].as_str().expect("podIP").to_owned();
+    let cluster_ip = w.service()["spec"]["clusterIP"]
+        .as_str()
+        .expect("clusterIP")
+        .to_owned();
+    let mut flood = Spawned::start(
+        "probe flood",
+        ktb_tests::cluster::kubectl_cmd(
+            As::Admin,
+            &[
+                "-n",
+                NAMESPACE,
+                "exec",
+                &w.client,
+                "--",
+                "/probe",
+                "flood",
+                &format!("{pod_ip}:7777"),
+                &format!("{cluster_ip}:80"),
+                "25",
+            ],
+        ),
+    );
+    // Once the flood holds its connections, the Service still reaches the
+    // laptop, call after call.
+    std::thread::sleep(Duration::from_secs(15));
+    for i in 0..10 {
+        assert_eq!(
+            w.answer().as_deref(),
+            Ok(LOCAL_A),
+            "call {i} during the flood"
+        );
+    }
+    let status = flood
+        .wait_exit(Duration::from_secs(90))
+        .unwrap_or_else(|| panic!("the flood did not end:\n{}", flood.stderr()));
+    assert!(status.success(), "the flood failed:\n{}", flood.stderr());
+    let report = flood.stdout();
+    eprintln!("flood: {report}");
+    assert!(
+        report.contains("callers: 2000 connected"),
+        "the flood did not hold 2,000 callers: {report}"
+    );
+
+    let pod = get_json(NAMESPACE, &["pod", &agent]);
+    let restarts = &pod["status"]["containerStatuses"][0]["restartCount"];
+    assert_eq!(
+        restarts, 0,
+        "the agent restarted under the flood: {}",
+        pod["status"]
+    );
+    let peak = pod_memory_peak(&pod);
+    eprintln!("shadow pod memory peak: {} MiB", peak / (1024 * 1024));
+    assert!(
+        peak < FLOOD_MEMORY_BOUND,
+        "the shadow pod used {peak} bytes, over the {FLOOD_MEMORY_BOUND} bound"
+    );
+    w.wait_reaches_local(LOCAL_A);
+    assert!(
+        ktb.try_status().is_none(),
+        "ktb died under the flood:\n{}",
+        ktb.stderr()
+    );
+
+    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
+    w.assert_restored("after SIGINT, past the flood");
+    w.assert_ktb_objects_gone("after SIGINT, past the flood");
+    connect.signal(libc::SIGINT);
+    let status = wait_exit(
+        &mut connect,
+        Duration::from_secs(30),
+        "ktb connect after SIGINT",
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "ktb connect exited {status}:\n{}",
+        connect.stderr()
+    );
+    assert!(
+        !state.join("connect-journal.json").exists(),
+        "ktb connect left its journal behind"
+    );
+    wait_until(
+        "the connect agent to be gone",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || match ktb_objects(NAMESPACE, Some("ktb-connect-")).as_slice() {
+            [] => Ok(()),
+            left => Err(format!("{left:?}")),
+        },
+    );
+    let _ = std::fs::remove_dir_all(&state);
 }

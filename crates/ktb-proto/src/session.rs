@@ -87,10 +87,14 @@ impl Default for SessionConfig {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(20),
             incoming_queue: 4096,
-            max_streams: 1024,
-            // 64 MiB so that 1024 streams can open, 32 MiB to run 32 of
-            // them at full speed: ~100 MiB, within the agent pod's 256 MiB.
-            receive_budget: 96 * 1024 * 1024,
+            // Room for a Service's real callers beside a flood of idle
+            // ones (2,000 in the project's flood test) from the cluster.
+            max_streams: 2048,
+            // 128 MiB so that 2048 streams can open, 32 MiB to run 32 of
+            // them at full speed. With every stream also holding at most
+            // one read chunk, the worst case stays under the agent pod's
+            // 384 MiB limit.
+            receive_budget: 160 * 1024 * 1024,
         }
     }
 }

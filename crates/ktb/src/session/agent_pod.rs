@@ -333,7 +333,8 @@ fn container_security() -> SecurityContext {
 }
 
 /// Small requests so any node fits the agent; a memory limit so a flood
-/// cannot take the node's memory with it.
+/// cannot take the node's memory with it, above the most the agent can be
+/// made to buffer (see `deploy/README.md`).
 fn agent_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -342,7 +343,7 @@ fn agent_resources() -> ResourceRequirements {
         ])),
         limits: Some(BTreeMap::from([(
             "memory".to_owned(),
-            Quantity("256Mi".into()),
+            Quantity("384Mi".into()),
         )])),
         ..ResourceRequirements::default()
     }
