@@ -748,3 +748,56 @@ async fn the_readiness_endpoint_answers_readyz_and_nothing_else() {
     assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
     assert!(get("/tunnel").await.starts_with("HTTP/1.1 404"));
 }
+
+/// Two clients holding one session's key (which ktb never lets happen: the
+/// key lives in one process's memory) must not evict each other for ever:
+/// the replaced one stops, the newer one keeps the callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_client_stops_instead_of_evicting_the_new_one() {
+    let local = servers::echo().await;
+    let bridge = Bridge::start(local.addr).await;
+    let second_events = Events::default();
+    let second = tokio::spawn(attach(
+        Direct {
+            addr: bridge.agent.tunnel.to_string(),
+        },
+        AttachOptions {
+            key: Arc::clone(&bridge.agent.key),
+            exposes: vec![
+                format!("{}:{}", local.addr.port(), bridge.agent.exposed.port())
+                    .parse()
+                    .unwrap(),
+            ],
+            session: SessionConfig::default(),
+        },
+        second_events.reporter(),
+        std::future::pending(),
+    ));
+    second_events
+        .wait_for(1, "the second tunnel up", |e| {
+            matches!(e, Event::TunnelUp { .. })
+        })
+        .await;
+    within("the replaced client to stop", async {
+        while bridge.client_is_running() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The second client is not evicted in turn: it stays up and serves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second client ended too");
+    assert_eq!(
+        second_events.count(|e| matches!(e, Event::TunnelDown { .. })),
+        0,
+        "the second client's tunnel went down: {:?}",
+        second_events.all()
+    );
+    let (sent, received, len) = within(
+        "an echo through the second client",
+        echo_round_trip(bridge.caller_addr(), 64 * 1024, 7),
+    )
+    .await;
+    assert_eq!((len, sent), (64 * 1024, received));
+    second.abort();
+}

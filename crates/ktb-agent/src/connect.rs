@@ -174,7 +174,7 @@ async fn dial_and_bridge(
     policy: DialPolicy,
 ) {
     let dialed = tokio::time::timeout(dial_timeout, dial(&target, &policy)).await;
-    let mut tcp = match dialed {
+    let tcp = match dialed {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(reason)) => return stream.reset(&reason),
         Err(_) => {
@@ -185,10 +185,8 @@ async fn dial_and_bridge(
     };
     let _ = tcp.set_nodelay(true);
     stream.accept();
-    let (reader, writer) = tcp.split();
-    if let Err(e) = stream.bridge(reader, writer).await {
+    if let Err(e) = stream.bridge_tcp(tcp).await {
         tracing::debug!(%target, error = %e, "connect stream failed");
-        crate::exchange::abort(tcp);
     }
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ktb_proto::tcp::Target;
-use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::attachment::Attachment;
@@ -41,11 +40,8 @@ pub async fn serve_port(listener: TcpListener, attachment: Arc<Attachment>, prob
                 abort(tcp);
                 return;
             };
-            let mut tcp = tcp;
-            let (reader, writer) = tcp.split();
-            if let Err(e) = stream.bridge(reader, writer).await {
+            if let Err(e) = stream.bridge_tcp(tcp).await {
                 tracing::debug!(port, %peer, error = %e, "caller's stream failed");
-                abort(tcp);
             }
         });
     }
@@ -54,6 +50,6 @@ pub async fn serve_port(listener: TcpListener, attachment: Arc<Attachment>, prob
 /// Closes with a TCP reset rather than a FIN, so the caller sees an error,
 /// not an orderly (and misleading) end of data.
 pub fn abort(tcp: TcpStream) {
-    let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    let _ = tcp.set_zero_linger();
     drop(tcp);
 }

@@ -289,6 +289,19 @@ impl Stream {
         }
     }
 
+    /// [`Stream::bridge`] to a TCP connection. If the stream fails, the
+    /// connection is closed with a reset rather than a FIN, so its peer sees
+    /// an error, as a real network would show it, not an orderly (and
+    /// misleading) end of data.
+    pub async fn bridge_tcp(self, mut tcp: tokio::net::TcpStream) -> Result<(), StreamError> {
+        let (reader, writer) = tcp.split();
+        let result = self.bridge(reader, writer).await;
+        if result.is_err() {
+            let _ = tcp.set_zero_linger();
+        }
+        result
+    }
+
     /// Copies bytes both ways between this stream and a local connection
     /// until both directions have finished or either side fails.
     pub async fn bridge<R, W>(mut self, reader: R, writer: W) -> Result<(), StreamError>

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use ktb_proto::tcp::Target;
 use ktb_proto::Stream;
-use socket2::SockRef;
 use tokio::net::TcpStream;
 
 use crate::report::{Event, Reporter};
@@ -18,7 +17,37 @@ use crate::report::{Event, Reporter};
 /// How long a local process may take to accept a connection.
 const LOCAL_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One `--expose` argument.
+/// `--expose LOCAL[:REMOTE]` as typed: REMOTE may name a port (a Service
+/// port by name, number or target port for `exchange`; a number for the
+/// agent's ports in [`Expose`]); without it the only port (or the one
+/// numbered like LOCAL) is meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposeArg {
+    pub local: u16,
+    pub remote: Option<String>,
+}
+
+impl FromStr for ExposeArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (local, remote) = match s.split_once(':') {
+            Some((local, remote)) if !remote.is_empty() && !remote.contains(':') => (local, Some(remote.to_owned())),
+            Some(_) => return Err(format!("invalid --expose {s:?}: expected LOCAL[:REMOTE], e.g. 8080 or 8080:80 or 8080:http")),
+            None => (s, None),
+        };
+        let local = local
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                format!("invalid local port in --expose {s:?}: expected a number from 1 to 65535")
+            })?;
+        Ok(ExposeArg { local, remote })
+    }
+}
+
+/// One `--expose` argument whose REMOTE is an agent port number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expose {
     pub local: u16,
@@ -30,22 +59,15 @@ impl FromStr for Expose {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let port = |p: &str| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("invalid port {p:?} in --expose {s:?}: expected LOCAL[:REMOTE], e.g. 8080 or 8080:80"))
-        };
-        match s.split_once(':') {
-            None => Ok(Expose {
-                local: port(s)?,
-                remote: None,
-            }),
-            Some((local, remote)) => Ok(Expose {
-                local: port(local)?,
-                remote: Some(port(remote)?),
-            }),
-        }
+        let ExposeArg { local, remote } = s.parse()?;
+        let remote = remote
+            .map(|r| {
+                r.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    format!("invalid port {r:?} in --expose {s:?}: expected LOCAL[:REMOTE], e.g. 8080 or 8080:80")
+                })
+            })
+            .transpose()?;
+        Ok(Expose { local, remote })
     }
 }
 
@@ -136,7 +158,7 @@ impl LocalDialer {
             ));
         };
         let dialed = tokio::time::timeout(LOCAL_DIAL_TIMEOUT, TcpStream::connect(local)).await;
-        let mut tcp = match dialed {
+        let tcp = match dialed {
             Ok(Ok(tcp)) => {
                 self.mark(local, None);
                 tcp
@@ -158,10 +180,8 @@ impl LocalDialer {
         };
         let _ = tcp.set_nodelay(true);
         stream.accept();
-        let (reader, writer) = tcp.split();
-        if let Err(e) = stream.bridge(reader, writer).await {
+        if let Err(e) = stream.bridge_tcp(tcp).await {
             tracing::debug!(%local, error = %e, "stream failed");
-            let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
         }
     }
 
@@ -184,6 +204,27 @@ mod tests {
 
     fn expose(s: &str) -> Expose {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn expose_args_parse_with_named_remotes() {
+        assert_eq!(
+            "8080".parse(),
+            Ok(ExposeArg {
+                local: 8080,
+                remote: None
+            })
+        );
+        assert_eq!(
+            "8080:http".parse(),
+            Ok(ExposeArg {
+                local: 8080,
+                remote: Some("http".into())
+            })
+        );
+        for bad in ["", "0", "x", "8080:", "1:2:3", "99999"] {
+            assert!(bad.parse::<ExposeArg>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -9,10 +9,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use ktb::cluster::{self, KubeArgs};
 use ktb::connect;
-use ktb::exchange::target::ExposeArg;
 use ktb::exchange::{self, ExchangeOptions};
 use ktb::expose::Expose;
+use ktb::expose::ExposeArg;
 use ktb::report::{Event, Reporter};
+use ktb::session::agent_pod::AgentSettings;
 use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb_kube::grace::parse_duration;
 use ktb_proto::{ClientKey, SessionConfig};
@@ -185,6 +186,16 @@ struct AgentArgs {
     ready_timeout: Duration,
 }
 
+impl From<AgentArgs> for AgentSettings {
+    fn from(args: AgentArgs) -> AgentSettings {
+        AgentSettings {
+            image: args.agent_image,
+            pull_policy: args.image_pull_policy,
+            ready_timeout: args.ready_timeout,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -252,9 +263,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 },
                 exposes: expose,
                 grace,
-                agent_image: agent.agent_image,
-                pull_policy: agent.image_pull_policy,
-                ready_timeout: agent.ready_timeout,
+                agent: agent.into(),
             };
             exchange::run(&cluster, options, &reporter, shutdown).await
         }
@@ -289,9 +298,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 socks,
                 state_dir,
                 grace,
-                agent_image: agent.agent_image,
-                pull_policy: agent.image_pull_policy,
-                ready_timeout: agent.ready_timeout,
+                agent: agent.into(),
             };
             connect::run(&cluster, options, &reporter, shutdown).await
         }

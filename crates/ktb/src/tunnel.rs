@@ -268,7 +268,17 @@ async fn connect_and_serve<T: Transport, R: ClientRole>(
     while let Some(item) = incoming.recv().await {
         role.incoming(item);
     }
-    Ok(session.closed().await.to_string())
+    let closed = session.closed().await;
+    // Only a client holding this session's private key can attach, and this
+    // process never runs two tunnels at once: being replaced means another
+    // process holds the key. Reconnecting would only evict it in turn, for
+    // ever, with callers alternating between the two.
+    if closed.by_peer && closed.code == Some(close_code::REPLACED) {
+        return Err(Failure::Fatal(AttachError::Refused(format!(
+            "{closed}: another client with this session's key took over the agent; this one stops"
+        ))));
+    }
+    Ok(closed.to_string())
 }
 
 /// A tunnel kept up in the background by a command (`exchange`,

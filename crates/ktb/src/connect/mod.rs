@@ -40,7 +40,7 @@ use crate::portforward::PortForward;
 use crate::preflight::{self, need};
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec};
+use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec, AgentSettings};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::tunnel::{RunningTunnel, TunnelConfig};
@@ -81,9 +81,7 @@ pub struct ConnectOptions {
     pub socks: SocketAddr,
     pub state_dir: PathBuf,
     pub grace: Duration,
-    pub agent_image: String,
-    pub pull_policy: String,
-    pub ready_timeout: Duration,
+    pub agent: AgentSettings,
 }
 
 /// Connects until `shutdown` completes; the cluster and this machine are
@@ -252,8 +250,7 @@ async fn start_agent(
         tunnel_on_pod_network: false,
         listen_ports: Vec::new(),
         declared_ports: Vec::new(),
-        image: &options.agent_image,
-        pull_policy: &options.pull_policy,
+        settings: &options.agent,
         grace: options.grace,
         owner: lease.owner(),
         labels: session_labels(session),
@@ -261,7 +258,7 @@ async fn start_agent(
     };
     reporter.progress(format!("starting agent pod {objects}"));
     let agent = AgentPod::create(&cluster.client, &cluster.namespace, &spec).await?;
-    agent.wait_ready(options.ready_timeout).await?;
+    agent.wait_ready(options.agent.ready_timeout).await?;
     reporter.progress("opening the tunnel (port-forward through the apiserver)");
     let transport = PortForward {
         client: cluster.client.clone(),

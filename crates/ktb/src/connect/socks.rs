@@ -68,8 +68,7 @@ async fn serve_client(mut client: TcpStream, outbound: Outbound) {
     if client.write_all(&reply_message(REPLY_OK)).await.is_err() {
         return;
     }
-    let (reader, writer) = client.split();
-    if let Err(e) = stream.bridge(reader, writer).await {
+    if let Err(e) = stream.bridge_tcp(client).await {
         tracing::debug!(%target, error = %e, "SOCKS connection failed");
     }
 }

@@ -32,16 +32,18 @@ use ktb_proto::auth::ClientKey;
 use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
-use crate::expose::Expose;
+use crate::expose::{Expose, ExposeArg};
 use crate::portforward::PortForward;
 use crate::preflight::{self, need, Need};
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec, DeclaredPort};
+use crate::session::agent_pod::{
+    self, session_labels, AgentPod, AgentPodSpec, AgentSettings, DeclaredPort,
+};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::tunnel::{self, Direct, RunningTunnel, TunnelConfig};
-use target::{ExposeArg, PortRoute};
+use target::PortRoute;
 
 /// Everything `exchange` is told.
 pub struct ExchangeOptions {
@@ -50,9 +52,7 @@ pub struct ExchangeOptions {
     pub transport: TransportKind,
     pub exposes: Vec<ExposeArg>,
     pub grace: Duration,
-    pub agent_image: String,
-    pub pull_policy: String,
-    pub ready_timeout: Duration,
+    pub agent: AgentSettings,
 }
 
 /// How the laptop reaches the agent.
@@ -287,7 +287,7 @@ async fn exchange_locked(
     .await?;
     let started = async {
         reporter.progress("waiting for the shadow pod to be ready");
-        shadow.wait_ready(options.ready_timeout).await?;
+        shadow.wait_ready(options.agent.ready_timeout).await?;
         reporter.progress(format!(
             "opening the tunnel ({})",
             options.transport.describe()
@@ -362,8 +362,7 @@ fn shadow_spec<'a>(
         tunnel_on_pod_network: options.transport == TransportKind::Direct,
         listen_ports: plan.routes.iter().map(|r| r.target_port).collect(),
         declared_ports: plan.declared.to_vec(),
-        image: &options.agent_image,
-        pull_policy: &options.pull_policy,
+        settings: &options.agent,
         grace: options.grace,
         owner: lock.owner(),
         labels: match plan.workload {

@@ -4,8 +4,6 @@
 //! exchanged, or an `--expose` that matches none (or several) of its ports,
 //! is refused before anything is changed, with the Service's ports listed.
 
-use std::str::FromStr;
-
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -13,36 +11,8 @@ use kube::api::{Api, ListParams};
 
 use ktb_kube::service::{display, selector_of};
 
+use crate::expose::ExposeArg;
 use crate::session::agent_pod::DeclaredPort;
-
-/// `--expose LOCAL[:REMOTE]` for exchange: REMOTE names a Service port by
-/// name, number or target port; without it the Service's only port (or the
-/// one numbered like LOCAL) is meant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExposeArg {
-    pub local: u16,
-    pub remote: Option<String>,
-}
-
-impl FromStr for ExposeArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (local, remote) = match s.split_once(':') {
-            Some((local, remote)) if !remote.is_empty() && !remote.contains(':') => (local, Some(remote.to_owned())),
-            Some(_) => return Err(format!("invalid --expose {s:?}: expected LOCAL[:REMOTE], e.g. 8080 or 8080:80 or 8080:http")),
-            None => (s, None),
-        };
-        let local = local
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                format!("invalid local port in --expose {s:?}: expected a number from 1 to 65535")
-            })?;
-        Ok(ExposeArg { local, remote })
-    }
-}
 
 /// A Service port carried to a local port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,27 +209,6 @@ async fn named_target_port(pods: &Api<Pod>, service: &Service, named: &str) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expose_args_parse() {
-        assert_eq!(
-            "8080".parse(),
-            Ok(ExposeArg {
-                local: 8080,
-                remote: None
-            })
-        );
-        assert_eq!(
-            "8080:http".parse(),
-            Ok(ExposeArg {
-                local: 8080,
-                remote: Some("http".into())
-            })
-        );
-        for bad in ["", "0", "x", "8080:", "1:2:3", "99999"] {
-            assert!(bad.parse::<ExposeArg>().is_err(), "{bad:?}");
-        }
-    }
 
     fn port(name: &str, port: i32, target: IntOrString) -> ServicePort {
         ServicePort {

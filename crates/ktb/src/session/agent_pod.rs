@@ -67,6 +67,17 @@ pub const AGENT_NEEDS: &[Need] = &[
     need("delete", "coordination.k8s.io", "leases"),
 ];
 
+/// How to run agent pods, as the developer configured it (`--agent-image`,
+/// `--image-pull-policy`, `--ready-timeout`); the same for every command.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`, as Kubernetes spells it.
+    pub pull_policy: String,
+    /// How long the pod may take to become ready.
+    pub ready_timeout: Duration,
+}
+
 /// What the agent pod is for.
 pub struct AgentPodSpec<'a> {
     pub name: &'a str,
@@ -86,8 +97,7 @@ pub struct AgentPodSpec<'a> {
     /// Every port the Service targets, as the pod declares them; empty in
     /// connect role.
     pub declared_ports: Vec<DeclaredPort>,
-    pub image: &'a str,
-    pub pull_policy: &'a str,
+    pub settings: &'a AgentSettings,
     pub grace: Duration,
     pub owner: OwnerReference,
     /// The labels the pod carries: the session's own (selector mode), or the
@@ -206,8 +216,8 @@ impl AgentPodSpec<'_> {
     fn container(&self) -> Container {
         Container {
             name: "agent".into(),
-            image: Some(self.image.into()),
-            image_pull_policy: Some(self.pull_policy.into()),
+            image: Some(self.settings.image.clone()),
+            image_pull_policy: Some(self.settings.pull_policy.clone()),
             env: Some(self.env()),
             ports: Some(self.container_ports()),
             readiness_probe: Some(Probe {
