@@ -61,10 +61,7 @@ fn selector_exchange_reaches_laptop_and_restores_on_sigint() {
         "no shadow pod labelled {MANAGED}: {objects:?}"
     );
 
-    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
-    w.assert_restored("after SIGINT");
-    w.wait_reaches_original("after SIGINT");
-    w.assert_ktb_objects_gone("after SIGINT");
+    w.stop_and_check_restored(&mut ktb, "after SIGINT");
 }
 
 #[test]
@@ -254,10 +251,7 @@ fn second_developer_is_refused_until_the_first_is_done() {
 
     // Now dev-b gets it.
     let mut ktb_b = exchange_until_local(As::DevB, &w, port, "5s", LOCAL_B);
-    stop_ktb(&mut ktb_b, libc::SIGINT, NAMESPACE, &w.name);
-    w.assert_restored("after dev-b's SIGINT");
-    w.wait_reaches_original("after dev-b's SIGINT");
-    w.assert_ktb_objects_gone("after dev-b's SIGINT");
+    w.stop_and_check_restored(&mut ktb_b, "after dev-b's SIGINT");
 }
 
 /// Exchange, SIGKILL ktb, and at once (long before the grace of 60 s runs

@@ -147,10 +147,7 @@ fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
         ktb_b.stderr()
     );
 
-    stop_ktb(&mut ktb_b, libc::SIGINT, NAMESPACE, &w.name);
-    w.assert_restored("after dev-b's SIGINT");
-    w.wait_reaches_original("after dev-b's SIGINT");
-    w.assert_ktb_objects_gone("after dev-b's SIGINT");
+    w.stop_and_check_restored(&mut ktb_b, "after dev-b's SIGINT");
 }
 
 /// Makes `w` look like the leftover of a session whose laptop and agent
@@ -414,10 +411,7 @@ fn a_named_target_port_reaches_the_laptop_in_selector_and_scale_mode() {
     let _local = local_echo("laptop-a", port, LOCAL_A);
 
     let mut ktb = exchange_until_local(As::DevA, &w, port, "5s", LOCAL_A);
-    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
-    w.assert_restored("selector mode, after SIGINT");
-    w.wait_reaches_original("selector mode, after SIGINT");
-    w.assert_ktb_objects_gone("selector mode, after SIGINT");
+    w.stop_and_check_restored(&mut ktb, "selector mode, after SIGINT");
 
     // Scale mode, and this time ktb is killed: the agent restores.
     let mut args = exchange_args(&w.name, NAMESPACE, port, "5s");
@@ -468,7 +462,7 @@ fn a_two_port_service_reaches_the_laptop_on_every_port_in_both_modes() {
     let admin_port = free_port(&["laptop-a"]);
     let _admin = local_echo("laptop-a", admin_port, "laptop-a-admin");
     for mode in ["selector", "scale"] {
-        let args: Vec<String> = [
+        let mut args = strings(&[
             "exchange",
             &w.name,
             "--expose",
@@ -479,16 +473,8 @@ fn a_two_port_service_reaches_the_laptop_on_every_port_in_both_modes() {
             mode,
             "-n",
             NAMESPACE,
-            "--agent-image",
-            ktb_tests::cluster::AGENT_IMAGE,
-            "--image-pull-policy",
-            "Never",
-            "--grace",
-            "5s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
+        args.extend(agent_args("5s"));
         let mut ktb = start_ktb(As::DevA, &args);
         wait_ready_line(&mut ktb);
         for (port, local) in [(80, "laptop-a-http"), (90, "laptop-a-admin")] {
@@ -551,10 +537,7 @@ fn an_exchange_survives_an_apiserver_restart_and_still_restores() {
         "ktb exited across the apiserver restart:\n{}",
         ktb.stderr()
     );
-    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
-    w.assert_restored("after SIGINT, past the apiserver restart");
-    w.wait_reaches_original("after SIGINT, past the apiserver restart");
-    w.assert_ktb_objects_gone("after SIGINT, past the apiserver restart");
+    w.stop_and_check_restored(&mut ktb, "after SIGINT, past the apiserver restart");
 }
 
 #[test]
@@ -606,16 +589,13 @@ fn a_colleague_cannot_attach_to_my_agent_with_anything_the_cluster_shows_them() 
             false => Err(forward.stderr()),
         },
     );
-    let attach: Vec<String> = [
+    let attach = strings(&[
         "attach",
         "--agent",
         &format!("127.0.0.1:{forward_port}"),
         "--expose",
         &format!("{port}:8080"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let out = run_ktb(As::DevB, &attach);
     expect_exit(&out, 1, "dev-b attaching to dev-a's agent");
     expect_stderr(&out, "wrong client key", "dev-b attaching to dev-a's agent");
@@ -664,22 +644,8 @@ fn an_agent_flooded_from_the_cluster_keeps_serving_within_its_memory_bound() {
     // network, where any pod can reach it. laptop-a reaches pod IPs through
     // its own `ktb connect`.
     let state = std::env::temp_dir().join(format!("ktb-state-flood-{}", std::process::id()));
-    let connect_args: Vec<String> = [
-        "connect",
-        "-n",
-        NAMESPACE,
-        "--dns",
-        "off",
-        "--agent-image",
-        ktb_tests::cluster::AGENT_IMAGE,
-        "--image-pull-policy",
-        "Never",
-        "--grace",
-        "5s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut connect_args = strings(&["connect", "-n", NAMESPACE, "--dns", "off"]);
+    connect_args.extend(agent_args("5s"));
     let mut connect = Spawned::start("ktb connect dev-a", {
         let mut cmd = ktb_cmd(As::DevA, &connect_args);
         cmd.env("KTB_STATE_DIR", &state);

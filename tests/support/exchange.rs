@@ -92,23 +92,29 @@ pub fn run_ktb(who: As, args: &[String]) -> Output {
 /// `ktb exchange SERVICE --expose LOCAL:80 -n NS` with the test cluster's
 /// agent image and the given grace period.
 pub fn exchange_args(service: &str, namespace: &str, local_port: u16, grace: &str) -> Vec<String> {
-    [
+    let mut args = strings(&[
         "exchange",
         service,
         "--expose",
         &format!("{local_port}:80"),
         "-n",
         namespace,
+    ]);
+    args.extend(agent_args(grace));
+    args
+}
+
+/// The agent flags every cluster-side command takes in the tests: the
+/// test cluster's agent image, never pulled, and `grace`.
+pub fn agent_args(grace: &str) -> Vec<String> {
+    strings(&[
         "--agent-image",
         AGENT_IMAGE,
         "--image-pull-policy",
         "Never",
         "--grace",
         grace,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ])
 }
 
 pub fn strings(args: &[&str]) -> Vec<String> {
@@ -389,6 +395,16 @@ impl Workload {
             |got| got.starts_with(&prefix),
             Duration::from_secs(60),
         );
+    }
+
+    /// Stops `ktb` with SIGINT and checks the whole way back: the Service
+    /// byte for byte as recorded, its callers at the original pods, nothing
+    /// of ktb left.
+    pub fn stop_and_check_restored(&self, ktb: &mut Spawned, what: &str) {
+        stop_ktb(ktb, libc::SIGINT, &self.namespace, &self.name);
+        self.assert_restored(what);
+        self.wait_reaches_original(what);
+        self.assert_ktb_objects_gone(what);
     }
 
     /// ktb's objects for this Service.
