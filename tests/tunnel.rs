@@ -449,7 +449,11 @@ async fn a_killed_tunnel_fails_streams_in_flight_and_recovers() {
     let outcome = within("in-flight stream fails", async {
         let mut buf = [0u8; 64];
         loop {
-            let _ = writer.write_all(b"after the cut").await;
+            // The reset may surface on the write: the error is reported
+            // once, and the read after it would only see the end.
+            if let Err(e) = writer.write_all(b"after the cut").await {
+                return Err(e.kind());
+            }
             match reader.read(&mut buf).await {
                 Ok(0) => return Err(ErrorKind::UnexpectedEof),
                 Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
