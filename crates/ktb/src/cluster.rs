@@ -10,17 +10,15 @@ use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-/// kubectl-compatible connection flags.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct KubeArgs {
-    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, global = true)]
+/// Which cluster and namespace, as kubectl's flags say it; `None` takes
+/// kubectl's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct KubeOptions {
+    /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
     pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context to use.
-    #[arg(long, global = true)]
+    /// The kubeconfig context (default: its current context).
     pub context: Option<String>,
-    /// Namespace (default: the context's namespace).
-    #[arg(short, long, global = true)]
+    /// The namespace (default: the context's namespace).
     pub namespace: Option<String>,
 }
 
@@ -34,7 +32,7 @@ pub struct Cluster {
 
 const FIRST_CONTACT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn connect(args: &KubeArgs) -> anyhow::Result<Cluster> {
+pub async fn connect(args: &KubeOptions) -> anyhow::Result<Cluster> {
     let options = KubeConfigOptions {
         context: args.context.clone(),
         ..KubeConfigOptions::default()

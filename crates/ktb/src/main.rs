@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use ktb::cluster::{self, KubeArgs};
+use ktb::cluster::{self, KubeOptions};
 use ktb::connect;
 use ktb::exchange::{self, ExchangeOptions};
 use ktb::expose::Expose;
@@ -130,6 +130,30 @@ enum Command {
     },
 }
 
+/// kubectl-compatible connection flags.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct KubeArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Namespace (default: the context's namespace).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+}
+
+impl From<KubeArgs> for KubeOptions {
+    fn from(args: KubeArgs) -> KubeOptions {
+        KubeOptions {
+            kubeconfig: args.kubeconfig,
+            context: args.context,
+            namespace: args.namespace,
+        }
+    }
+}
+
 /// `exchange --mode`: how the Service's traffic moves to the shadow pod.
 #[derive(Clone, Copy, ValueEnum)]
 enum ExchangeMode {
@@ -239,6 +263,7 @@ fn terminal_reporter() -> Reporter {
 }
 
 async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
+    let kube = KubeOptions::from(kube);
     let reporter = terminal_reporter();
     match command {
         Command::Exchange {
