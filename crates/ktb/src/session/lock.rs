@@ -42,34 +42,38 @@ pub enum Taken {
     },
 }
 
+/// How often a create is retried when the Lease it collided with vanishes
+/// before it can be read (its holder released it at that moment).
+const TAKE_ATTEMPTS: usize = 3;
+
 /// Creates `wanted`, or says who holds a Lease of that name.
 pub async fn take(leases: &Api<Lease>, wanted: &Lease) -> anyhow::Result<Taken> {
     let name = wanted.metadata.name.clone().unwrap_or_default();
-    match leases.create(&PostParams::default(), wanted).await {
-        Ok(lease) => Ok(Taken::Fresh(Lock::new(leases, lease))),
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            let Some(existing) = leases
+    for _ in 0..TAKE_ATTEMPTS {
+        let existing = match leases.create(&PostParams::default(), wanted).await {
+            Ok(lease) => return Ok(Taken::Fresh(Lock::new(leases, lease))),
+            Err(kube::Error::Api(status)) if status.code == 409 => leases
                 .get_opt(&name)
                 .await
-                .with_context(|| format!("cannot read Lease {name}"))?
-            else {
-                // Deleted between our create and our read: try once more.
-                return Box::pin(take(leases, wanted)).await;
-            };
-            let holder = lease::holder(&existing);
-            Ok(
-                match lease::liveness(&existing, lease::server_now(leases).await?) {
-                    Liveness::Live => Taken::Held(holder),
-                    Liveness::Expired { silent } => Taken::Expired {
-                        stale: Box::new(existing),
-                        holder,
-                        silent,
-                    },
+                .with_context(|| format!("cannot read Lease {name}"))?,
+            Err(e) => return Err(e).with_context(|| format!("cannot create Lease {name}")),
+        };
+        let Some(existing) = existing else {
+            continue;
+        };
+        let holder = lease::holder(&existing);
+        return Ok(
+            match lease::liveness(&existing, lease::server_now(leases).await?) {
+                Liveness::Live => Taken::Held(holder),
+                Liveness::Expired { silent } => Taken::Expired {
+                    stale: Box::new(existing),
+                    holder,
+                    silent,
                 },
-            )
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot create Lease {name}")),
+            },
+        );
     }
+    anyhow::bail!("cannot take Lease {name}: it kept appearing and vanishing; try again")
 }
 
 /// Replaces the expired Lease `stale` with `wanted`: deletes exactly that
