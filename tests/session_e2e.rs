@@ -756,3 +756,56 @@ fn an_agent_flooded_from_the_cluster_keeps_serving_within_its_memory_bound() {
     );
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// `ktb status -o json` as `who`: the sessions it lists.
+fn status_rows(who: As) -> Vec<Value> {
+    let out = run_ktb(who, &strings(&["status", "-n", NAMESPACE, "-o", "json"]));
+    expect_exit(&out, 0, "ktb status -o json");
+    serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("ktb status prints a JSON array")
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn status_shows_a_colleagues_session_from_the_cluster_alone() {
+    let w = Workload::deploy(NAMESPACE, "ses-status");
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    let mut ktb = exchange_until_local(As::DevA, &w, port, "5s", LOCAL_A);
+
+    // dev-b's laptop holds nothing of dev-a's session: what it shows comes
+    // from the cluster.
+    let rows = status_rows(As::DevB);
+    let row = rows
+        .iter()
+        .find(|r| r["service"] == w.name.as_str())
+        .unwrap_or_else(|| panic!("no row for {} in {rows:?}", w.name));
+    assert_eq!(row["kind"], "exchange", "{row}");
+    assert_eq!(row["user"], "dev-a", "{row}");
+    assert_eq!(row["health"], "live", "{row}");
+    assert_eq!(row["session"], service_session(&w), "{row}");
+    assert!(row["last_renewal"].is_string(), "{row}");
+    let table = run_ktb(As::DevB, &strings(&["status", "-n", NAMESPACE]));
+    expect_exit(&table, 0, "ktb status");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines().any(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.contains(&"exchange")
+                && words.contains(&w.name.as_str())
+                && words.contains(&"live")
+        }),
+        "the table has no live exchange of {}:\n{text}",
+        w.name
+    );
+    // Every namespace needs cluster-wide rights a developer does not have.
+    let all = run_ktb(As::DevB, &strings(&["status", "-A"]));
+    expect_exit(&all, 1, "ktb status -A as a developer");
+    expect_stderr(&all, "in every namespace", "ktb status -A as a developer");
+
+    w.stop_and_check_restored(&mut ktb, "after SIGINT");
+    let rows = status_rows(As::DevB);
+    assert!(
+        rows.iter().all(|r| r["service"] != w.name.as_str()),
+        "the session is still listed after it ended: {rows:?}"
+    );
+}

@@ -200,7 +200,7 @@ pub enum Liveness {
 }
 
 /// The last time the apiserver recorded a write to `lease`, by its own clock.
-fn last_write(lease: &Lease) -> Option<Timestamp> {
+pub fn last_write(lease: &Lease) -> Option<Timestamp> {
     let stamped = lease
         .metadata
         .managed_fields

@@ -8,7 +8,8 @@
 //! cluster's network (TUN or SOCKS5, DNS, routes, with a journal of every
 //! local change), both on the [`session`] layer (the Lease, the agent pod,
 //! renewals, ending), and [`report`] is how they tell the person at the
-//! terminal what is happening. The binary only parses flags and prints.
+//! terminal what is happening; [`recover`], [`clean`] and [`status`] work
+//! on any session from any machine. The binary only parses flags and prints.
 
 pub mod clean;
 pub mod cluster;
@@ -20,4 +21,5 @@ pub mod preflight;
 pub mod recover;
 pub mod report;
 pub mod session;
+pub mod status;
 pub mod tunnel;

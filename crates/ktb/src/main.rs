@@ -108,6 +108,16 @@ enum Command {
         #[arg(long, env = "KTB_STATE_DIR", default_value = "/var/lib/ktb")]
         state_dir: PathBuf,
     },
+    /// Every ktb session in the namespace, from what the cluster holds:
+    /// kind, Service, developer, machine, since, last renewal, health.
+    Status {
+        /// Every namespace you may list Leases in, instead of one.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// `table` for people, `json` for scripts.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Restore a Service that a vanished ktb session left exchanged.
     Recover {
         service: String,
@@ -173,6 +183,15 @@ enum Transport {
     /// TCP straight to the pod's IP (a VPN into the cluster network, or
     /// `ktb connect`).
     Direct,
+}
+
+/// `status --output`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// Aligned columns.
+    Table,
+    /// One JSON array of sessions.
+    Json,
 }
 
 /// `connect --mode`.
@@ -336,6 +355,18 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let cluster = cluster::connect(&kube).await?;
             ktb::clean::run(&cluster, dry_run, &reporter).await
         }
+        Command::Status {
+            all_namespaces,
+            output,
+        } => {
+            let cluster = cluster::connect(&kube).await?;
+            let rows = ktb::status::sessions(&cluster, all_namespaces).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print_sessions(&rows, &cluster.namespace, all_namespaces),
+            }
+            Ok(())
+        }
         Command::Recover { service, force } => {
             let cluster = cluster::connect(&kube).await?;
             let service = service.trim_start_matches("svc/");
@@ -357,6 +388,69 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             eprintln!("ktb: detached");
             Ok(())
         }
+    }
+}
+
+/// `ktb status` as a table, or a sentence when there is nothing.
+fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) {
+    if rows.is_empty() {
+        let place = if all {
+            "any namespace".to_owned()
+        } else {
+            format!("namespace {namespace}")
+        };
+        println!("no ktb sessions in {place}");
+        return;
+    }
+    let header = [
+        "NAMESPACE",
+        "KIND",
+        "SERVICE",
+        "USER",
+        "HOST",
+        "SESSION",
+        "SINCE",
+        "LAST RENEWAL",
+        "HEALTH",
+    ];
+    let cells: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            [
+                r.namespace.clone(),
+                r.kind.clone(),
+                or_dash(&r.service),
+                r.user.clone(),
+                r.host.clone(),
+                r.session.clone(),
+                or_dash(&r.since),
+                or_dash(&r.last_renewal),
+                r.health.to_string(),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |fields: Vec<&str>| {
+        let padded: Vec<String> = fields
+            .iter()
+            .zip(&widths)
+            .map(|(f, w)| format!("{f:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &cells {
+        line(row.iter().map(String::as_str).collect());
     }
 }
 
