@@ -100,6 +100,15 @@ impl Cluster {
     }
 }
 
+/// A failed API call as a sentence: the apiserver's own message (`pods is
+/// forbidden: User "dev-b" cannot list …`), not kube's debug dump of it.
+pub fn api_error(error: kube::Error) -> anyhow::Error {
+    match error {
+        kube::Error::Api(status) => anyhow::anyhow!("{} ({})", status.message, status.reason),
+        other => other.into(),
+    }
+}
+
 /// The name of this machine, for telling other developers who holds what.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

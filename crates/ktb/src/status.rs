@@ -21,7 +21,7 @@ use serde::Serialize;
 use ktb_kube::lease::{self, Liveness};
 use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
 
-use crate::cluster::Cluster;
+use crate::cluster::{api_error, Cluster};
 
 /// One session, as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -88,11 +88,13 @@ pub async fn sessions(cluster: &Cluster, all_namespaces: bool) -> anyhow::Result
     let agent_pods = pods
         .list(&managed)
         .await
+        .map_err(api_error)
         .with_context(|| format!("cannot list ktb's pods {where_}"))?
         .items;
     let all = leases
         .list(&managed)
         .await
+        .map_err(api_error)
         .with_context(|| format!("cannot list ktb's Leases {where_}"))?
         .items;
     let clock = Api::<Lease>::namespaced(cluster.client.clone(), &cluster.namespace);
