@@ -92,7 +92,6 @@ fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
     // dev-a's laptop sleeps: its agent restores after the grace period and
     // ends the session.
     ktb_a.signal(libc::SIGSTOP);
-    w.wait_reaches_original("after dev-a's laptop fell asleep");
     wait_until(
         "the agent to end dev-a's session (its Lease deleted)",
         AGENT_RESTORE_TIMEOUT,
@@ -102,6 +101,11 @@ fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
             Some(l) => Err(format!("Lease still there: {}", l["spec"])),
         },
     );
+    // The agent restored before it deleted the Lease; its pod is going
+    // away with the Lease, and the Service settles on the originals.
+    w.assert_restored("after dev-a's laptop fell asleep");
+    w.assert_ktb_objects_gone("after dev-a's laptop fell asleep");
+    w.wait_reaches_original("after dev-a's laptop fell asleep");
 
     // dev-b takes the Service.
     let mut ktb_b = exchange_until_local(As::DevB, &w, port, "5s", LOCAL_B);
