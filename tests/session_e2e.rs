@@ -104,7 +104,15 @@ fn a_laptop_that_wakes_after_a_takeover_exits_and_leaves_its_successor_alone() {
     // The agent restored before it deleted the Lease; its pod is going
     // away with the Lease, and the Service settles on the originals.
     w.assert_restored("after dev-a's laptop fell asleep");
-    w.assert_ktb_objects_gone("after dev-a's laptop fell asleep");
+    wait_until(
+        "garbage collection to remove dev-a's session objects",
+        AGENT_RESTORE_TIMEOUT,
+        Duration::from_millis(500),
+        || match w.ktb_objects().as_slice() {
+            [] => Ok(()),
+            left => Err(format!("{left:?}")),
+        },
+    );
     w.wait_reaches_original("after dev-a's laptop fell asleep");
 
     // dev-b takes the Service.
