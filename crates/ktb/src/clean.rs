@@ -20,10 +20,10 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
 
 use ktb_kube::lease::{self, Liveness};
-use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
+use ktb_kube::names::SESSION_LABEL;
 use ktb_kube::service::{self, Restored};
 
-use crate::cluster::Cluster;
+use crate::cluster::{list_managed, Cluster};
 use crate::report::Reporter;
 use crate::session::agent_pod::AgentPod;
 
@@ -52,14 +52,13 @@ pub fn local(state_dir: &std::path::Path, reporter: &Reporter) -> anyhow::Result
 
 pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyhow::Result<()> {
     let ns = &cluster.namespace;
-    let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), ns);
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
     let pods = Api::<Pod>::namespaced(cluster.client.clone(), ns);
 
     // Pods before Leases: a pod seen here had its Lease created before it.
-    let agent_pods = pods.list(&managed).await?.items;
-    let all_leases = leases.list(&managed).await?.items;
+    let agent_pods = list_managed(&pods).await?;
+    let all_leases = list_managed(&leases).await?;
     let server_now = lease::server_now(&leases).await?;
     let mut live = BTreeSet::new();
     let mut expired = Vec::new();

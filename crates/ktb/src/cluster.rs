@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
+
+use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
@@ -107,6 +109,16 @@ pub fn api_error(error: kube::Error) -> anyhow::Error {
         kube::Error::Api(status) => anyhow::anyhow!("{} ({})", status.message, status.reason),
         other => other.into(),
     }
+}
+
+/// Every object of kind `K` that ktb created (label
+/// `app.kubernetes.io/managed-by=ktb`) that `api` reaches.
+pub async fn list_managed<K>(api: &Api<K>) -> anyhow::Result<Vec<K>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));
+    Ok(api.list(&managed).await.map_err(api_error)?.items)
 }
 
 /// The name of this machine, for telling other developers who holds what.

@@ -28,6 +28,7 @@ const MESSAGE: usize = 256 * 1024;
 const DATA: u8 = 0;
 const ERROR: u8 = 1;
 
+#[derive(Clone)]
 pub struct PortForward {
     pub client: Client,
     pub namespace: String,

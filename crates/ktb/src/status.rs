@@ -15,13 +15,13 @@ use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use serde::Serialize;
 
 use ktb_kube::lease::{self, Liveness};
-use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL};
+use ktb_kube::names::SESSION_LABEL;
 
-use crate::cluster::{api_error, Cluster};
+use crate::cluster::{list_managed, Cluster};
 
 /// One session, as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -66,7 +66,6 @@ impl std::fmt::Display for Health {
 /// Every session in the cluster's namespace, or in every namespace the
 /// developer may list Leases in (`all_namespaces`).
 pub async fn sessions(cluster: &Cluster, all_namespaces: bool) -> anyhow::Result<Vec<SessionRow>> {
-    let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));
     let (leases, pods) = if all_namespaces {
         (
             Api::<Lease>::all(cluster.client.clone()),
@@ -85,18 +84,12 @@ pub async fn sessions(cluster: &Cluster, all_namespaces: bool) -> anyhow::Result
         format!("in namespace {}", cluster.namespace)
     };
     // Pods before Leases, as `clean` does: a pod listed here had its Lease first.
-    let agent_pods = pods
-        .list(&managed)
+    let agent_pods = list_managed(&pods)
         .await
-        .map_err(api_error)
-        .with_context(|| format!("cannot list ktb's pods {where_}"))?
-        .items;
-    let all = leases
-        .list(&managed)
+        .with_context(|| format!("cannot list ktb's pods {where_}"))?;
+    let all = list_managed(&leases)
         .await
-        .map_err(api_error)
-        .with_context(|| format!("cannot list ktb's Leases {where_}"))?
-        .items;
+        .with_context(|| format!("cannot list ktb's Leases {where_}"))?;
     let clock = Api::<Lease>::namespaced(cluster.client.clone(), &cluster.namespace);
     let server_now = lease::server_now(&clock).await?;
     let mut rows: Vec<SessionRow> = all.iter().map(|l| lease_row(l, server_now)).collect();

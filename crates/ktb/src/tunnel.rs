@@ -43,6 +43,7 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 /// Plain TCP to an address the laptop can reach (`--transport direct`).
+#[derive(Clone)]
 pub struct Direct {
     pub addr: String,
 }

@@ -292,12 +292,13 @@ async fn exchange_locked(
             "opening the tunnel ({})",
             options.transport.describe()
         ));
-        let tunnel = open_tunnel(cluster, options, plan, &shadow, key, reporter).await?;
+        let transport = agent_transport(cluster, options, &shadow).await?;
+        let tunnel = open_tunnel(plan, transport.clone(), key, reporter).await?;
         switch_service(cluster, &services, &original, plan, reporter).await?;
         reporter.progress("checking that callers of the Service arrive at the shadow pod");
-        match agent_transport(cluster, options, &shadow).await? {
-            AgentTransport::PortForward(t) => proof::prove(&t, plan.qualified, plan.routes).await?,
-            AgentTransport::Direct(t) => proof::prove(&t, plan.qualified, plan.routes).await?,
+        match &transport {
+            AgentTransport::PortForward(t) => proof::prove(t, plan.qualified, plan.routes).await?,
+            AgentTransport::Direct(t) => proof::prove(t, plan.qualified, plan.routes).await?,
         }
         Ok::<_, anyhow::Error>(tunnel)
     };
@@ -380,7 +381,9 @@ fn shadow_spec<'a>(
     }
 }
 
-/// How this machine reaches the shadow pod's agent.
+/// How this machine reaches the shadow pod's agent: decided once, used by
+/// the tunnel and by the path proof alike.
+#[derive(Clone)]
 enum AgentTransport {
     PortForward(PortForward),
     Direct(Direct),
@@ -408,10 +411,8 @@ async fn agent_transport(
 }
 
 async fn open_tunnel(
-    cluster: &Cluster,
-    options: &ExchangeOptions,
     plan: &Plan<'_>,
-    shadow: &AgentPod,
+    transport: AgentTransport,
     key: ClientKey,
     reporter: &Reporter,
 ) -> anyhow::Result<RunningTunnel> {
@@ -428,7 +429,7 @@ async fn open_tunnel(
             })
             .collect(),
     );
-    match agent_transport(cluster, options, shadow).await? {
+    match transport {
         AgentTransport::PortForward(t) => RunningTunnel::start(t, config, role, reporter).await,
         AgentTransport::Direct(t) => RunningTunnel::start(t, config, role, reporter).await,
     }
