@@ -75,6 +75,15 @@ pub enum Kind {
     Exchange,
     /// `ktb connect`: the Lease only owns the session's agent pod.
     Connect,
+    /// `ktb mesh`, one developer's membership (`ktb-mesh-<svc>-<session>`):
+    /// owns that developer's agent pod; carries the mark and the pod's IP.
+    Mesh,
+    /// The shared router of a meshed Service (`ktb-mesh-<svc>`): created by
+    /// the first member, renewed by the router pod, owns the router and the
+    /// Service selecting the original pods.
+    MeshRouter,
+    /// `ktb preview`: owns the published Service and the agent pod behind it.
+    Preview,
 }
 
 impl Kind {
@@ -82,6 +91,9 @@ impl Kind {
         match self {
             Kind::Exchange => "exchange",
             Kind::Connect => "connect",
+            Kind::Mesh => "mesh",
+            Kind::MeshRouter => "mesh-router",
+            Kind::Preview => "preview",
         }
     }
 }

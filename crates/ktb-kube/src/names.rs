@@ -15,6 +15,14 @@ pub const KIND_LABEL: &str = "ktb.dev/kind";
 /// them) and their machine, kept apart so no one parses `user@host`.
 pub const USER_ANNOTATION: &str = "ktb.dev/user";
 pub const HOST_ANNOTATION: &str = "ktb.dev/host";
+/// Label on a mesh member's Lease: the meshed Service, so the router and
+/// `exchange` find every member of one Service with one list.
+pub const SERVICE_LABEL: &str = "ktb.dev/service";
+/// Annotation on a mesh member's Lease: its mark, `NAME=VALUE`.
+pub const MARK_ANNOTATION: &str = "ktb.dev/mark";
+/// Annotation on a mesh member's Lease: the IP of its agent pod, where the
+/// router sends the member's requests; absent until that pod is ready.
+pub const UPSTREAM_ANNOTATION: &str = "ktb.dev/upstream";
 /// Label on every object ktb creates, whatever the session.
 pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_VALUE: &str = "ktb";
@@ -37,4 +45,26 @@ pub fn connect_lease(session: &str) -> String {
 /// Name of the objects (pod, service account, role, role binding) of a session.
 pub fn session_objects(service: &str, session: &str) -> String {
     format!("ktb-{service}-{session}")
+}
+
+/// The Lease of a meshed Service's shared router: held while the Service
+/// points at the router, renewed by the router pod itself.
+pub fn mesh_lease(service: &str) -> String {
+    format!("ktb-mesh-{service}")
+}
+
+/// The Lease of one developer's membership in a meshed Service.
+pub fn mesh_member_lease(service: &str, session: &str) -> String {
+    format!("ktb-mesh-{service}-{session}")
+}
+
+/// The ktb-managed Service selecting a meshed Service's original pods,
+/// where the router sends unmarked traffic.
+pub fn mesh_origin_service(service: &str) -> String {
+    format!("ktb-origin-{service}")
+}
+
+/// The Lease of a `ktb preview` session, which owns the published Service.
+pub fn preview_lease(service: &str) -> String {
+    format!("ktb-preview-{service}")
 }

@@ -40,7 +40,9 @@ use crate::portforward::PortForward;
 use crate::preflight::{self, need};
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{self, session_labels, AgentPod, AgentPodSpec, AgentSettings};
+use crate::session::agent_pod::{
+    self, session_labels, AgentPod, AgentPodSpec, AgentRole, AgentSettings,
+};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::tunnel::{RunningTunnel, TunnelConfig};
@@ -244,11 +246,11 @@ async fn start_agent(
     let spec = AgentPodSpec {
         name: objects,
         session,
-        service: None,
+        role: AgentRole::Connect {
+            key: key.public().to_string(),
+        },
         lease: lease.name(),
-        client_key: key.public().to_string(),
         tunnel_on_pod_network: false,
-        listen_ports: Vec::new(),
         declared_ports: Vec::new(),
         settings: &options.agent,
         grace: options.grace,

@@ -14,9 +14,6 @@
 //! of the session are the [`crate::session`] layer's; this module keeps
 //! only what is exchange's own: the Service, its ports and its workload.
 
-pub mod proof;
-pub mod target;
-
 use std::future::Future;
 use std::time::Duration;
 
@@ -25,25 +22,25 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 
 use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
-use ktb_kube::names::{exchange_lease, session_objects, AGENT_TUNNEL_PORT};
+use ktb_kube::names::{exchange_lease, session_objects};
 use ktb_kube::service::{self, display, selector_of, Restored};
 use ktb_kube::workload::{self, Found, Kind};
 use ktb_proto::auth::ClientKey;
-use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
-use crate::expose::{Expose, ExposeArg};
-use crate::portforward::PortForward;
+use crate::expose::ExposeArg;
 use crate::preflight::{self, need, Need};
 use crate::report::Reporter;
 use crate::session as sessions;
 use crate::session::agent_pod::{
-    self, session_labels, AgentPod, AgentPodSpec, AgentSettings, DeclaredPort,
+    self, session_labels, AgentPodSpec, AgentRole, AgentSettings, DeclaredPort,
 };
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
-use crate::tunnel::{self, Direct, RunningTunnel, TunnelConfig};
-use target::PortRoute;
+use crate::session::shadow::Shadow;
+pub use crate::session::shadow::TransportKind;
+use crate::target::{self, PortRoute};
+use crate::tunnel::RunningTunnel;
 
 /// Everything `exchange` is told.
 pub struct ExchangeOptions {
@@ -53,25 +50,6 @@ pub struct ExchangeOptions {
     pub exposes: Vec<ExposeArg>,
     pub grace: Duration,
     pub agent: AgentSettings,
-}
-
-/// How the laptop reaches the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    /// A port-forward through the apiserver: works wherever kubectl does.
-    PortForward,
-    /// TCP straight to the pod's IP, for laptops that can reach pod IPs
-    /// (a VPN into the cluster network, or `ktb connect`).
-    Direct,
-}
-
-impl TransportKind {
-    fn describe(self) -> &'static str {
-        match self {
-            TransportKind::PortForward => "port-forward through the apiserver",
-            TransportKind::Direct => "direct to the pod IP",
-        }
-    }
 }
 
 /// How the Service's traffic is moved to the shadow pod.
@@ -278,28 +256,13 @@ async fn exchange_locked(
     let original = services.get(plan.name).await?;
     let objects = session_objects(plan.name, plan.session);
     let key = ClientKey::generate()?;
-    reporter.progress(format!("creating shadow pod {objects}"));
-    let shadow = AgentPod::create(
-        &cluster.client,
-        ns,
-        &shadow_spec(options, plan, lock, &objects, &key),
-    )
-    .await?;
+    let spec = shadow_spec(options, plan, lock, &objects, &key);
+    let shadow = Shadow::start(cluster, &spec, options.transport, reporter).await?;
     let started = async {
-        reporter.progress("waiting for the shadow pod to be ready");
-        shadow.wait_ready(options.agent.ready_timeout).await?;
-        reporter.progress(format!(
-            "opening the tunnel ({})",
-            options.transport.describe()
-        ));
-        let transport = agent_transport(cluster, options, &shadow).await?;
-        let tunnel = open_tunnel(plan, transport.clone(), key, reporter).await?;
+        let tunnel = shadow.open_tunnel(plan.routes, key, reporter).await?;
         switch_service(cluster, &services, &original, plan, reporter).await?;
         reporter.progress("checking that callers of the Service arrive at the shadow pod");
-        match &transport {
-            AgentTransport::PortForward(t) => proof::prove(t, plan.qualified, plan.routes).await?,
-            AgentTransport::Direct(t) => proof::prove(t, plan.qualified, plan.routes).await?,
-        }
+        shadow.prove(plan.qualified, plan.routes, None).await?;
         Ok::<_, anyhow::Error>(tunnel)
     };
     match started.await {
@@ -317,7 +280,7 @@ async fn exchange_locked(
             Ok(tunnel)
         }
         Err(e) => {
-            shadow.delete().await;
+            shadow.pod.delete().await;
             Err(e)
         }
     }
@@ -357,11 +320,13 @@ fn shadow_spec<'a>(
     AgentPodSpec {
         name: objects,
         session: plan.session,
-        service: Some(plan.name),
+        role: AgentRole::Shadow {
+            service: plan.name,
+            listen_ports: plan.routes.iter().map(|r| r.target_port).collect(),
+            key: key.public().to_string(),
+        },
         lease: lock.name(),
-        client_key: key.public().to_string(),
         tunnel_on_pod_network: options.transport == TransportKind::Direct,
-        listen_ports: plan.routes.iter().map(|r| r.target_port).collect(),
         declared_ports: plan.declared.to_vec(),
         settings: &options.agent,
         grace: options.grace,
@@ -378,60 +343,6 @@ fn shadow_spec<'a>(
         scaled: plan
             .workload
             .map(|f| (f.replicas.kind, f.replicas.name.clone())),
-    }
-}
-
-/// How this machine reaches the shadow pod's agent: decided once, used by
-/// the tunnel and by the path proof alike.
-#[derive(Clone)]
-enum AgentTransport {
-    PortForward(PortForward),
-    Direct(Direct),
-}
-
-async fn agent_transport(
-    cluster: &Cluster,
-    options: &ExchangeOptions,
-    shadow: &AgentPod,
-) -> anyhow::Result<AgentTransport> {
-    Ok(match options.transport {
-        TransportKind::PortForward => AgentTransport::PortForward(PortForward {
-            client: cluster.client.clone(),
-            namespace: cluster.namespace.clone(),
-            pod: shadow.name.clone(),
-            port: AGENT_TUNNEL_PORT,
-        }),
-        TransportKind::Direct => {
-            let ip = shadow.pod_ip().await?;
-            AgentTransport::Direct(Direct {
-                addr: std::net::SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
-            })
-        }
-    })
-}
-
-async fn open_tunnel(
-    plan: &Plan<'_>,
-    transport: AgentTransport,
-    key: ClientKey,
-    reporter: &Reporter,
-) -> anyhow::Result<RunningTunnel> {
-    let config = TunnelConfig {
-        key: std::sync::Arc::new(key),
-        session: SessionConfig::default(),
-    };
-    let role = tunnel::exchange_role(
-        plan.routes
-            .iter()
-            .map(|r| Expose {
-                local: r.local,
-                remote: Some(r.target_port),
-            })
-            .collect(),
-    );
-    match transport {
-        AgentTransport::PortForward(t) => RunningTunnel::start(t, config, role, reporter).await,
-        AgentTransport::Direct(t) => RunningTunnel::start(t, config, role, reporter).await,
     }
 }
 

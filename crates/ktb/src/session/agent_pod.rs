@@ -78,22 +78,39 @@ pub struct AgentSettings {
     pub ready_timeout: Duration,
 }
 
+/// What the agent does, which decides its environment and its Role.
+pub enum AgentRole<'a> {
+    /// Stands in for callers of `service` (exchange, a mesh member,
+    /// preview) on `listen_ports`, the target ports of the exposed Service
+    /// ports, and carries them to the laptop; `key` is the session's public
+    /// key (64 hex digits): the agent accepts only a client proving it holds
+    /// the private half. Its dead man's switch restores `service` only while
+    /// the Service is marked with this session.
+    Shadow {
+        service: &'a str,
+        listen_ports: Vec<u16>,
+        key: String,
+    },
+    /// Dials inside the cluster for the laptop (`ktb connect`); `key` as above.
+    Connect { key: String },
+    /// The shared router of the meshed `service`: listens on each target
+    /// port of `routes` and sends unmarked traffic to the origin address
+    /// paired with it. Accepts no tunnel, so holds no key.
+    MeshRouter {
+        service: &'a str,
+        routes: Vec<(u16, std::net::SocketAddr)>,
+    },
+}
+
 /// What the agent pod is for.
 pub struct AgentPodSpec<'a> {
     pub name: &'a str,
     pub session: &'a str,
-    /// The Service the pod stands in for (exchange); `None` in connect role.
-    pub service: Option<&'a str>,
+    pub role: AgentRole<'a>,
     pub lease: String,
-    /// The session's public key (64 hex digits): the agent accepts only a
-    /// client proving it holds the private half.
-    pub client_key: String,
     /// Whether the tunnel endpoint listens on the pod network (the laptop
     /// dials the pod IP, `--transport direct`) rather than on loopback only.
     pub tunnel_on_pod_network: bool,
-    /// Ports the agent accepts callers on (exchange role): the target
-    /// ports of the exposed Service ports.
-    pub listen_ports: Vec<u16>,
     /// Every port the Service targets, as the pod declares them; empty in
     /// connect role.
     pub declared_ports: Vec<DeclaredPort>,
@@ -151,18 +168,30 @@ impl AgentPodSpec<'_> {
             verbs: verbs.iter().map(|v| (*v).into()).collect(),
             ..PolicyRule::default()
         };
+        let (service, lease_verbs): (_, &[&str]) = match &self.role {
+            AgentRole::Shadow { service, .. } => (Some(*service), &["get", "delete"]),
+            AgentRole::Connect { .. } => (None, &["get", "delete"]),
+            // The router renews its own Lease and reads every member's.
+            AgentRole::MeshRouter { service, .. } => (Some(*service), &["get", "patch", "delete"]),
+        };
+        let members = matches!(self.role, AgentRole::MeshRouter { .. }).then(|| PolicyRule {
+            api_groups: Some(vec!["coordination.k8s.io".into()]),
+            resources: Some(vec!["leases".into()]),
+            verbs: vec!["list".into()],
+            ..PolicyRule::default()
+        });
         Role {
             metadata: self.meta(),
             rules: Some(
                 [
-                    self.service
-                        .map(|service| rule("", "services", service, &["get", "patch"])),
+                    service.map(|service| rule("", "services", service, &["get", "patch"])),
                     Some(rule(
                         "coordination.k8s.io",
                         "leases",
                         &self.lease,
-                        &["get", "delete"],
+                        lease_verbs,
                     )),
+                    members,
                     self.scaled.as_ref().map(|(kind, name)| {
                         rule(
                             "apps",
@@ -241,18 +270,51 @@ impl AgentPodSpec<'_> {
             value: Some(value),
             ..EnvVar::default()
         };
-        let role = match self.service {
-            Some(service) => {
-                let ports = self.listen_ports.iter().map(u16::to_string);
-                vec![
-                    env("KTB_AGENT_SERVICE", service.into()),
+        let tunnel_ip = if self.tunnel_on_pod_network {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let tunnel = |key: &str| {
+            [
+                env("KTB_AGENT_CLIENT_KEY", key.into()),
+                env(
+                    "KTB_AGENT_LISTEN",
+                    format!("{tunnel_ip}:{AGENT_TUNNEL_PORT}"),
+                ),
+            ]
+        };
+        let role = match &self.role {
+            AgentRole::Shadow {
+                service,
+                listen_ports,
+                key,
+            } => {
+                let ports = listen_ports.iter().map(u16::to_string);
+                let mut role = vec![
+                    env("KTB_AGENT_SERVICE", (*service).into()),
                     env(
                         "KTB_AGENT_EXPOSE_PORTS",
                         ports.collect::<Vec<_>>().join(","),
                     ),
+                ];
+                role.extend(tunnel(key));
+                role
+            }
+            AgentRole::Connect { key } => {
+                let mut role = vec![env("KTB_AGENT_CONNECT", "true".into())];
+                role.extend(tunnel(key));
+                role
+            }
+            AgentRole::MeshRouter { service, routes } => {
+                let routes = routes
+                    .iter()
+                    .map(|(port, origin)| format!("{port}={origin}"));
+                vec![
+                    env("KTB_AGENT_MESH_OF", (*service).into()),
+                    env("KTB_AGENT_ROUTES", routes.collect::<Vec<_>>().join(",")),
                 ]
             }
-            None => vec![env("KTB_AGENT_CONNECT", "true".into())],
         };
         let namespace = EnvVar {
             name: "KTB_AGENT_NAMESPACE".into(),
@@ -265,18 +327,8 @@ impl AgentPodSpec<'_> {
             }),
             ..EnvVar::default()
         };
-        let tunnel_ip = if self.tunnel_on_pod_network {
-            "0.0.0.0"
-        } else {
-            "127.0.0.1"
-        };
         role.into_iter()
             .chain([
-                env("KTB_AGENT_CLIENT_KEY", self.client_key.clone()),
-                env(
-                    "KTB_AGENT_LISTEN",
-                    format!("{tunnel_ip}:{AGENT_TUNNEL_PORT}"),
-                ),
                 env(
                     "KTB_AGENT_READY_LISTEN",
                     format!("0.0.0.0:{AGENT_READY_PORT}"),

@@ -23,6 +23,7 @@
 pub mod agent_pod;
 pub mod keep_alive;
 pub mod lock;
+pub mod shadow;
 
 use ktb_kube::lease::{Owner, Released};
 use rand::Rng;

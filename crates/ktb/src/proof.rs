@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::target::PortRoute;
+use crate::target::PortRoute;
 use crate::tunnel::Transport;
 
 /// How long the Service may take to reach the shadow pod: endpoint
@@ -28,16 +28,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The agent's answer is one short line.
 const MAX_ANSWER: usize = 4096;
 
-/// Waits until a connection to the Service reaches the agent on every route.
+/// Waits until a connection to the Service reaches the agent on every
+/// route. A mesh member passes its mark (`NAME=VALUE`): its probe is then
+/// a request the shared router must send to this member.
 pub async fn prove<T: Transport>(
     transport: &T,
     qualified: &str,
     routes: &[PortRoute],
+    mark: Option<&str>,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + PROOF_TIMEOUT;
+    let mark = mark.map(|m| format!("&mark={m}")).unwrap_or_default();
     for route in routes {
         let path = format!(
-            "/probe?port={}&target={}",
+            "/probe?port={}&target={}{mark}",
             route.service_port, route.target_port
         );
         loop {
@@ -49,9 +53,9 @@ pub async fn prove<T: Transport>(
             };
             if Instant::now() >= deadline {
                 anyhow::bail!(
-                    "callers of Service {qualified} port {} do not reach the shadow pod after {PROOF_TIMEOUT:?} ({}). \
-                     Its endpoints may not list the shadow pod for that port (a named targetPort the workload's pods \
-                     do not declare?) or kube-proxy may not be running; ktb undoes the exchange",
+                    "callers of Service {qualified} port {} do not reach ktb's agent pod after {PROOF_TIMEOUT:?} ({}). \
+                     Its endpoints may not list the pod for that port (a named targetPort the workload's pods \
+                     do not declare?) or kube-proxy may not be running; ktb undoes what it changed",
                     route.service_port,
                     reason.trim()
                 );
