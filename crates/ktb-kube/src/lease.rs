@@ -291,9 +291,29 @@ fn is_status(error: &kube::Error, code: u16) -> bool {
 /// when it belongs to someone else now (outer error) or the apiserver failed
 /// (inner error, worth retrying).
 pub async fn renew(leases: &Api<Lease>, mine: &Lease) -> Result<anyhow::Result<Lease>, Lost> {
+    write(leases, mine, json!({})).await
+}
+
+/// Sets `annotations` on `mine` and renews it, under the same condition
+/// as [`renew`].
+pub async fn annotate(
+    leases: &Api<Lease>,
+    mine: &Lease,
+    annotations: &BTreeMap<String, String>,
+) -> Result<anyhow::Result<Lease>, Lost> {
+    write(leases, mine, json!({ "annotations": annotations })).await
+}
+
+/// A renewal merged with `metadata`, conditional on `mine`'s resourceVersion.
+async fn write(
+    leases: &Api<Lease>,
+    mine: &Lease,
+    mut metadata: serde_json::Value,
+) -> Result<anyhow::Result<Lease>, Lost> {
     let name = mine.metadata.name.clone().unwrap_or_default();
+    metadata["resourceVersion"] = json!(mine.metadata.resource_version);
     let patch = json!({
-        "metadata": { "resourceVersion": mine.metadata.resource_version },
+        "metadata": metadata,
         "spec": { "renewTime": MicroTime(Timestamp::now()) },
     });
     let params = PatchParams {
@@ -306,7 +326,7 @@ pub async fn renew(leases: &Api<Lease>, mine: &Lease) -> Result<anyhow::Result<L
         Err(e) if is_status(&e, 409) => match leases.get_opt(&name).await {
             Ok(None) => Err(Lost::Gone { lease: name }),
             // Still ours, changed by someone's label or annotation edit:
-            // the next renewal goes from what is there now.
+            // the next write goes from what is there now.
             Ok(Some(current)) if same_session(mine, &current) => Ok(Ok(current)),
             Ok(Some(current)) => Err(Lost::TakenOver {
                 lease: name,
@@ -314,7 +334,7 @@ pub async fn renew(leases: &Api<Lease>, mine: &Lease) -> Result<anyhow::Result<L
             }),
             Err(e) => Ok(Err(e).context("cannot read the session's Lease after a conflict")),
         },
-        Err(e) => Ok(Err(e).with_context(|| format!("cannot renew Lease {name}"))),
+        Err(e) => Ok(Err(e).with_context(|| format!("cannot write Lease {name}"))),
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod grace;
 pub mod lease;
+pub mod mesh;
 pub mod names;
 pub mod service;
 pub mod workload;

@@ -14,7 +14,9 @@ use ktb::expose::Expose;
 use ktb::expose::ExposeArg;
 use ktb::report::{Event, Reporter};
 use ktb::session::agent_pod::AgentSettings;
+use ktb::session::shadow::TransportKind;
 use ktb::tunnel::{attach, AttachOptions, Direct};
+use ktb::{mesh, preview};
 use ktb_kube::grace::parse_duration;
 use ktb_proto::{ClientKey, SessionConfig};
 
@@ -54,6 +56,50 @@ enum Command {
         transport: Transport,
         /// How long the cluster waits for this machine after losing it
         /// before restoring the Service on its own.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: Duration,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Share a Service with colleagues: only requests carrying your mark
+    /// (a header, or a W3C baggage entry of the same key) reach this
+    /// machine; all others reach the Service's pods. Ctrl-C leaves; the
+    /// last member to leave restores the Service.
+    Mesh {
+        /// The Service (`orders`, `svc/orders`).
+        service: String,
+        /// LOCAL[:REMOTE]: marked requests to the Service port REMOTE
+        /// (number, name or target port; default: its only port) go to
+        /// 127.0.0.1:LOCAL. Repeatable.
+        #[arg(long, required = true)]
+        expose: Vec<ExposeArg>,
+        /// Your mark, NAME=VALUE (default: x-ktb-mark=<you>-<random>).
+        #[arg(long)]
+        header: Option<String>,
+        /// How this machine reaches the agent.
+        #[arg(long, value_enum, default_value_t = Transport::PortForward)]
+        transport: Transport,
+        /// How long the cluster waits for this machine after losing it
+        /// before ending the membership on its own.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: Duration,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Publish a process on this machine as a new Service of the namespace;
+    /// Ctrl-C (or losing this machine for the grace period) removes it.
+    Preview {
+        /// The new Service's name; refused if a Service of that name exists.
+        name: String,
+        /// LOCAL[:PORT]: the Service's port PORT (default: LOCAL) goes to
+        /// 127.0.0.1:LOCAL. Repeatable.
+        #[arg(long, required = true)]
+        expose: Vec<Expose>,
+        /// How this machine reaches the agent.
+        #[arg(long, value_enum, default_value_t = Transport::PortForward)]
+        transport: Transport,
+        /// How long the cluster waits for this machine after losing it
+        /// before removing the Service on its own.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         grace: Duration,
         #[command(flatten)]
@@ -185,6 +231,15 @@ enum Transport {
     Direct,
 }
 
+impl From<Transport> for TransportKind {
+    fn from(transport: Transport) -> TransportKind {
+        match transport {
+            Transport::PortForward => TransportKind::PortForward,
+            Transport::Direct => TransportKind::Direct,
+        }
+    }
+}
+
 /// `status --output`.
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
@@ -301,15 +356,50 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                     ExchangeMode::Selector => exchange::Mode::Selector,
                     ExchangeMode::Scale => exchange::Mode::Scale,
                 },
-                transport: match transport {
-                    Transport::PortForward => exchange::TransportKind::PortForward,
-                    Transport::Direct => exchange::TransportKind::Direct,
-                },
+                transport: transport.into(),
                 exposes: expose,
                 grace,
                 agent: agent.into(),
             };
             exchange::run(&cluster, options, &reporter, shutdown).await
+        }
+        Command::Mesh {
+            service,
+            expose,
+            header,
+            transport,
+            grace,
+            agent,
+        } => {
+            let shutdown = shutdown_signal();
+            let cluster = cluster::connect(&kube).await?;
+            let options = mesh::MeshOptions {
+                service,
+                exposes: expose,
+                mark: header,
+                transport: transport.into(),
+                grace,
+                agent: agent.into(),
+            };
+            mesh::run(&cluster, options, &reporter, shutdown).await
+        }
+        Command::Preview {
+            name,
+            expose,
+            transport,
+            grace,
+            agent,
+        } => {
+            let shutdown = shutdown_signal();
+            let cluster = cluster::connect(&kube).await?;
+            let options = preview::PreviewOptions {
+                name,
+                exposes: expose,
+                transport: transport.into(),
+                grace,
+                agent: agent.into(),
+            };
+            preview::run(&cluster, options, &reporter, shutdown).await
         }
         Command::Connect {
             mode,
@@ -406,6 +496,7 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         "NAMESPACE",
         "KIND",
         "SERVICE",
+        "MARK",
         "USER",
         "HOST",
         "SESSION",
@@ -413,7 +504,7 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         "LAST RENEWAL",
         "HEALTH",
     ];
-    let cells: Vec<[String; 9]> = rows
+    let cells: Vec<[String; 10]> = rows
         .iter()
         .map(|r| {
             let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -421,6 +512,7 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
                 r.namespace.clone(),
                 r.kind.clone(),
                 or_dash(&r.service),
+                or_dash(&r.mark),
                 r.user.clone(),
                 r.host.clone(),
                 r.session.clone(),

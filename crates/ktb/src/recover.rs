@@ -1,4 +1,5 @@
-//! `ktb recover <svc>`: put an exchanged Service back from any machine.
+//! `ktb recover <svc>`: put an exchanged or meshed Service back from any
+//! machine.
 //!
 //! Reads the selector ktb saved on the Service itself, so it needs neither
 //! the laptop that exchanged it nor its Lease. Idempotent: a Service without
@@ -8,14 +9,16 @@
 //! apiserver still sees renewed is left alone unless forced. Every write
 //! names the session it undoes, so a session that starts meanwhile is
 //! never touched. The session's Lease is removed, and with it, by garbage
-//! collection, every object that session created.
+//! collection, every object that session created. For a meshed Service
+//! the session is its shared router's: a live router is named with its
+//! members and left alone unless forced.
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 
 use ktb_kube::lease::{self, Liveness, Released};
-use ktb_kube::names::exchange_lease;
+use ktb_kube::names::{exchange_lease, mesh_lease};
 use ktb_kube::service::{self, Restored};
 
 use crate::cluster::Cluster;
@@ -30,11 +33,23 @@ pub async fn run(
     let qualified = format!("{}/{name}", cluster.namespace);
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &cluster.namespace);
     let services = Api::<Service>::namespaced(cluster.client.clone(), &cluster.namespace);
-    let lease = leases.get_opt(&exchange_lease(name)).await?;
+    let lease = match leases.get_opt(&exchange_lease(name)).await? {
+        Some(lease) => Some(lease),
+        None => leases.get_opt(&mesh_lease(name)).await?,
+    };
     if let Some(lease) = &lease {
         let holder = lease::holder(lease);
         let mine = holder.owner.user == cluster.whoami().await?;
         let live = lease::liveness(lease, lease::server_now(&leases).await?) == Liveness::Live;
+        let meshed = lease.metadata.name.as_deref() == Some(mesh_lease(name).as_str());
+        if live && meshed && !force {
+            let members = ktb_kube::mesh::members(&leases, name).await?;
+            anyhow::bail!(
+                "Service {qualified} is meshed through a live router (members: {}); it restores the Service \
+                 when the last member leaves; `ktb recover --force {name}` restores it anyway",
+                if members.is_empty() { "none left, it is ending".to_owned() } else { ktb_kube::mesh::describe(&members) }
+            );
+        }
         if live && !mine && !force {
             anyhow::bail!(
                 "Service {qualified} is exchanged by {holder}, whose Lease is still being renewed (their ktb \

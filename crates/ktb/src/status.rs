@@ -2,7 +2,7 @@
 //! it: no local file is read, so it shows colleagues' sessions and this
 //! machine's alike (kt-connect users know this as `birdseye`).
 //!
-//! A session is its Lease: kind and Service from its name, the developer
+//! A session is its Lease: kind and Service from its labels and name, the developer
 //! and machine from its annotations, since when (as its laptop wrote it)
 //! and the last write the apiserver stamped on it. Health is judged like
 //! `clean` judges it, by the apiserver's clock: `live`, `expired` (`ktb
@@ -19,7 +19,7 @@ use kube::api::Api;
 use serde::Serialize;
 
 use ktb_kube::lease::{self, Liveness};
-use ktb_kube::names::SESSION_LABEL;
+use ktb_kube::names::{KIND_LABEL, MARK_ANNOTATION, SERVICE_LABEL, SESSION_LABEL};
 
 use crate::cluster::{list_managed, Cluster};
 
@@ -27,10 +27,14 @@ use crate::cluster::{list_managed, Cluster};
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionRow {
     pub namespace: String,
-    /// `exchange`, `connect`, or `unknown` for an orphaned pod.
+    /// `exchange`, `connect`, `mesh` (one developer's membership),
+    /// `mesh-router` (the router shared by a Service's members), `preview`,
+    /// or `unknown` for an orphaned pod.
     pub kind: String,
-    /// The exchanged Service; `None` for other kinds.
+    /// The Service exchanged, meshed or published; `None` for connect.
     pub service: Option<String>,
+    /// A mesh member's mark, `NAME=VALUE`; `None` for other kinds.
+    pub mark: Option<String>,
     pub user: String,
     pub host: String,
     pub session: String,
@@ -104,6 +108,7 @@ pub async fn sessions(cluster: &Cluster, all_namespaces: bool) -> anyhow::Result
             namespace,
             kind: "unknown".into(),
             service: None,
+            mark: None,
             user: "unknown".into(),
             host: "unknown".into(),
             session,
@@ -125,16 +130,32 @@ pub async fn sessions(cluster: &Cluster, all_namespaces: bool) -> anyhow::Result
 fn lease_row(lease: &Lease, server_now: Timestamp) -> SessionRow {
     let holder = lease::holder(lease);
     let name = lease.metadata.name.clone().unwrap_or_default();
-    let kind = lease
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(ktb_kube::names::KIND_LABEL))
+    let labels = lease.metadata.labels.clone().unwrap_or_default();
+    let kind = labels
+        .get(KIND_LABEL)
         .cloned()
         .unwrap_or_else(|| "unknown".into());
+    // A member Lease names its Service in a label; the others are named
+    // after it (`ktb-<kind>-<service>`).
+    let service = labels.get(SERVICE_LABEL).cloned().or_else(|| {
+        let prefix = match kind.as_str() {
+            "exchange" => "ktb-exchange-",
+            "mesh-router" => "ktb-mesh-",
+            "preview" => "ktb-preview-",
+            _ => return None,
+        };
+        name.strip_prefix(prefix).map(str::to_owned)
+    });
+    let mark = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MARK_ANNOTATION))
+        .cloned();
     SessionRow {
         namespace: lease.metadata.namespace.clone().unwrap_or_default(),
-        service: name.strip_prefix("ktb-exchange-").map(str::to_owned),
+        service,
+        mark,
         kind,
         user: holder.owner.user,
         host: holder.owner.host,

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 
 use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
-use ktb_kube::names::{exchange_lease, session_objects};
+use ktb_kube::names::{exchange_lease, mesh_lease, session_objects};
 use ktb_kube::service::{self, display, selector_of, Restored};
 use ktb_kube::workload::{self, Found, Kind};
 use ktb_proto::auth::ClientKey;
@@ -76,6 +76,8 @@ const EXCHANGE_NEEDS: &[Need] = &[
     need("patch", "", "services"),
     need("list", "", "pods"),
     need("get", "coordination.k8s.io", "leases"),
+    // Who meshes the Service, to refuse naming them.
+    need("list", "coordination.k8s.io", "leases"),
 ];
 
 /// What scale mode needs on top, for the kind of workload found.
@@ -134,8 +136,9 @@ pub async fn run(
     preflight::check(cluster, &needs).await?;
     warn_about_closed_local_ports(&routes, reporter).await;
 
-    let owner = sessions::owner(cluster).await?;
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
+    refuse_if_meshed(&leases, &name, &qualified).await?;
+    let owner = sessions::owner(cluster).await?;
     let lock = lock_service(cluster, &leases, &name, &owner, options.grace, reporter).await?;
 
     let objects = session_objects(&name, &owner.session);
@@ -226,6 +229,25 @@ async fn lock_service(
             cluster.namespace
         ),
     }
+}
+
+/// A Service that developers mesh is shared: taking all of it would take
+/// their marked traffic too.
+async fn refuse_if_meshed(leases: &Api<Lease>, name: &str, qualified: &str) -> anyhow::Result<()> {
+    let members = ktb_kube::mesh::members(leases, name).await?;
+    let router = leases.get_opt(&mesh_lease(name)).await?;
+    if members.is_empty() && router.is_none() {
+        return Ok(());
+    }
+    let who = if members.is_empty() {
+        "a router whose last member just left (it restores the Service within seconds; try again)"
+            .to_owned()
+    } else {
+        ktb_kube::mesh::describe(&members)
+    };
+    anyhow::bail!(
+        "Service {qualified} is meshed by {who}; join them with `ktb mesh {name}` (only requests you mark reach you),          or ask them to leave"
+    )
 }
 
 /// What was decided before the lock: the session and how its ports and

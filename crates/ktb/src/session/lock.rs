@@ -135,6 +135,31 @@ impl Lock {
         })
     }
 
+    /// Records `annotations` on the Lease (e.g. where a mesh member's agent
+    /// is), under the same condition as a renewal. A conflict with a write
+    /// of our own is retried from what is there now.
+    pub async fn annotate(
+        &self,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        for _ in 0..3 {
+            let mine = self.snapshot();
+            let written = lease::annotate(&self.leases, &mine, annotations)
+                .await
+                .map_err(|lost| anyhow::anyhow!("this session is over: {lost}"))??;
+            let done = written
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| annotations.iter().all(|(k, v)| a.get(k) == Some(v)));
+            **self.current.lock().expect("lease lock") = written;
+            if done {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("cannot annotate Lease {}: it kept changing", self.name())
+    }
+
     /// Hands the Lease back if it is still ours; says so if it is not.
     pub async fn release(&self) -> anyhow::Result<Released> {
         lease::release(&self.leases, &self.snapshot()).await

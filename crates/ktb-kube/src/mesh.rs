@@ -1,0 +1,60 @@
+//! Who meshes a Service: every developer's membership is a Lease labelled
+//! with the Service, so one list answers, for the router, for `ktb mesh`
+//! (a mark already taken) and for `ktb exchange` (refused, naming them).
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, ListParams};
+
+use crate::lease::{self, Holder, Kind};
+use crate::names::{KIND_LABEL, MARK_ANNOTATION, SERVICE_LABEL};
+
+/// One developer meshing a Service.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub holder: Holder,
+    /// The mark, `NAME=VALUE`, as the member's Lease records it.
+    pub mark: String,
+}
+
+/// The label selector of the member Leases of `service`.
+pub fn members_selector(service: &str) -> String {
+    format!(
+        "{SERVICE_LABEL}={service},{KIND_LABEL}={}",
+        Kind::Mesh.label()
+    )
+}
+
+/// Every member of `service`, oldest first.
+pub async fn members(leases: &Api<Lease>, service: &str) -> kube::Result<Vec<Membership>> {
+    let mut list = leases
+        .list(&ListParams::default().labels(&members_selector(service)))
+        .await?
+        .items;
+    list.sort_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .cmp(&b.metadata.creation_timestamp)
+    });
+    Ok(list
+        .iter()
+        .map(|l| Membership {
+            holder: lease::holder(l),
+            mark: l
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(MARK_ANNOTATION))
+                .cloned()
+                .unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// "dev-a on vm (session 1a2b3c4d) since …, dev-b on …", for messages.
+pub fn describe(members: &[Membership]) -> String {
+    members
+        .iter()
+        .map(|m| m.holder.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,345 @@
+//! `ktb mesh`: several developers share one Service; only requests
+//! carrying a developer's mark reach that developer's laptop, all others
+//! reach the original pods.
+//!
+//! Each developer is a member: a Lease of their own (`ktb-mesh-<svc>-<session>`,
+//! labelled with the Service, carrying the mark) that owns their agent pod,
+//! exactly like an exchange's shadow, except that nothing points the
+//! Service at it. The Service points at one shared router instead
+//! ([`router`]), which the first member creates and which routes each
+//! request by the marks it reads from the member Leases.
+//!
+//! The phases, undone in reverse on failure or exit: check the Service and
+//! ports (read-only) → check permissions → refuse if it is exchanged or the
+//! mark is taken → take the member Lease → start the agent pod and the
+//! tunnel → record the pod's IP on the Lease → make sure the router stands
+//! → prove that a marked request reaches this laptop → serve, renewing the
+//! Lease, until Ctrl-C → delete the agent pod and the member Lease → if no
+//! member is left, wait for the router to restore the Service.
+//! Nothing here ever changes another member's Lease; the router is changed
+//! only through its own Lease's rules ([`router`]).
+
+pub mod router;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::Api;
+use rand::Rng;
+
+use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
+use ktb_kube::names::{
+    exchange_lease, mesh_member_lease, session_objects, MARK_ANNOTATION, SERVICE_LABEL,
+    UPSTREAM_ANNOTATION,
+};
+use ktb_proto::auth::ClientKey;
+
+use crate::cluster::Cluster;
+use crate::expose::ExposeArg;
+use crate::preflight::{self, need, Need};
+use crate::report::Reporter;
+use crate::session as sessions;
+use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
+use crate::session::keep_alive::keep_alive;
+use crate::session::lock::{self, Lock, Taken};
+use crate::session::shadow::{Shadow, TransportKind};
+use crate::target::{self, PortRoute};
+use crate::tunnel::RunningTunnel;
+
+/// Everything `mesh` is told.
+pub struct MeshOptions {
+    pub service: String,
+    pub exposes: Vec<ExposeArg>,
+    /// `NAME=VALUE`; `None` generates one.
+    pub mark: Option<String>,
+    pub transport: TransportKind,
+    pub grace: Duration,
+    pub agent: AgentSettings,
+}
+
+/// The header of a generated mark.
+pub const DEFAULT_MARK_HEADER: &str = "x-ktb-mark";
+
+/// Verbs on top of the agent's: the Service (read; patched when this
+/// member creates the router), the Service selecting the original pods,
+/// the pods (named target ports), the Leases of other members and of the
+/// exchange lock.
+const MESH_NEEDS: &[Need] = &[
+    need("get", "", "services"),
+    need("patch", "", "services"),
+    need("create", "", "services"),
+    need("delete", "", "services"),
+    need("list", "", "pods"),
+    need("get", "coordination.k8s.io", "leases"),
+    need("list", "coordination.k8s.io", "leases"),
+];
+
+/// A mark that is a valid header name and value, and that the agent's
+/// probe accepts: letters, digits, `.`, `_`, `-`.
+fn parse_mark(text: &str) -> anyhow::Result<(String, String)> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    match text.split_once('=') {
+        Some((name, value)) if plain(name) && plain(value) => {
+            Ok((name.to_ascii_lowercase(), value.to_owned()))
+        }
+        _ => anyhow::bail!(
+            "--header {text:?}: expected NAME=VALUE, each of letters, digits, '.', '_' or '-' \
+             (e.g. --header {DEFAULT_MARK_HEADER}=alice)"
+        ),
+    }
+}
+
+/// A mark of this developer's own: their user name (made header-safe) and
+/// a random suffix, so two sessions of one developer do not collide.
+fn generated_mark(owner: &Owner) -> String {
+    let user: String = owner
+        .user
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    format!(
+        "{DEFAULT_MARK_HEADER}={}-{:04x}",
+        user.trim_matches('-'),
+        rand::rng().random::<u16>()
+    )
+}
+
+/// Runs a membership until `shutdown` completes; what it changed is undone
+/// whether this returns `Ok` or `Err`.
+pub async fn run(
+    cluster: &Cluster,
+    options: MeshOptions,
+    reporter: &Reporter,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let ns = cluster.namespace.clone();
+    let services = Api::<Service>::namespaced(cluster.client.clone(), &ns);
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), &ns);
+    let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
+    let name = options
+        .service
+        .trim_start_matches("svc/")
+        .trim_start_matches("service/")
+        .to_owned();
+    let qualified = format!("{ns}/{name}");
+    if let Some(mark) = &options.mark {
+        parse_mark(mark)?;
+    }
+
+    let original = target::exchangeable_service(&services, &name, &ns).await?;
+    let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
+    let declared = target::declared_ports(&pods, &original).await;
+    preflight::check(cluster, &[MESH_NEEDS, agent_pod::AGENT_NEEDS].concat()).await?;
+    refuse_if_exchanged(&leases, &name, &qualified).await?;
+
+    let owner = sessions::owner(cluster).await?;
+    let mark = options
+        .mark
+        .clone()
+        .unwrap_or_else(|| generated_mark(&owner));
+    let (header, value) = parse_mark(&mark)?;
+    let mark = format!("{header}={value}");
+    refuse_if_mark_taken(&leases, &name, &mark).await?;
+    let lock = take_membership(&leases, &name, &owner, &mark, options.grace).await?;
+
+    let objects = session_objects(&name, &owner.session);
+    let member = Member {
+        name: &name,
+        qualified: &qualified,
+        owner: &owner,
+        mark: &mark,
+        routes: &routes,
+        declared: &declared,
+    };
+    let outcome = tokio::select! {
+        outcome = join(cluster, &options, &member, &lock, &original, reporter) => outcome,
+        _ = &mut shutdown => Err(Interrupted.into()),
+    };
+    let mut tunnel = match outcome {
+        Ok(tunnel) => tunnel,
+        Err(e) => {
+            reporter.progress("undoing what this session changed");
+            sessions::end(cluster, &objects, &lock, reporter).await;
+            router::after_leave(cluster, &name, reporter).await;
+            return if e.is::<Interrupted>() {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+    };
+    let served = keep_alive(&lock, reporter, &mut shutdown).await;
+    // Leaving: the router stops sending our mark here within a second of
+    // the member Lease going; our own marked requests meanwhile fail, no
+    // one else's.
+    sessions::end(cluster, &objects, &lock, reporter).await;
+    tunnel.stop().await;
+    router::after_leave(cluster, &name, reporter).await;
+    served.map_err(anyhow::Error::from)
+}
+
+/// The user stopped ktb before the membership was up; not an error.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+/// What was decided before the member Lease was taken.
+struct Member<'a> {
+    name: &'a str,
+    qualified: &'a str,
+    owner: &'a Owner,
+    /// `name=value`, the header name in lower case.
+    mark: &'a str,
+    routes: &'a [PortRoute],
+    declared: &'a [agent_pod::DeclaredPort],
+}
+
+/// A Service one developer exchanges has no room for a mesh.
+async fn refuse_if_exchanged(
+    leases: &Api<Lease>,
+    name: &str,
+    qualified: &str,
+) -> anyhow::Result<()> {
+    if let Some(lock) = leases.get_opt(&exchange_lease(name)).await? {
+        anyhow::bail!(
+            "Service {qualified} is exchanged by {}: all its traffic goes to their laptop, so it cannot be meshed. \
+             Ask them to stop (if their session is dead, `ktb recover {name}` restores it)",
+            lease::holder(&lock)
+        );
+    }
+    Ok(())
+}
+
+async fn refuse_if_mark_taken(leases: &Api<Lease>, name: &str, mark: &str) -> anyhow::Result<()> {
+    let members = ktb_kube::mesh::members(leases, name).await?;
+    if let Some(taken) = members.iter().find(|m| m.mark.eq_ignore_ascii_case(mark)) {
+        anyhow::bail!(
+            "the mark {mark} is already used on Service {name} by {}; choose another with --header NAME=VALUE",
+            taken.holder
+        );
+    }
+    Ok(())
+}
+
+/// The member Lease: new for every session, so it is always ours fresh.
+async fn take_membership(
+    leases: &Api<Lease>,
+    name: &str,
+    owner: &Owner,
+    mark: &str,
+    grace: Duration,
+) -> anyhow::Result<Lock> {
+    let mut wanted = lease::new_lease(
+        &mesh_member_lease(name, &owner.session),
+        LeaseKind::Mesh,
+        owner,
+        grace,
+    );
+    let meta = &mut wanted.metadata;
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(SERVICE_LABEL.into(), name.into());
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(MARK_ANNOTATION.into(), mark.into());
+    match lock::take(leases, &wanted).await? {
+        Taken::Fresh(lock) => Ok(lock),
+        Taken::Held(holder) | Taken::Expired { holder, .. } => anyhow::bail!(
+            "the member Lease of this session is held by {holder}: a session id collided; try again"
+        ),
+    }
+}
+
+/// Starts this member's agent, the router if none stands, and proves that
+/// a marked request reaches this laptop.
+async fn join(
+    cluster: &Cluster,
+    options: &MeshOptions,
+    member: &Member<'_>,
+    lock: &Lock,
+    original: &Service,
+    reporter: &Reporter,
+) -> anyhow::Result<RunningTunnel> {
+    let objects = session_objects(member.name, &member.owner.session);
+    let key = ClientKey::generate()?;
+    let spec = AgentPodSpec {
+        name: &objects,
+        session: &member.owner.session,
+        role: AgentRole::Shadow {
+            service: member.name,
+            listen_ports: member.routes.iter().map(|r| r.target_port).collect(),
+            key: key.public().to_string(),
+        },
+        lease: lock.name(),
+        tunnel_on_pod_network: options.transport == TransportKind::Direct,
+        declared_ports: member.declared.to_vec(),
+        settings: &options.agent,
+        grace: options.grace,
+        owner: lock.owner(),
+        labels: session_labels(&member.owner.session),
+        scaled: None,
+    };
+    let shadow = Shadow::start(cluster, &spec, options.transport, reporter).await?;
+    let started = async {
+        let tunnel = shadow.open_tunnel(member.routes, key, reporter).await?;
+        lock.annotate(&BTreeMap::from([(
+            UPSTREAM_ANNOTATION.to_owned(),
+            shadow.ip().to_string(),
+        )]))
+        .await?;
+        router::ensure(
+            cluster,
+            original,
+            member.declared,
+            member.owner,
+            options,
+            reporter,
+        )
+        .await?;
+        reporter.progress("checking that requests carrying the mark arrive here");
+        shadow
+            .prove(member.qualified, member.routes, Some(member.mark))
+            .await?;
+        Ok::<_, anyhow::Error>(tunnel)
+    };
+    match started.await {
+        Ok(tunnel) => {
+            announce(cluster, member, reporter);
+            Ok(tunnel)
+        }
+        Err(e) => {
+            shadow.pod.delete().await;
+            Err(e)
+        }
+    }
+}
+
+fn announce(cluster: &Cluster, member: &Member<'_>, reporter: &Reporter) {
+    let (header, value) = member.mark.split_once('=').unwrap_or((member.mark, ""));
+    let ports = member
+        .routes
+        .iter()
+        .map(|r| format!("port {} → 127.0.0.1:{}", r.service_port, r.local))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let first = member.routes.first().map(|r| r.service_port).unwrap_or(80);
+    reporter.progress(format!(
+        "✔ requests to Service {} carrying {header}: {value} (or a baggage entry {header}={value}) now reach this machine: {ports}; \
+         all others reach its pods. Every service on the way must pass the header on",
+        member.qualified
+    ));
+    reporter.progress(format!(
+        "  try: curl -H '{header}: {value}' http://{}.{}.svc:{first}/ . Ctrl-C leaves the mesh",
+        member.name, cluster.namespace
+    ));
+}
