@@ -27,7 +27,7 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 /// The label on everything ktb creates.
 pub const MANAGED: &str = "app.kubernetes.io/managed-by=ktb";
 /// The kinds of object ktb creates in the namespace.
-pub const KTB_KINDS: &str = "pods,secrets,serviceaccounts,roles,rolebindings,leases";
+pub const KTB_KINDS: &str = "pods,services,secrets,serviceaccounts,roles,rolebindings,leases";
 /// What the developer's local process answers.
 pub const LOCAL_A: &str = "laptop-a-local";
 pub const LOCAL_B: &str = "laptop-b-local";

@@ -4,7 +4,8 @@
 //!   every end-to-end test runs against (see `tests/cluster/`).
 //! - `bench tunnel`: the loopback tunnel benchmark against direct TCP and `ssh -R`.
 //! - `bench exchange`, `bench connect`: ktb on the test cluster against
-//!   `kubectl port-forward`.
+//!   `kubectl port-forward`; `bench mesh`: the mesh router against going
+//!   straight to the Service and against `ktb exchange`.
 //! - `test`: the one command that runs every test, as the README and CI call it.
 //! - `fuzz [--seconds N]`: every fuzz target of `ktb-proto` for N seconds
 //!   each (nightly Rust and cargo-fuzz).
@@ -59,6 +60,9 @@ enum Bench {
     /// `ktb connect` from a laptop against `kubectl port-forward`, and its
     /// DNS against CoreDNS asked from a pod.
     Connect,
+    /// `ktb mesh`'s router on the test cluster: unmarked requests against
+    /// straight to the Service, marked ones against `ktb exchange`.
+    Mesh,
     /// The echo load against ADDR from this network namespace, as JSON
     /// (run by `bench connect` inside the laptop).
     #[command(hide = true)]
@@ -87,6 +91,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Connect,
         } => bench::connect(&workspace()),
+        Command::Bench {
+            bench: Bench::Mesh,
+        } => bench::mesh(&workspace()),
         Command::Bench {
             bench: Bench::Measure { addr },
         } => bench::measure_here(addr),

@@ -67,7 +67,7 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 
-    fn apply(&self, manifest: &str) -> anyhow::Result<()> {
+    pub(super) fn apply(&self, manifest: &str) -> anyhow::Result<()> {
         let path = std::env::temp_dir().join(format!("ktb-bench-{}.yaml", std::process::id()));
         std::fs::write(&path, manifest)?;
         let result = self

@@ -11,10 +11,12 @@
 mod connect;
 mod exchange;
 mod load;
+mod mesh;
 mod paths;
 
 pub use connect::connect;
 pub use exchange::{exchange, measure_here};
+pub use mesh::mesh;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -6,6 +6,12 @@
 //! - `probe resolve NAME`: resolve through the pod's resolv.conf (search
 //!   domains included), print one address per line.
 //! - `probe http HOST:PORT [PATH]`: one GET, print the body.
+//! - `probe requests HOST:PORT HEADER...`: one keep-alive connection, one
+//!   GET per HEADER (`name: value`, or `-` for none), each answer's body on
+//!   a line of its own: shows where each request on one connection went.
+//! - `probe load HOST:PORT SECONDS PER_SECOND`: paced GETs, a new
+//!   connection each, for SECONDS; prints `ok N failed M` (and the first
+//!   failure) and fails if any request failed.
 //! - `probe tcp HOST:PORT`: connect, print `connected`.
 //! - `probe dns-latency SERVER:PORT NAME COUNT`: COUNT A queries one after
 //!   the other, print the median and 99th percentile round trip in µs.
@@ -30,11 +36,14 @@ fn main() -> ExitCode {
         ["resolve", name] => resolve(name),
         ["http", target] => http(target, "/"),
         ["http", target, path] => http(target, path),
+        ["requests", target, headers @ ..] => requests(target, headers),
+        ["load", target, seconds, rate] => load(target, seconds, rate),
         ["tcp", target] => connect(target).map(|_| println!("connected")),
         ["dns-latency", server, name, count] => dns_latency(server, name, count),
         ["flood", tunnel, callers, seconds] => flood(tunnel, callers, seconds),
         _ => Err(
-            "usage: probe resolve NAME | http HOST:PORT [PATH] | tcp HOST:PORT \
+            "usage: probe resolve NAME | http HOST:PORT [PATH] | requests HOST:PORT HEADER... \
+                  | load HOST:PORT SECONDS PER_SECOND | tcp HOST:PORT \
                   | dns-latency SERVER:PORT NAME COUNT | flood TUNNEL:PORT CALLERS:PORT SECONDS"
                 .into(),
         ),
@@ -106,6 +115,100 @@ fn http(target: &str, path: &str) -> Result<()> {
     }
     print!("{body}");
     Ok(())
+}
+
+/// Reads one HTTP/1.1 response whose body has a Content-Length; returns
+/// the status line and the body.
+fn read_response(reader: &mut impl std::io::BufRead) -> Result<(String, String)> {
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err("connection closed in a response head".into());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse()?;
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok((
+        status.trim_end().to_owned(),
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+fn requests(target: &str, headers: &[&str]) -> Result<()> {
+    let s = connect(target)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut writer = s.try_clone()?;
+    let mut reader = std::io::BufReader::new(s);
+    for header in headers {
+        let header = match *header {
+            "-" => String::new(),
+            h => format!("{h}\r\n"),
+        };
+        write!(writer, "GET / HTTP/1.1\r\nhost: {target}\r\n{header}\r\n")?;
+        let (status, body) = read_response(&mut reader)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(format!("{status}: {}", body.trim()).into());
+        }
+        println!("{}", body.trim());
+    }
+    Ok(())
+}
+
+fn load(target: &str, seconds: &str, rate: &str) -> Result<()> {
+    let seconds: u64 = seconds.parse()?;
+    let rate: u64 = rate.parse()?;
+    let addr = target
+        .to_socket_addrs()?
+        .next()
+        .ok_or("no address for the target")?;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = std::time::Instant::now();
+    let (mut ok, mut failed, mut first_failure) = (0u64, 0u64, None);
+    for n in 0..seconds * rate {
+        let due = start + interval * n as u32;
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let once = || -> Result<()> {
+            let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            let mut writer = s.try_clone()?;
+            write!(
+                writer,
+                "GET / HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n"
+            )?;
+            let (status, _) = read_response(&mut std::io::BufReader::new(s))?;
+            if status.starts_with("HTTP/1.1 200") {
+                Ok(())
+            } else {
+                Err(status.into())
+            }
+        };
+        match once() {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_failure.get_or_insert_with(|| format!("request {n}: {e}"));
+            }
+        }
+    }
+    println!("ok {ok} failed {failed}");
+    match first_failure {
+        Some(first) => Err(format!("{failed} of {} failed; first: {first}", ok + failed).into()),
+        None => Ok(()),
+    }
 }
 
 /// Connections to the tunnel endpoint, and to the exposed port.

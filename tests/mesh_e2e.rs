@@ -1,0 +1,329 @@
+//! End-to-end tests of `ktb mesh` and `ktb preview` on the project's test
+//! cluster: two developers mesh one Service with their own marks, requests
+//! are routed one by one on a keep-alive connection (headers and W3C
+//! baggage), steady unmarked load sees no failure while they join and
+//! leave, `exchange` and `mesh` refuse each other naming who holds the
+//! Service, `status` lists every session, killed laptops are ended by the
+//! dead-man rule; `preview` publishes a local process by name and removes
+//! it. Every test ends asserting the Service byte-equal and nothing of ktb
+//! left. Ignored by default (they need the cluster); `cargo xtask test`
+//! runs them.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use ktb_tests::cluster::{
+    apply, echo_pod_manifest, free_port, kubectl_cmd, local_echo, probe_ok, run_bounded,
+    wait_ready, wait_until, As, Spawned, NAMESPACE,
+};
+use ktb_tests::exchange::*;
+use serde_json::Value;
+
+/// The line `ktb mesh` writes once marked requests reach the laptop.
+const MESH_READY: &str = "Ctrl-C leaves the mesh";
+/// The line `ktb preview` writes once the Service reaches the laptop.
+const PREVIEW_READY: &str = "Ctrl-C removes it";
+/// How long members' agents (grace 5 s) and the router (a few seconds
+/// more) may take to end everything after both laptops were killed.
+const DEAD_MAN_TIMEOUT: Duration = Duration::from_secs(90);
+/// Steady unmarked load while developers join and leave.
+const LOAD_SECONDS: u64 = 150;
+const LOAD_PER_SECOND: u64 = 200;
+
+fn mesh_args(service: &str, local_port: u16, mark: &str, grace: &str) -> Vec<String> {
+    let mut args = strings(&[
+        "mesh",
+        service,
+        "--expose",
+        &format!("{local_port}:80"),
+        "--header",
+        mark,
+        "-n",
+        NAMESPACE,
+    ]);
+    args.extend(agent_args(grace));
+    args
+}
+
+fn start_until(who: As, args: &[String], ready: &str) -> Spawned {
+    let mut ktb = start_ktb(who, args);
+    ktb.wait_for_stderr(ready, READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ktb {} never became ready: {e}", args[0]));
+    ktb
+}
+
+/// Stops ktb with SIGINT; it must exit 0 within [`EXIT_TIMEOUT`] (plus the
+/// router's teardown for the last member) and say `says`.
+fn stop(ktb: &mut Spawned, says: &str) {
+    ktb.signal(libc::SIGINT);
+    let status = ktb
+        .wait_exit(EXIT_TIMEOUT + Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("ktb still running after SIGINT:\n{}", ktb.stderr()));
+    assert_eq!(status.code(), Some(0), "ktb exited {status}:\n{}", ktb.stderr());
+    assert!(
+        ktb.stderr().contains(says),
+        "ktb's stderr does not say {says:?}:\n{}",
+        ktb.stderr()
+    );
+}
+
+/// Requests on one keep-alive connection from the workload's client pod,
+/// one per header (`-` for none): who answered each.
+fn answers(w: &Workload, headers: &[&str]) -> Vec<String> {
+    let target = w.target_on(80);
+    let mut args = vec!["requests", target.as_str()];
+    args.extend_from_slice(headers);
+    probe_ok(&w.namespace, &w.client, &args)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `ktb status -o json` as `who`: the rows for `service`.
+fn status_rows(who: As, service: &str) -> Vec<Value> {
+    let out = run_ktb(who, &strings(&["status", "-n", NAMESPACE, "-o", "json"]));
+    expect_exit(&out, 0, "ktb status");
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("status prints JSON");
+    rows.as_array()
+        .expect("an array of sessions")
+        .iter()
+        .filter(|r| r["service"] == service)
+        .cloned()
+        .collect()
+}
+
+fn row_summary(rows: &[Value]) -> Vec<(String, String, String, String)> {
+    let mut summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+            (field("kind"), field("user"), field("mark"), field("health"))
+        })
+        .collect();
+    summary.sort();
+    summary
+}
+
+/// Unmarked requests at a steady rate from the client pod for
+/// [`LOAD_SECONDS`], in a thread; its output once joined.
+fn steady_load(w: &Workload) -> std::thread::JoinHandle<Output> {
+    let args: Vec<String> = [
+        "-n",
+        &w.namespace,
+        "exec",
+        &w.client,
+        "--",
+        "/probe",
+        "load",
+        &w.target_on(80),
+        &LOAD_SECONDS.to_string(),
+        &LOAD_PER_SECOND.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_bounded(
+            kubectl_cmd(As::Admin, &args),
+            Duration::from_secs(LOAD_SECONDS + 60),
+        )
+    })
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
+    let w = Workload::deploy(NAMESPACE, "mesh-two");
+    let port_a = free_port(&["laptop-a"]);
+    let port_b = free_port(&["laptop-b"]);
+    let _local_a = local_echo("laptop-a", port_a, LOCAL_A);
+    let _local_b = local_echo("laptop-b", port_b, LOCAL_B);
+    let load_started = Instant::now();
+    let load = steady_load(&w);
+
+    let mut dev_a = start_until(As::DevA, &mesh_args(&w.name, port_a, "x-dev=a", "30s"), MESH_READY);
+    assert!(
+        dev_a.stderr().contains("curl -H 'x-dev: a'"),
+        "no ready-made curl line:\n{}",
+        dev_a.stderr()
+    );
+    let mut dev_b = start_until(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "30s"), MESH_READY);
+
+    // Marks alternate on one keep-alive connection; baggage counts too.
+    let got = answers(
+        &w,
+        &["x-dev: a", "x-dev: b", "-", "X-Dev: a", "baggage: team=x, x-dev=b;ttl=1", "x-dev: c"],
+    );
+    assert_eq!(got.len(), 6, "answers: {got:?}");
+    assert_eq!(&got[..2], [LOCAL_A, LOCAL_B], "answers: {got:?}");
+    assert!(w.original_pods.contains(&got[2]), "unmarked went to {:?}", got[2]);
+    assert_eq!(&got[3..5], [LOCAL_A, LOCAL_B], "answers: {got:?}");
+    assert!(w.original_pods.contains(&got[5]), "an unknown mark went to {:?}", got[5]);
+
+    // Everyone sees every session of the Service, from the cluster alone.
+    let rows = status_rows(As::DevB, &w.name);
+    assert_eq!(
+        row_summary(&rows),
+        vec![
+            ("mesh".into(), "dev-a".into(), "x-dev=a".into(), "live".into()),
+            ("mesh".into(), "dev-b".into(), "x-dev=b".into(), "live".into()),
+            ("mesh-router".into(), "dev-a".into(), "-".into(), "live".into()),
+        ],
+        "status rows: {rows:?}"
+    );
+
+    // A meshed Service cannot be exchanged: the refusal names the members.
+    let refused = run_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port_b, "30s"));
+    expect_exit(&refused, 1, "exchange of a meshed Service");
+    expect_stderr(&refused, "is meshed by dev-a on", "exchange of a meshed Service");
+    expect_stderr(&refused, "dev-b on", "exchange of a meshed Service");
+    // Nor can a mark be taken twice.
+    let port_c = free_port(&["laptop-a"]);
+    let twice = run_ktb(As::DevA, &mesh_args(&w.name, port_c, "x-dev=b", "30s"));
+    expect_exit(&twice, 1, "a second member with a taken mark");
+    expect_stderr(&twice, "already used", "a second member with a taken mark");
+
+    stop(&mut dev_a, "still meshed by dev-b");
+    wait_until(
+        "dev-a's mark to reach the original pods after dev-a left",
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+        || match answers(&w, &["x-dev: a", "x-dev: b"]).as_slice() {
+            [a, b] if w.original_pods.contains(a) && b == LOCAL_B => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    stop(&mut dev_b, &format!("restored Service {NAMESPACE}/{}: no one meshes it any more", w.name));
+    let left_at = load_started.elapsed();
+    assert!(
+        left_at < Duration::from_secs(LOAD_SECONDS - 5),
+        "joining and leaving took {left_at:?}, longer than the steady load ran; raise LOAD_SECONDS"
+    );
+
+    let load = load.join().expect("the load thread");
+    let report = String::from_utf8_lossy(&load.stdout);
+    eprintln!("steady load: {report}");
+    assert!(
+        load.status.success(),
+        "unmarked requests failed while developers joined and left: {report} {}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    assert!(report.contains(" failed 0"), "{report}");
+
+    w.assert_restored("after both members left");
+    assert!(w.ktb_annotations().is_empty(), "{:?}", w.ktb_annotations());
+    w.wait_reaches_original("after both members left");
+    w.assert_ktb_objects_gone("after both members left");
+    assert!(status_rows(As::DevA, &w.name).is_empty(), "status after both left");
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn exchange_refuses_mesh_and_killed_members_are_ended_by_the_dead_man_rule() {
+    let w = Workload::deploy(NAMESPACE, "mesh-kill");
+    let port_a = free_port(&["laptop-a"]);
+    let port_b = free_port(&["laptop-b"]);
+    let _local_a = local_echo("laptop-a", port_a, LOCAL_A);
+    let _local_b = local_echo("laptop-b", port_b, LOCAL_B);
+
+    // An exchanged Service cannot be meshed: the refusal names who holds it.
+    let mut exchanged = exchange_until_local(As::DevA, &w, port_a, "5s", LOCAL_A);
+    let refused = run_ktb(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "5s"));
+    expect_exit(&refused, 1, "mesh of an exchanged Service");
+    expect_stderr(&refused, "is exchanged by dev-a on", "mesh of an exchanged Service");
+    w.stop_and_check_restored(&mut exchanged, "the exchange before the mesh");
+
+    let mut dev_a = start_until(As::DevA, &mesh_args(&w.name, port_a, "x-dev=a", "5s"), MESH_READY);
+    let mut dev_b = start_until(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "5s"), MESH_READY);
+    assert_eq!(answers(&w, &["x-dev: b", "x-dev: a"]), [LOCAL_B, LOCAL_A]);
+    dev_a.kill();
+    dev_b.kill();
+    // Each member's agent ends its membership after the grace period; the
+    // router, with no member left, restores the Service and ends itself.
+    wait_until(
+        "the router to restore the Service after both laptops vanished",
+        DEAD_MAN_TIMEOUT,
+        Duration::from_millis(500),
+        || match (w.spec_now() == w.spec, w.ktb_annotations()) {
+            (true, a) if a.is_empty() => Ok(()),
+            (same, a) => Err(format!("spec restored: {same}, annotations {a:?}")),
+        },
+    );
+    w.assert_restored("after both laptops were killed");
+    w.wait_reaches_original("after both laptops were killed");
+    w.assert_ktb_objects_gone("after both laptops were killed");
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn preview_publishes_a_local_process_by_name_and_removes_it() {
+    let client = "preview-client";
+    apply(As::Admin, &echo_pod_manifest(client, NAMESPACE, client));
+    wait_ready(As::Admin, NAMESPACE, &format!("app={client}"));
+    let _client = PodGuard(client);
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    let name = "pv-orders";
+    let args = |grace: &str| {
+        let mut args = strings(&["preview", name, "--expose", &format!("{port}:80"), "-n", NAMESPACE]);
+        args.extend(agent_args(grace));
+        args
+    };
+
+    // A name that exists is refused, and nothing is created.
+    let w = Workload::deploy(NAMESPACE, "pv-existing");
+    let mut existing = args("5s");
+    existing[1] = w.name.clone();
+    let refused = run_ktb(As::DevA, &existing);
+    expect_exit(&refused, 1, "preview of an existing Service");
+    expect_stderr(&refused, "already exists", "preview of an existing Service");
+    w.assert_untouched("a refused preview");
+
+    let mut ktb = start_until(As::DevA, &args("5s"), PREVIEW_READY);
+    let target = format!("{name}.{NAMESPACE}:80");
+    assert_eq!(probe_ok(NAMESPACE, client, &["http", &target]).trim(), LOCAL_A);
+    let rows = status_rows(As::DevB, name);
+    assert_eq!(
+        row_summary(&rows),
+        vec![("preview".into(), "dev-a".into(), "-".into(), "live".into())],
+        "{rows:?}"
+    );
+    stop(&mut ktb, &format!("removed Service {NAMESPACE}/{name}"));
+    assert_preview_gone(name);
+
+    // A killed laptop: the agent ends the session, and the Service goes with it.
+    let mut ktb = start_until(As::DevA, &args("5s"), PREVIEW_READY);
+    ktb.kill();
+    assert_preview_gone(name);
+}
+
+/// The previewed Service and every ktb object of it are gone (bounded).
+fn assert_preview_gone(name: &str) {
+    wait_until(
+        &format!("Service {name} and its objects to be gone"),
+        DEAD_MAN_TIMEOUT,
+        Duration::from_millis(500),
+        || match ktb_objects(NAMESPACE, Some(name)) {
+            left if left.is_empty() => Ok(()),
+            left => Err(format!("{left:?}")),
+        },
+    );
+    let out = run_bounded(
+        kubectl_cmd(As::Admin, &["-n", NAMESPACE, "get", "service", name, "--ignore-not-found", "-o", "name"]),
+        Duration::from_secs(30),
+    );
+    assert!(out.stdout.is_empty(), "Service {name} still exists");
+}
+
+/// Deletes a pod the test created when the test ends.
+struct PodGuard(&'static str);
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        let _ = run_bounded(
+            kubectl_cmd(As::Admin, &["-n", NAMESPACE, "delete", "pod", self.0, "--wait=false", "--ignore-not-found"]),
+            Duration::from_secs(30),
+        );
+    }
+}
