@@ -12,6 +12,7 @@ use ktb::connect;
 use ktb::exchange::{self, ExchangeOptions};
 use ktb::expose::Expose;
 use ktb::expose::ExposeArg;
+use ktb::forward::{ForwardOptions, PortSpec};
 use ktb::report::{Event, Reporter};
 use ktb::session::agent_pod::AgentSettings;
 use ktb::session::shadow::TransportKind;
@@ -163,6 +164,20 @@ enum Command {
         /// `table` for people, `json` for scripts.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+    /// Reach a Service's pods from local ports, like `kubectl port-forward
+    /// svc/NAME`, following the Service to a new pod when its pod is
+    /// replaced; Ctrl-C stops. Creates nothing in the cluster.
+    Forward {
+        /// The Service (`web`, `svc/web`).
+        service: String,
+        /// [LOCAL:]REMOTE: the Service port REMOTE (number or name) on local
+        /// port LOCAL (default: the Service port's number). Repeatable.
+        #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<PortSpec>,
+        /// Local addresses to listen on (repeatable, or comma-separated).
+        #[arg(long = "address", value_delimiter = ',', default_value = "127.0.0.1")]
+        addresses: Vec<std::net::IpAddr>,
     },
     /// Restore a Service that a vanished ktb session left exchanged.
     Recover {
@@ -456,6 +471,20 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 Output::Table => print_sessions(&rows, &cluster.namespace, all_namespaces),
             }
             Ok(())
+        }
+        Command::Forward {
+            service,
+            ports,
+            addresses,
+        } => {
+            let shutdown = shutdown_signal();
+            let cluster = cluster::connect(&kube).await?;
+            let options = ForwardOptions {
+                service,
+                ports,
+                addresses,
+            };
+            ktb::forward::run(&cluster, options, &reporter, shutdown).await
         }
         Command::Recover { service, force } => {
             let cluster = cluster::connect(&kube).await?;

@@ -12,6 +12,7 @@ use kube::api::{Api, ListParams};
 use ktb_kube::service::{display, selector_of};
 
 use crate::expose::ExposeArg;
+use crate::service_ports::{container_port_named, describe, get_service, is_named_by};
 use crate::session::agent_pod::DeclaredPort;
 
 /// A Service port carried to a local port.
@@ -67,14 +68,7 @@ pub async fn exchangeable_service(
     name: &str,
     namespace: &str,
 ) -> anyhow::Result<Service> {
-    let service = match services.get_opt(name).await {
-        Ok(Some(service)) => service,
-        Ok(None) => anyhow::bail!(
-            "Service {name} not found in namespace {namespace} (`kubectl get services -n {namespace}` lists them; \
-             is the namespace right?)"
-        ),
-        Err(e) => return Err(e).with_context(|| format!("cannot read Service {name} in namespace {namespace}")),
-    };
+    let service = get_service(services, name, namespace).await?;
     let spec = service.spec.as_ref().context("the Service has no spec")?;
     if spec.type_.as_deref() == Some("ExternalName") {
         anyhow::bail!(
@@ -97,26 +91,6 @@ pub async fn exchangeable_service(
     Ok(service)
 }
 
-fn describe_ports(ports: &[ServicePort]) -> String {
-    ports
-        .iter()
-        .map(|p| {
-            let name = p
-                .name
-                .as_deref()
-                .map(|n| format!("{n} "))
-                .unwrap_or_default();
-            let target = match &p.target_port {
-                Some(IntOrString::Int(t)) => t.to_string(),
-                Some(IntOrString::String(t)) => t.clone(),
-                None => p.port.to_string(),
-            };
-            format!("{name}{}→{target}", p.port)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Matches every `--expose` to exactly one Service port.
 pub async fn resolve_ports(
     pods: &Api<Pod>,
@@ -129,7 +103,7 @@ pub async fn resolve_ports(
         .as_ref()
         .and_then(|s| s.ports.clone())
         .unwrap_or_default();
-    let listing = || format!("Service {name} has ports: {}", describe_ports(&ports));
+    let listing = || format!("Service {name} has ports: {}", describe(&ports));
     let mut routes = Vec::new();
     for expose in exposes {
         let matches: Vec<&ServicePort> = match &expose.remote {
@@ -180,11 +154,9 @@ pub async fn resolve_ports(
 }
 
 fn port_matches(port: &ServicePort, remote: &str) -> bool {
-    let by_number = remote.parse::<i32>().ok();
-    port.name.as_deref() == Some(remote)
-        || by_number == Some(port.port)
+    is_named_by(port, remote)
         || match &port.target_port {
-            Some(IntOrString::Int(t)) => by_number == Some(*t),
+            Some(IntOrString::Int(t)) => remote.parse::<i32>().ok() == Some(*t),
             Some(IntOrString::String(t)) => t == remote,
             None => false,
         }
@@ -197,10 +169,7 @@ async fn named_target_port(pods: &Api<Pod>, service: &Service, named: &str) -> a
     let found = list
         .items
         .iter()
-        .flat_map(|pod| pod.spec.iter().flat_map(|s| s.containers.iter()))
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some(named))
-        .map(|p| p.container_port);
+        .find_map(|pod| container_port_named(pod, named));
     found.with_context(|| {
         format!("the Service's target port {named:?} is a name, and no pod matching {selector} declares a port of that name")
     })
@@ -228,9 +197,6 @@ mod tests {
         assert!(!port_matches(&http, "443"));
         let named = port("web", 80, IntOrString::String("web-port".into()));
         assert!(port_matches(&named, "web-port"));
-        assert_eq!(
-            describe_ports(&[http, named]),
-            "http 80→8080, web 80→web-port"
-        );
+        assert_eq!(describe(&[http, named]), "http 80→8080, web 80→web-port");
     }
 }
