@@ -22,6 +22,7 @@ pub mod deadman;
 pub mod exchange;
 pub mod preauth;
 pub mod probe;
+pub mod route;
 pub mod server;
 
 use std::future::Future;
