@@ -39,9 +39,14 @@ pub struct Config {
 
     /// The session's public key, 64 hex digits: only the holder of its
     /// private half (the developer's `ktb`, which never writes it out) may
-    /// attach. Public, so it may sit in the pod spec.
-    #[arg(long, env = "KTB_AGENT_CLIENT_KEY")]
-    pub client_key: ClientPublicKey,
+    /// attach. Public, so it may sit in the pod spec. A mesh router
+    /// (`--mesh-of`) has no tunnel and no key.
+    #[arg(
+        long,
+        env = "KTB_AGENT_CLIENT_KEY",
+        required_unless_present = "mesh_of"
+    )]
+    pub client_key: Option<ClientPublicKey>,
 
     /// Time a new connection has for the whole handshake before it is
     /// dropped: HTTP request, WebSocket upgrade, Hello, proof of the key.
@@ -92,6 +97,26 @@ pub struct Config {
     #[arg(long, env = "KTB_AGENT_ALLOW_LINK_LOCAL")]
     pub allow_link_local: bool,
 
+    /// Router role: the meshed Service whose shared router this agent is.
+    /// It routes every request by its developer's mark (see
+    /// [`crate::mesh`]), renews `--lease` while any developer is a member,
+    /// and restores the Service and ends when none is left.
+    #[arg(
+        long,
+        env = "KTB_AGENT_MESH_OF",
+        requires_all = ["lease", "session", "namespace"],
+        conflicts_with_all = ["connect", "service", "client_key"]
+    )]
+    pub mesh_of: Option<String>,
+
+    /// Router role: `TARGET_PORT=ORIGIN_IP:PORT`, repeated or
+    /// comma-separated. The router listens on each target port of the
+    /// meshed Service; unmarked traffic goes to the origin address (the
+    /// ktb-managed Service selecting the original pods), marked traffic to
+    /// the member's agent on the same target port.
+    #[arg(long = "route", env = "KTB_AGENT_ROUTES", value_delimiter = ',', value_parser = parse_route)]
+    pub routes: Vec<(u16, SocketAddr)>,
+
     /// The Service this agent stands in for: restored by the agent itself if
     /// the laptop vanishes (needs --lease and --namespace too).
     #[arg(long, env = "KTB_AGENT_SERVICE", requires_all = ["lease", "namespace"])]
@@ -118,6 +143,19 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "KTB_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+fn parse_route(text: &str) -> Result<(u16, SocketAddr), String> {
+    let (port, origin) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected TARGET_PORT=ORIGIN_IP:PORT, got {text:?}"))?;
+    let port = port
+        .parse()
+        .map_err(|e| format!("bad target port {port:?}: {e}"))?;
+    let origin = origin
+        .parse()
+        .map_err(|e| format!("bad origin address {origin:?}: {e}"))?;
+    Ok((port, origin))
 }
 
 impl Config {
@@ -168,7 +206,7 @@ mod tests {
             Config::try_parse_from(["ktb-agent", "--client-key", KEY, "--expose-port", "80,8080"])
                 .unwrap();
         assert_eq!(config.expose_ports, vec![80, 8080]);
-        assert_eq!(config.client_key.to_string(), KEY);
+        assert_eq!(config.client_key.unwrap().to_string(), KEY);
     }
 
     #[test]
@@ -181,5 +219,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(wrong.contains("64 hexadecimal digits"), "{wrong}");
+    }
+
+    #[test]
+    fn a_router_takes_routes_and_no_key() {
+        let config = Config::try_parse_from([
+            "ktb-agent",
+            "--mesh-of",
+            "orders",
+            "--lease",
+            "ktb-mesh-orders",
+            "--session",
+            "1a2b3c4d",
+            "--namespace",
+            "team-a",
+            "--route",
+            "8080=10.96.0.20:80,9090=10.96.0.20:9090",
+        ])
+        .unwrap();
+        assert_eq!(config.client_key, None);
+        assert_eq!(
+            config.routes,
+            vec![
+                (8080, "10.96.0.20:80".parse().unwrap()),
+                (9090, "10.96.0.20:9090".parse().unwrap())
+            ]
+        );
+        let keyed = Config::try_parse_from([
+            "ktb-agent",
+            "--mesh-of",
+            "o",
+            "--lease",
+            "l",
+            "--session",
+            "s",
+            "--namespace",
+            "n",
+            "--client-key",
+            KEY,
+        ]);
+        assert!(
+            keyed.is_err(),
+            "a router accepts no tunnel, so takes no key"
+        );
     }
 }

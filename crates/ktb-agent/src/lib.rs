@@ -10,7 +10,9 @@
 //! listens on the ports of the Service it stands in for and carries every
 //! caller to the attached laptop ([`exchange`]); in *connect* role it dials
 //! addresses and relays datagrams inside the cluster on the laptop's behalf
-//! ([`connect`]). One laptop is attached at a time; a newer attachment
+//! ([`connect`]); in *router* role it is the shared router of a Service
+//! that several developers mesh, and accepts no tunnel at all ([`mesh`]).
+//! One laptop is attached at a time; a newer attachment
 //! replaces an older one, which is what a reconnecting laptop needs. When it
 //! stands in for a Service, a dead man's switch ([`deadman`]) restores that
 //! Service if the laptop vanishes.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod connect;
 pub mod deadman;
 pub mod exchange;
+pub mod mesh;
 pub mod preauth;
 pub mod probe;
 pub mod route;
@@ -51,7 +54,7 @@ pub struct Agent {
 /// reset; the kernel caps this at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

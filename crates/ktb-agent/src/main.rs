@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use ktb_agent::config::LogFormat;
+use ktb_agent::mesh::MeshRouter;
 use ktb_agent::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -15,17 +16,19 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
     init_logging(config.log_format);
     config.read_resolver()?;
-    let agent = Agent::bind(config).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    agent
-        .run(async {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-        })
-        .await
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    if config.mesh_of.is_some() {
+        MeshRouter::bind(config).await?.run(shutdown).await
+    } else {
+        Agent::bind(config).await?.run(shutdown).await
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -2,12 +2,15 @@
 //! says "ready" once callers really arrive.
 //!
 //! The laptop asks (`GET /probe?port=P&target=T`); the agent dials its own
-//! Service's ClusterIP on port P, writes a fresh random nonce, and waits for
-//! a connection carrying that nonce on its listener for target port T. The
-//! listener peeks at the first bytes of each connection only while a probe
-//! is pending on its port, and swallows the probe's connection, so the
-//! laptop's process never sees it; every other connection is carried on
-//! untouched (a peek consumes nothing). One probe at a time, and the
+//! Service's ClusterIP on port P, writes an HTTP request whose path is a
+//! fresh random nonce, and waits for a connection starting with that
+//! request line on its listener for target port T. It is an HTTP request
+//! so that a Service meshed by several developers routes it like any other:
+//! a member's probe carries its mark (`&mark=NAME=VALUE`) and the shared
+//! router sends it to that member's agent. The listener peeks at the first
+//! bytes of each connection only while a probe is pending on its port, and
+//! swallows the probe's connection, so the laptop's process never sees it;
+//! every other connection is carried on untouched (a peek consumes nothing). One probe at a time, and the
 //! ClusterIP is read from the apiserver once (it never changes for a
 //! Service), so the endpoint, which answers before authentication, costs a
 //! caller at most one connection to this agent's own Service per probe.
@@ -28,7 +31,57 @@ const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// probe is pending on its port: callers of server-speaks-first protocols
 /// wait this long, once, and only during a probe.
 const PEEK_TIMEOUT: Duration = Duration::from_millis(200);
-const NONCE_LEN: usize = 16;
+/// Hex digits of the nonce in the probe's path.
+const NONCE_HEX: usize = 32;
+/// The probe's request line up to its nonce.
+const PROBE_PREFIX: &str = "GET /.ktb-probe/";
+/// What a listener recognises: the request line up to the end of the nonce.
+const SIGNATURE_LEN: usize = PROBE_PREFIX.len() + NONCE_HEX;
+
+type Signature = [u8; SIGNATURE_LEN];
+
+/// A header the probe request carries: a mesh member's mark. Both parts are
+/// restricted to letters, digits, `.`, `_` and `-`, since the endpoint that
+/// asks for a probe answers before authentication and must not let anyone
+/// write arbitrary bytes into a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeMark {
+    name: String,
+    value: String,
+}
+
+impl ProbeMark {
+    /// Parses `NAME=VALUE`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<ProbeMark> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        match text.split_once('=') {
+            Some((name, value)) if plain(name) && plain(value) => Some(ProbeMark {
+                name: name.into(),
+                value: value.into(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The probe's request: its first [`SIGNATURE_LEN`] bytes are the signature.
+fn probe_request(nonce: &[u8; NONCE_HEX / 2], mark: Option<&ProbeMark>) -> (Signature, Vec<u8>) {
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let mark = mark
+        .map(|m| format!("{}: {}\r\n", m.name, m.value))
+        .unwrap_or_default();
+    let request = format!(
+        "{PROBE_PREFIX}{hex} HTTP/1.1\r\nhost: ktb-probe\r\n{mark}connection: close\r\n\r\n"
+    );
+    let mut signature = [0u8; SIGNATURE_LEN];
+    signature.copy_from_slice(&request.as_bytes()[..SIGNATURE_LEN]);
+    (signature, request.into_bytes())
+}
 
 /// The Service this agent stands in for, and the probe in flight.
 pub struct Probes {
@@ -42,7 +95,7 @@ pub struct Probes {
 /// A probe waiting for its connection on `port`.
 struct Pending {
     port: u16,
-    nonce: [u8; NONCE_LEN],
+    signature: Signature,
     arrived: Option<oneshot::Sender<()>>,
 }
 
@@ -59,18 +112,18 @@ impl Probes {
     /// Whether `tcp`, just accepted on `port`, is the pending probe's
     /// connection (then it is consumed here).
     pub async fn claims(&self, port: u16, tcp: &TcpStream) -> bool {
-        let nonce = match &*self.pending.lock().expect("probe lock") {
-            Some(pending) if pending.port == port => pending.nonce,
+        let signature = match &*self.pending.lock().expect("probe lock") {
+            Some(pending) if pending.port == port => pending.signature,
             _ => return false,
         };
-        let mut first = [0u8; NONCE_LEN];
+        let mut first = [0u8; SIGNATURE_LEN];
         let peeked = tokio::time::timeout(PEEK_TIMEOUT, async {
             loop {
                 match tcp.peek(&mut first).await {
-                    Ok(n) if n < NONCE_LEN && n > 0 && first[..n] == nonce[..n] => {
+                    Ok(n) if n < SIGNATURE_LEN && n > 0 && first[..n] == signature[..n] => {
                         tokio::time::sleep(Duration::from_millis(1)).await
                     }
-                    Ok(n) => return n == NONCE_LEN && first == nonce,
+                    Ok(n) => return n == SIGNATURE_LEN && first == signature,
                     Err(_) => return false,
                 }
             }
@@ -88,20 +141,25 @@ impl Probes {
 
     /// Dials the Service on `service_port` and waits for the connection on
     /// the listener of `target`. The error is the reason, for the laptop.
-    pub async fn run(&self, service_port: u16, target: u16) -> Result<(), String> {
+    pub async fn run(
+        &self,
+        service_port: u16,
+        target: u16,
+        mark: Option<ProbeMark>,
+    ) -> Result<(), String> {
         let Ok(_only_one) = self.single_flight.try_lock() else {
             return Err("another probe is running; try again".into());
         };
         let ip = self.cluster_ip().await?;
-        let nonce: [u8; NONCE_LEN] = rand::random();
+        let (signature, request) = probe_request(&rand::random(), mark.as_ref());
         let (arrived, arrival) = oneshot::channel();
         *self.pending.lock().expect("probe lock") = Some(Pending {
             port: target,
-            nonce,
+            signature,
             arrived: Some(arrived),
         });
         let result = self
-            .dial(SocketAddr::new(ip, service_port), &nonce, arrival)
+            .dial(SocketAddr::new(ip, service_port), &request, arrival)
             .await;
         *self.pending.lock().expect("probe lock") = None;
         result.map_err(|reason| format!("{reason} (target port {target})"))
@@ -110,7 +168,7 @@ impl Probes {
     async fn dial(
         &self,
         addr: SocketAddr,
-        nonce: &[u8],
+        request: &[u8],
         arrival: oneshot::Receiver<()>,
     ) -> Result<(), String> {
         let mut tcp = match tokio::time::timeout(ARRIVAL_TIMEOUT, TcpStream::connect(addr)).await {
@@ -122,7 +180,7 @@ impl Probes {
                 ))
             }
         };
-        tcp.write_all(nonce)
+        tcp.write_all(request)
             .await
             .map_err(|e| format!("cannot write to the Service at {addr}: {e}"))?;
         match tokio::time::timeout(ARRIVAL_TIMEOUT, arrival).await {
@@ -154,5 +212,28 @@ impl Probes {
             })
             .await
             .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_is_an_http_request_carrying_the_mark() {
+        let mark = ProbeMark::parse("x-ktb-mark=dev-a.1f").unwrap();
+        let (signature, request) = probe_request(&[0xab; NONCE_HEX / 2], Some(&mark));
+        let text = String::from_utf8(request).unwrap();
+        assert!(text.starts_with(&format!("GET /.ktb-probe/{} HTTP/1.1\r\n", "ab".repeat(16))));
+        assert!(text.contains("\r\nx-ktb-mark: dev-a.1f\r\n"));
+        assert!(text.ends_with("\r\n\r\n"));
+        assert_eq!(&signature[..], &text.as_bytes()[..SIGNATURE_LEN]);
+    }
+
+    #[test]
+    fn a_mark_cannot_smuggle_bytes_into_the_request() {
+        for bad in ["x=a\r\nevil: 1", "x", "=v", "x=", "x y=v", "x=v:w"] {
+            assert!(ProbeMark::parse(bad).is_none(), "{bad:?}");
+        }
     }
 }

@@ -30,7 +30,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::attachment::Attachment;
 use crate::preauth::{Admission, Gate, ReadLimit, HANDSHAKE_READ_LIMIT, HTTP_BUFFER};
-use crate::probe::Probes;
+use crate::probe::{ProbeMark, Probes};
 
 /// The path of the tunnel endpoint.
 pub const TUNNEL_PATH: &str = "/tunnel";
@@ -131,20 +131,36 @@ async fn route(
     }
 }
 
-/// `GET /probe?port=P&target=T`: 200 once a connection to the Service's
-/// port P arrived on this agent's port T, 503 with the reason otherwise.
+/// `GET /probe?port=P&target=T[&mark=NAME=VALUE]`: 200 once a connection
+/// to the Service's port P arrived on this agent's port T, 503 with the
+/// reason otherwise. A mesh member's probe carries its mark, so the shared
+/// router sends it here rather than to the original pods.
 async fn run_probe(query: Option<&str>, probes: &Probes) -> Response<Full<Bytes>> {
     let param = |name: &str| {
         query?
             .split('&')
             .filter_map(|pair| pair.split_once('='))
             .find(|(key, _)| *key == name)
-            .and_then(|(_, value)| value.parse::<u16>().ok())
+            .map(|(_, value)| value)
     };
-    let (Some(port), Some(target)) = (param("port"), param("target")) else {
-        return text(StatusCode::BAD_REQUEST, "expected /probe?port=P&target=T\n");
+    let number = |name: &str| param(name).and_then(|v| v.parse::<u16>().ok());
+    let (Some(port), Some(target)) = (number("port"), number("target")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected /probe?port=P&target=T[&mark=NAME=VALUE]\n",
+        );
     };
-    let (status, body) = match probes.run(port, target).await {
+    let mark = match param("mark").map(ProbeMark::parse) {
+        None => None,
+        Some(Some(mark)) => Some(mark),
+        Some(None) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "a probe's mark is NAME=VALUE of letters, digits, '.', '_' and '-'\n",
+            )
+        }
+    };
+    let (status, body) = match probes.run(port, target, mark).await {
         Ok(()) => (StatusCode::OK, "arrived\n".to_owned()),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     };
@@ -206,7 +222,11 @@ where
     let io = ReadLimit::new(io, HANDSHAKE_READ_LIMIT);
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config())).await;
     let config = attachment.config();
-    let version = match agent_handshake(&mut ws, config.client_key, admission.deadline).await {
+    let Some(key) = config.client_key else {
+        tracing::warn!("refused a tunnel: this agent has no client key");
+        return;
+    };
+    let version = match agent_handshake(&mut ws, key, admission.deadline).await {
         Ok(version) => version,
         Err(e) => {
             tracing::warn!(error = %e, "refused a tunnel");
