@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, echo_pod_manifest, free_port, kubectl_cmd, local_echo, probe_ok, run_bounded,
+    apply, echo_pod_manifest, free_port, kubectl_cmd, local_echo, probe, probe_ok, run_bounded,
     wait_ready, wait_until, As, Spawned, NAMESPACE,
 };
 use ktb_tests::exchange::*;
@@ -59,7 +59,12 @@ fn stop(ktb: &mut Spawned, says: &str) {
     let status = ktb
         .wait_exit(EXIT_TIMEOUT + Duration::from_secs(30))
         .unwrap_or_else(|| panic!("ktb still running after SIGINT:\n{}", ktb.stderr()));
-    assert_eq!(status.code(), Some(0), "ktb exited {status}:\n{}", ktb.stderr());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "ktb exited {status}:\n{}",
+        ktb.stderr()
+    );
     assert!(
         ktb.stderr().contains(says),
         "ktb's stderr does not say {says:?}:\n{}",
@@ -68,15 +73,23 @@ fn stop(ktb: &mut Spawned, says: &str) {
 }
 
 /// Requests on one keep-alive connection from the workload's client pod,
-/// one per header (`-` for none): who answered each.
-fn answers(w: &Workload, headers: &[&str]) -> Vec<String> {
+/// one per header (`-` for none): who answered each, or the failure.
+fn try_answers(w: &Workload, headers: &[&str]) -> Result<Vec<String>, String> {
     let target = w.target_on(80);
     let mut args = vec!["requests", target.as_str()];
     args.extend_from_slice(headers);
-    probe_ok(&w.namespace, &w.client, &args)
+    let out = probe(&w.namespace, &w.client, &args);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_owned)
-        .collect()
+        .collect())
+}
+
+fn answers(w: &Workload, headers: &[&str]) -> Vec<String> {
+    try_answers(w, headers).unwrap_or_else(|e| panic!("requests {headers:?}: {e}"))
 }
 
 /// `ktb status -o json` as `who`: the rows for `service`.
@@ -142,33 +155,71 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     let load_started = Instant::now();
     let load = steady_load(&w);
 
-    let mut dev_a = start_until(As::DevA, &mesh_args(&w.name, port_a, "x-dev=a", "30s"), MESH_READY);
+    let mut dev_a = start_until(
+        As::DevA,
+        &mesh_args(&w.name, port_a, "x-dev=a", "30s"),
+        MESH_READY,
+    );
     assert!(
         dev_a.stderr().contains("curl -H 'x-dev: a'"),
         "no ready-made curl line:\n{}",
         dev_a.stderr()
     );
-    let mut dev_b = start_until(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "30s"), MESH_READY);
+    let mut dev_b = start_until(
+        As::DevB,
+        &mesh_args(&w.name, port_b, "x-dev=b", "30s"),
+        MESH_READY,
+    );
 
     // Marks alternate on one keep-alive connection; baggage counts too.
     let got = answers(
         &w,
-        &["x-dev: a", "x-dev: b", "-", "X-Dev: a", "baggage: team=x, x-dev=b;ttl=1", "x-dev: c"],
+        &[
+            "x-dev: a",
+            "x-dev: b",
+            "-",
+            "X-Dev: a",
+            "baggage: team=x, x-dev=b;ttl=1",
+            "x-dev: c",
+        ],
     );
     assert_eq!(got.len(), 6, "answers: {got:?}");
     assert_eq!(&got[..2], [LOCAL_A, LOCAL_B], "answers: {got:?}");
-    assert!(w.original_pods.contains(&got[2]), "unmarked went to {:?}", got[2]);
+    assert!(
+        w.original_pods.contains(&got[2]),
+        "unmarked went to {:?}",
+        got[2]
+    );
     assert_eq!(&got[3..5], [LOCAL_A, LOCAL_B], "answers: {got:?}");
-    assert!(w.original_pods.contains(&got[5]), "an unknown mark went to {:?}", got[5]);
+    assert!(
+        w.original_pods.contains(&got[5]),
+        "an unknown mark went to {:?}",
+        got[5]
+    );
 
     // Everyone sees every session of the Service, from the cluster alone.
     let rows = status_rows(As::DevB, &w.name);
     assert_eq!(
         row_summary(&rows),
         vec![
-            ("mesh".into(), "dev-a".into(), "x-dev=a".into(), "live".into()),
-            ("mesh".into(), "dev-b".into(), "x-dev=b".into(), "live".into()),
-            ("mesh-router".into(), "dev-a".into(), "-".into(), "live".into()),
+            (
+                "mesh".into(),
+                "dev-a".into(),
+                "x-dev=a".into(),
+                "live".into()
+            ),
+            (
+                "mesh".into(),
+                "dev-b".into(),
+                "x-dev=b".into(),
+                "live".into()
+            ),
+            (
+                "mesh-router".into(),
+                "dev-a".into(),
+                "-".into(),
+                "live".into()
+            ),
         ],
         "status rows: {rows:?}"
     );
@@ -176,7 +227,11 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     // A meshed Service cannot be exchanged: the refusal names the members.
     let refused = run_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port_b, "30s"));
     expect_exit(&refused, 1, "exchange of a meshed Service");
-    expect_stderr(&refused, "is meshed by dev-a on", "exchange of a meshed Service");
+    expect_stderr(
+        &refused,
+        "is meshed by dev-a on",
+        "exchange of a meshed Service",
+    );
     expect_stderr(&refused, "dev-b on", "exchange of a meshed Service");
     // Nor can a mark be taken twice.
     let port_c = free_port(&["laptop-a"]);
@@ -184,17 +239,23 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     expect_exit(&twice, 1, "a second member with a taken mark");
     expect_stderr(&twice, "already used", "a second member with a taken mark");
 
+    // A member leaves its routes before its agent goes: once it has
+    // exited, its mark reaches the original pods, and never fails.
     stop(&mut dev_a, "still meshed by dev-b");
-    wait_until(
-        "dev-a's mark to reach the original pods after dev-a left",
-        Duration::from_secs(20),
-        Duration::from_millis(500),
-        || match answers(&w, &["x-dev: a", "x-dev: b"]).as_slice() {
-            [a, b] if w.original_pods.contains(a) && b == LOCAL_B => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
+    let got = answers(&w, &["x-dev: a", "x-dev: b"]);
+    assert!(
+        w.original_pods.contains(&got[0]),
+        "dev-a's mark after dev-a left went to {:?}",
+        got[0]
     );
-    stop(&mut dev_b, &format!("restored Service {NAMESPACE}/{}: no one meshes it any more", w.name));
+    assert_eq!(got[1], LOCAL_B, "dev-b's mark after dev-a left");
+    stop(
+        &mut dev_b,
+        &format!(
+            "restored Service {NAMESPACE}/{}: no one meshes it any more",
+            w.name
+        ),
+    );
     let left_at = load_started.elapsed();
     assert!(
         left_at < Duration::from_secs(LOAD_SECONDS - 5),
@@ -215,7 +276,10 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     assert!(w.ktb_annotations().is_empty(), "{:?}", w.ktb_annotations());
     w.wait_reaches_original("after both members left");
     w.assert_ktb_objects_gone("after both members left");
-    assert!(status_rows(As::DevA, &w.name).is_empty(), "status after both left");
+    assert!(
+        status_rows(As::DevA, &w.name).is_empty(),
+        "status after both left"
+    );
 }
 
 #[test]
@@ -231,11 +295,23 @@ fn exchange_refuses_mesh_and_killed_members_are_ended_by_the_dead_man_rule() {
     let mut exchanged = exchange_until_local(As::DevA, &w, port_a, "5s", LOCAL_A);
     let refused = run_ktb(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "5s"));
     expect_exit(&refused, 1, "mesh of an exchanged Service");
-    expect_stderr(&refused, "is exchanged by dev-a on", "mesh of an exchanged Service");
+    expect_stderr(
+        &refused,
+        "is exchanged by dev-a on",
+        "mesh of an exchanged Service",
+    );
     w.stop_and_check_restored(&mut exchanged, "the exchange before the mesh");
 
-    let mut dev_a = start_until(As::DevA, &mesh_args(&w.name, port_a, "x-dev=a", "5s"), MESH_READY);
-    let mut dev_b = start_until(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "5s"), MESH_READY);
+    let mut dev_a = start_until(
+        As::DevA,
+        &mesh_args(&w.name, port_a, "x-dev=a", "5s"),
+        MESH_READY,
+    );
+    let mut dev_b = start_until(
+        As::DevB,
+        &mesh_args(&w.name, port_b, "x-dev=b", "5s"),
+        MESH_READY,
+    );
     assert_eq!(answers(&w, &["x-dev: b", "x-dev: a"]), [LOCAL_B, LOCAL_A]);
     dev_a.kill();
     dev_b.kill();
@@ -266,7 +342,14 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
     let _local = local_echo("laptop-a", port, LOCAL_A);
     let name = "pv-orders";
     let args = |grace: &str| {
-        let mut args = strings(&["preview", name, "--expose", &format!("{port}:80"), "-n", NAMESPACE]);
+        let mut args = strings(&[
+            "preview",
+            name,
+            "--expose",
+            &format!("{port}:80"),
+            "-n",
+            NAMESPACE,
+        ]);
         args.extend(agent_args(grace));
         args
     };
@@ -282,7 +365,10 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
 
     let mut ktb = start_until(As::DevA, &args("5s"), PREVIEW_READY);
     let target = format!("{name}.{NAMESPACE}:80");
-    assert_eq!(probe_ok(NAMESPACE, client, &["http", &target]).trim(), LOCAL_A);
+    assert_eq!(
+        probe_ok(NAMESPACE, client, &["http", &target]).trim(),
+        LOCAL_A
+    );
     let rows = status_rows(As::DevB, name);
     assert_eq!(
         row_summary(&rows),
@@ -310,7 +396,19 @@ fn assert_preview_gone(name: &str) {
         },
     );
     let out = run_bounded(
-        kubectl_cmd(As::Admin, &["-n", NAMESPACE, "get", "service", name, "--ignore-not-found", "-o", "name"]),
+        kubectl_cmd(
+            As::Admin,
+            &[
+                "-n",
+                NAMESPACE,
+                "get",
+                "service",
+                name,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ],
+        ),
         Duration::from_secs(30),
     );
     assert!(out.stdout.is_empty(), "Service {name} still exists");
@@ -322,7 +420,18 @@ struct PodGuard(&'static str);
 impl Drop for PodGuard {
     fn drop(&mut self) {
         let _ = run_bounded(
-            kubectl_cmd(As::Admin, &["-n", NAMESPACE, "delete", "pod", self.0, "--wait=false", "--ignore-not-found"]),
+            kubectl_cmd(
+                As::Admin,
+                &[
+                    "-n",
+                    NAMESPACE,
+                    "delete",
+                    "pod",
+                    self.0,
+                    "--wait=false",
+                    "--ignore-not-found",
+                ],
+            ),
             Duration::from_secs(30),
         );
     }

@@ -24,7 +24,7 @@ pub fn agent_config(connect: bool, client_key: ClientPublicKey) -> Config {
     Config {
         listen: (Ipv4Addr::LOCALHOST, 0).into(),
         ready_listen: None,
-        client_key,
+        client_key: Some(client_key),
         handshake_timeout: Duration::from_secs(5),
         expose_ports: vec![0],
         expose_address: Ipv4Addr::LOCALHOST.into(),
@@ -34,6 +34,8 @@ pub fn agent_config(connect: bool, client_key: ClientPublicKey) -> Config {
         dial_timeout: Duration::from_secs(5),
         allow_loopback: false,
         allow_link_local: false,
+        mesh_of: None,
+        routes: Vec::new(),
         service: None,
         lease: None,
         session: None,

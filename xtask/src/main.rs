@@ -91,9 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Connect,
         } => bench::connect(&workspace()),
-        Command::Bench {
-            bench: Bench::Mesh,
-        } => bench::mesh(&workspace()),
+        Command::Bench { bench: Bench::Mesh } => bench::mesh(&workspace()),
         Command::Bench {
             bench: Bench::Measure { addr },
         } => bench::measure_here(addr),

@@ -92,7 +92,13 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
     let cluster = Cluster::find()?;
     cluster.apply(WORKLOAD)?;
     cluster.kubectl(&[
-        "-n", NAMESPACE, "rollout", "status", "deployment", SERVICE, "--timeout=90s",
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "deployment",
+        SERVICE,
+        "--timeout=90s",
     ])?;
     let result = runtime.block_on(run(workspace, &cluster));
     let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
@@ -102,7 +108,13 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
 async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
     let ip = cluster.kubectl(&[
-        "-n", NAMESPACE, "get", "svc", SERVICE, "-o", "jsonpath={.spec.clusterIP}",
+        "-n",
+        NAMESPACE,
+        "get",
+        "svc",
+        SERVICE,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
     ])?;
     let service: SocketAddr = format!("{ip}:80").parse()?;
     let local = local_server().await?;
@@ -113,7 +125,12 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
                 .env("KUBECONFIG", &cluster.kubeconfig)
                 .args(args)
                 .args(["-n", NAMESPACE, "--expose", &format!("{}:80", local.port())])
-                .args(["--agent-image", "ktb.test/ktb-agent:dev", "--image-pull-policy", "Never"]),
+                .args([
+                    "--agent-image",
+                    "ktb.test/ktb-agent:dev",
+                    "--image-pull-policy",
+                    "Never",
+                ]),
             &scratch.join(log),
         )
     };
@@ -124,7 +141,10 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
         figures[0].push(measure(service, None).await.context("straight")?);
 
         eprintln!("round {round}/{ROUNDS}: ktb mesh, unmatched and matched");
-        let meshed = ktb_run(&["mesh", SERVICE, "--header", &mark], &format!("mesh-{round}.log"))?;
+        let meshed = ktb_run(
+            &["mesh", SERVICE, "--header", &mark],
+            &format!("mesh-{round}.log"),
+        )?;
         wait_answered_by(service, Some(MARK), "local").await?;
         figures[1].push(measure(service, None).await.context("unmatched")?);
         figures[2].push(measure(service, Some(MARK)).await.context("matched")?);
@@ -142,7 +162,10 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
     }
     let [straight, unmatched, matched, exchange] = figures.map(|f| Figures::median(&f));
     println!();
-    println!("{:<28} {:>10} {:>10} {:>12}", "path", "p50", "p99", "requests/s");
+    println!(
+        "{:<28} {:>10} {:>10} {:>12}",
+        "path", "p50", "p99", "requests/s"
+    );
     for (name, f) in [
         ("straight to the Service", straight),
         ("mesh, unmatched (router)", unmatched),
@@ -193,12 +216,21 @@ async fn wait_restored(cluster: &Cluster) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let annotations = cluster.kubectl(&[
-            "-n", NAMESPACE, "get", "svc", SERVICE, "-o", "jsonpath={.metadata.annotations}",
+            "-n",
+            NAMESPACE,
+            "get",
+            "svc",
+            SERVICE,
+            "-o",
+            "jsonpath={.metadata.annotations}",
         ])?;
         if !annotations.contains("ktb.dev/") {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "the Service was not restored within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the Service was not restored within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -268,11 +300,18 @@ impl Client {
             self.write.write_all(&self.request).await?;
             let mut line = String::new();
             self.read.read_line(&mut line).await?;
-            anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "answered {:?}", line.trim());
+            anyhow::ensure!(
+                line.starts_with("HTTP/1.1 200"),
+                "answered {:?}",
+                line.trim()
+            );
             let mut length = 0;
             loop {
                 line.clear();
-                anyhow::ensure!(self.read.read_line(&mut line).await? > 0, "closed in a head");
+                anyhow::ensure!(
+                    self.read.read_line(&mut line).await? > 0,
+                    "closed in a head"
+                );
                 if line == "\r\n" {
                     break;
                 }

@@ -246,7 +246,8 @@ async fn refuse_if_meshed(leases: &Api<Lease>, name: &str, qualified: &str) -> a
         ktb_kube::mesh::describe(&members)
     };
     anyhow::bail!(
-        "Service {qualified} is meshed by {who}; join them with `ktb mesh {name}` (only requests you mark reach you),          or ask them to leave"
+        "Service {qualified} is meshed by {who}; join them with `ktb mesh {name}` (only requests you mark reach you), \
+         or ask them to leave"
     )
 }
 

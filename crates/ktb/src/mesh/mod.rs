@@ -179,13 +179,30 @@ pub async fn run(
         }
     };
     let served = keep_alive(&lock, reporter, &mut shutdown).await;
-    // Leaving: the router stops sending our mark here within a second of
-    // the member Lease going; our own marked requests meanwhile fail, no
-    // one else's.
-    sessions::end(cluster, &objects, &lock, reporter).await;
+    if served.is_ok() {
+        leave_routes(&lock, reporter).await;
+    }
     tunnel.stop().await;
+    sessions::end(cluster, &objects, &lock, reporter).await;
     router::after_leave(cluster, &name, reporter).await;
     served.map_err(anyhow::Error::from)
+}
+
+/// How long the router may take to see a change of the member Leases: it
+/// reads them every second.
+const ROUTER_SEES_WITHIN: Duration = Duration::from_millis(1500);
+
+/// Takes this member out of the router's table before its agent goes, so
+/// requests carrying our mark reach the original pods instead of an agent
+/// that is no longer there: the upstream is withdrawn from the Lease (it
+/// still counts as a member, so the router does not tear down meanwhile),
+/// and the router is given the time to read it.
+async fn leave_routes(lock: &Lock, reporter: &Reporter) {
+    let withdrawn = BTreeMap::from([(UPSTREAM_ANNOTATION.to_owned(), "leaving".to_owned())]);
+    match lock.annotate(&withdrawn).await {
+        Ok(()) => tokio::time::sleep(ROUTER_SEES_WITHIN).await,
+        Err(e) => reporter.warn(format!("{e:#}")),
+    }
 }
 
 /// The user stopped ktb before the membership was up; not an error.
