@@ -15,20 +15,17 @@
 //! by its PID.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, command_as, kubectl, netns_command, run_bounded, wait_ready, wait_until, workspace_bin,
-    As, Spawned, AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
+    apply, kubectl, netns_command, run_bounded, wait_ready, wait_until, workspace_bin, As, Spawned,
+    AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
+};
+use ktb_tests::connect::{
+    connect_args, in_laptop_cmd, ktb_cmd, laptop, laptop_state, start_connect, stop, StateDir,
+    COMMAND_TIMEOUT, READY, READY_TIMEOUT,
 };
 
-/// The line ktb writes once connected.
-const READY: &str = "Ctrl-C disconnects";
-const READY_TIMEOUT: Duration = Duration::from_secs(90);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const WEB: &str = "cweb";
 const WEB_POD: &str = "cweb-0";
 const UDP: &str = "cudp";
@@ -94,55 +91,6 @@ fn deploy_web(namespace: &str, name: &str, pod: &str) {
     wait_ready(As::Admin, namespace, &format!("app={name}"));
 }
 
-/// What `ktb connect` may change on the laptop, to compare before/after.
-#[derive(Debug, PartialEq, Eq)]
-struct LaptopState {
-    resolv_conf: Vec<u8>,
-    hosts: Vec<u8>,
-    routes: String,
-    links: String,
-}
-
-fn laptop_file(who: As, name: &str) -> PathBuf {
-    let path = Path::new("/etc/netns").join(laptop(who)).join(name);
-    assert!(
-        path.exists(),
-        "{} missing: the laptop must have its own copy, or ktb would change this machine's (cargo xtask cluster up creates it)",
-        path.display()
-    );
-    path
-}
-
-fn laptop_state(who: As) -> LaptopState {
-    let ip = |args: &[&str]| {
-        let out = in_laptop_cmd(who, "ip", args);
-        assert!(out.status.success(), "ip {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    LaptopState {
-        resolv_conf: std::fs::read(laptop_file(who, "resolv.conf")).expect("resolv.conf"),
-        hosts: std::fs::read(laptop_file(who, "hosts")).expect("hosts"),
-        routes: ip(&["route", "show", "table", "all"]),
-        links: ip(&["-o", "link", "show"])
-            .lines()
-            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-            .collect::<Vec<_>>()
-            .join(" "),
-    }
-}
-
-/// The developer's laptop (network namespace).
-fn laptop(who: As) -> &'static str {
-    who.netns().expect("a developer has a laptop")
-}
-
-/// A program run on the developer's laptop (bounded).
-fn in_laptop_cmd(who: As, program: &str, args: &[&str]) -> Output {
-    let mut cmd = netns_command(laptop(who), program);
-    cmd.args(args);
-    run_bounded(cmd, COMMAND_TIMEOUT)
-}
-
 /// `curl` on the laptop: the body, or why it failed.
 fn curl(who: As, args: &[&str]) -> Result<String, String> {
     let mut full = vec!["--silent", "--show-error", "--max-time", "5"];
@@ -166,56 +114,6 @@ fn getent(who: As, name: &str) -> Result<String, String> {
     } else {
         Err(format!("getent hosts {name}: exit {}", out.status))
     }
-}
-
-fn ktb_cmd(who: As, args: &[&str], state_dir: &Path) -> Command {
-    let mut cmd = command_as(who, workspace_bin("ktb", "ktb"));
-    cmd.env("KUBECONFIG", who.kubeconfig())
-        .env("KTB_STATE_DIR", state_dir)
-        .args(args);
-    cmd
-}
-
-fn connect_args<'a>(namespace: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "connect",
-        "-n",
-        namespace,
-        "--agent-image",
-        AGENT_IMAGE,
-        "--image-pull-policy",
-        "Never",
-        "--grace",
-        "5s",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
-/// A state directory of the test's own (the journal lives there).
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new(test: &str) -> StateDir {
-        let dir = std::env::temp_dir().join(format!("ktb-state-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        StateDir(dir)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn start_connect(who: As, namespace: &str, extra: &[&str], state: &StateDir) -> Spawned {
-    let args = connect_args(namespace, extra);
-    eprintln!("+ [{}] ktb {}", who.user(), args.join(" "));
-    let mut ktb = Spawned::start("ktb connect", ktb_cmd(who, &args, &state.0));
-    ktb.wait_for_stderr(READY, READY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("ktb connect never became ready: {e}"));
-    ktb
 }
 
 /// The connect agent pods of a namespace (`ktb-connect-*`).
@@ -279,24 +177,6 @@ fn dig(args: &[&str]) -> String {
     full.extend_from_slice(args);
     let out = in_laptop_cmd(As::DevA, "dig", &full);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn stop(ktb: &mut Spawned, signal: i32) {
-    ktb.signal(signal);
-    let status = ktb.wait_exit(EXIT_TIMEOUT).unwrap_or_else(|| {
-        panic!(
-            "ktb still running {EXIT_TIMEOUT:?} after signal {signal}:\n{}",
-            ktb.stderr()
-        )
-    });
-    if signal == libc::SIGINT {
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "ktb connect exited {status}:\n{}",
-            ktb.stderr()
-        );
-    }
 }
 
 #[test]

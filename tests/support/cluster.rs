@@ -703,6 +703,18 @@ pub fn port_is_free(netns: &str, port: u16) -> bool {
 /// address of the laptop, port `port`. Ready, and checked to be the one
 /// answering on that port, when this returns.
 pub fn local_echo(netns: &str, port: u16, pod_name: &str) -> Spawned {
+    start_local_echo(netns, port, pod_name, None)
+}
+
+/// Like [`local_echo`], as one hop of a chain: every request first GETs
+/// `next_hop` (`KTB_ECHO_CALL`) and the answer is `pod_name`'s line
+/// followed by the next hop's body (or the reason it failed). Ready once it
+/// answers with its own line first, whether or not the next hop answers yet.
+pub fn local_echo_calling(netns: &str, port: u16, pod_name: &str, next_hop: &str) -> Spawned {
+    start_local_echo(netns, port, pod_name, Some(next_hop))
+}
+
+fn start_local_echo(netns: &str, port: u16, pod_name: &str, next_hop: Option<&str>) -> Spawned {
     assert!(
         port_is_free(netns, port),
         "port {port} is already in use in {netns} by a process this test did not start"
@@ -710,6 +722,13 @@ pub fn local_echo(netns: &str, port: u16, pod_name: &str) -> Spawned {
     let bin = workspace_bin("http-echo", "ktb-workloads");
     let mut cmd = netns_command(netns, bin);
     cmd.env("PORT", port.to_string()).env("POD_NAME", pod_name);
+    if let Some(url) = next_hop {
+        cmd.env("KTB_ECHO_CALL", url);
+    }
+    let answers_as_itself = |body: &str| match next_hop {
+        None => body.trim() == pod_name,
+        Some(_) => body.lines().next() == Some(pod_name),
+    };
     let mut echo = Spawned::start(&format!("http-echo {netns}:{port}"), cmd);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -722,7 +741,7 @@ pub fn local_echo(netns: &str, port: u16, pod_name: &str) -> Spawned {
             );
         }
         match answer {
-            Ok(body) if body.trim() == pod_name => return echo,
+            Ok(body) if answers_as_itself(&body) => return echo,
             Ok(body) => {
                 panic!("127.0.0.1:{port} in {netns} is answered by {body:?}, not {pod_name}")
             }

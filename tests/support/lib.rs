@@ -6,6 +6,7 @@
 //! bounded, so tests cannot hang or touch anything off this machine.
 
 pub mod cluster;
+pub mod connect;
 pub mod exchange;
 pub mod harness;
 pub mod proxy;

@@ -3,8 +3,9 @@
 //!
 //! They exist so that end-to-end tests can tell *which* pod answered and
 //! push bytes through Services, port-forwards and tunnels without pulling
-//! anything from a registry: each binary is static (musl), depends only on
-//! std and tokio, listens on the port given by `PORT` (or its default), and
+//! anything from a registry: each binary is static (musl), depends on std
+//! and tokio (grpc-echo and http-echo's relay also on hyper, tonic and
+//! prost), listens on the port given by `PORT` (or its default), and
 //! exits promptly on SIGTERM so pod deletion does not wait for the grace
 //! period.
 

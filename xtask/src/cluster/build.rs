@@ -11,8 +11,8 @@
 
 use super::image::{self, Image};
 use super::{
-    process, Layout, AGENT_IMAGE, COREDNS_IMAGE, COREDNS_VERSION, ETCD_VERSION, HTTP_ECHO_IMAGE,
-    K8S_VERSION, PAUSE_IMAGE, TCP_ECHO_IMAGE, UDP_ECHO_IMAGE,
+    process, Layout, AGENT_IMAGE, COREDNS_IMAGE, COREDNS_VERSION, ETCD_VERSION, GRPC_ECHO_IMAGE,
+    HTTP_ECHO_IMAGE, K8S_VERSION, PAUSE_IMAGE, TCP_ECHO_IMAGE, UDP_ECHO_IMAGE,
 };
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -147,7 +147,7 @@ pub fn images(layout: &Layout, go: &GoBinaries, out: &Path) -> Result<Vec<ImageA
     )?;
     let w = |bin: &str| workloads.join(bin);
     let tools = || -> Vec<(&'static str, PathBuf)> {
-        ["http-echo", "tcp-echo", "udp-echo", "probe"]
+        ["http-echo", "grpc-echo", "tcp-echo", "udp-echo", "probe"]
             .into_iter()
             .map(|b| (b, w(b)))
             .collect()
@@ -167,10 +167,12 @@ pub fn images(layout: &Layout, go: &GoBinaries, out: &Path) -> Result<Vec<ImageA
             user: 0,
         },
     ];
-    // The three echo images share one layer (all tools, `/probe` included)
+    // The echo images share one layer (all tools, `/probe` and
+    // `/grpc-echo` included, so any of them can be a test's client pod)
     // and differ in their entrypoint.
     for (reference, entry) in [
-        (HTTP_ECHO_IMAGE, &["/http-echo"]),
+        (HTTP_ECHO_IMAGE, &["/http-echo"][..]),
+        (GRPC_ECHO_IMAGE, &["/grpc-echo", "serve"]),
         (TCP_ECHO_IMAGE, &["/tcp-echo"]),
         (UDP_ECHO_IMAGE, &["/udp-echo"]),
     ] {

@@ -99,6 +99,7 @@ pub const PAUSE_IMAGE: &str = "ktb.test/pause:dev";
 pub const COREDNS_IMAGE: &str = "ktb.test/coredns:dev";
 pub const AGENT_IMAGE: &str = "ktb.test/ktb-agent:dev";
 pub const HTTP_ECHO_IMAGE: &str = "ktb.test/http-echo:dev";
+pub const GRPC_ECHO_IMAGE: &str = "ktb.test/grpc-echo:dev";
 pub const TCP_ECHO_IMAGE: &str = "ktb.test/tcp-echo:dev";
 pub const UDP_ECHO_IMAGE: &str = "ktb.test/udp-echo:dev";
 
