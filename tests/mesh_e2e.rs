@@ -13,8 +13,9 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, echo_pod_manifest, free_port, kubectl_cmd, local_echo, probe, probe_ok, run_bounded,
-    wait_ready, wait_until, As, Spawned, NAMESPACE,
+    apply, echo_pod_manifest, free_port, kubectl_cmd, local_echo, netns_command, port_is_free,
+    probe, probe_ok, run_bounded, wait_ready, wait_rollout, wait_until, workspace_bin, As, Spawned,
+    GRPC_ECHO_IMAGE, NAMESPACE,
 };
 use ktb_tests::exchange::*;
 use serde_json::Value;
@@ -347,7 +348,7 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
     let client = "preview-client";
     apply(As::Admin, &echo_pod_manifest(client, NAMESPACE, client));
     wait_ready(As::Admin, NAMESPACE, &format!("app={client}"));
-    let _client = PodGuard(client);
+    let _client = Cleanup(vec![format!("pod/{client}")]);
     let port = free_port(&["laptop-a"]);
     let _local = local_echo("laptop-a", port, LOCAL_A);
     let name = "pv-orders";
@@ -424,25 +425,175 @@ fn assert_preview_gone(name: &str) {
     assert!(out.stdout.is_empty(), "Service {name} still exists");
 }
 
-/// Deletes a pod the test created when the test ends.
-struct PodGuard(&'static str);
+/// A Deployment of two gRPC echo pods and its Service (port 9090).
+fn grpc_manifests(name: &str) -> (String, String) {
+    let deployment = format!(
+        r#"{{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}","namespace":"{NAMESPACE}"}},
+"spec":{{"replicas":2,"selector":{{"matchLabels":{{"app":"{name}"}}}},"template":{{"metadata":{{"labels":{{"app":"{name}"}}}},
+"spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"grpc","image":"{GRPC_ECHO_IMAGE}","imagePullPolicy":"Never",
+"ports":[{{"containerPort":9090}}],"readinessProbe":{{"tcpSocket":{{"port":9090}},"periodSeconds":1}}}}]}}}}}}}}"#
+    );
+    let service = format!(
+        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"{NAMESPACE}"}},
+"spec":{{"selector":{{"app":"{name}"}},"ports":[{{"name":"grpc","port":9090,"targetPort":9090}}]}}}}"#
+    );
+    (deployment, service)
+}
 
-impl Drop for PodGuard {
-    fn drop(&mut self) {
-        let _ = run_bounded(
+/// `grpc-echo serve` on a laptop as the developer's local gRPC server.
+fn local_grpc(netns: &str, port: u16, pod_name: &str) -> Spawned {
+    let mut cmd = netns_command(netns, workspace_bin("grpc-echo", "ktb-workloads"));
+    cmd.arg("serve")
+        .env("PORT", port.to_string())
+        .env("POD_NAME", pod_name);
+    let server = Spawned::start(&format!("grpc-echo {netns}:{port}"), cmd);
+    wait_until(
+        &format!("grpc-echo to listen on {netns}:{port}"),
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || match port_is_free(netns, port) {
+            false => Ok(()),
+            true => Err("not listening".to_owned()),
+        },
+    );
+    server
+}
+
+/// One gRPC call from the client pod, carrying `metadata` (`k=v` each).
+fn grpc_call(client: &str, target: &str, metadata: &[&str]) -> Result<String, String> {
+    let mut args = vec![
+        "-n",
+        NAMESPACE,
+        "exec",
+        client,
+        "--",
+        "/grpc-echo",
+        "call",
+        target,
+    ];
+    for m in metadata {
+        args.extend(["--metadata", m]);
+    }
+    let out = run_bounded(kubectl_cmd(As::Admin, &args), Duration::from_secs(30));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn grpc_calls_are_routed_by_their_metadata() {
+    let name = "mesh-grpc";
+    let client = "mesh-grpc-client";
+    let (deployment, service) = grpc_manifests(name);
+    apply(As::Admin, &deployment);
+    apply(As::Admin, &service);
+    apply(As::Admin, &echo_pod_manifest(client, NAMESPACE, client));
+    let _cleanup = Cleanup(vec![
+        format!("deployment/{name}"),
+        format!("service/{name}"),
+        format!("pod/{client}"),
+    ]);
+    wait_rollout(NAMESPACE, name);
+    wait_ready(As::Admin, NAMESPACE, &format!("app={client}"));
+    let spec = || {
+        let out = run_bounded(
             kubectl_cmd(
                 As::Admin,
                 &[
                     "-n",
                     NAMESPACE,
-                    "delete",
-                    "pod",
-                    self.0,
-                    "--wait=false",
-                    "--ignore-not-found",
+                    "get",
+                    "service",
+                    name,
+                    "-o",
+                    "jsonpath={.spec}",
                 ],
             ),
             Duration::from_secs(30),
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let original = spec();
+    let target = format!("{name}.{NAMESPACE}:9090");
+    let original_pod = |who: &str| who.starts_with(&format!("{name}-"));
+    let before = grpc_call(client, &target, &[]).expect("gRPC before the mesh");
+    assert!(original_pod(&before), "answered by {before}");
+
+    let port_a = free_port(&["laptop-a"]);
+    let port_b = free_port(&["laptop-b"]);
+    let _local_a = local_grpc("laptop-a", port_a, LOCAL_A);
+    let _local_b = local_grpc("laptop-b", port_b, LOCAL_B);
+    let args = |port: u16, mark: &str| {
+        let mut args = strings(&[
+            "mesh",
+            name,
+            "--expose",
+            &format!("{port}:9090"),
+            "--header",
+            mark,
+            "-n",
+            NAMESPACE,
+        ]);
+        args.extend(agent_args("30s"));
+        args
+    };
+    let mut dev_a = start_until(As::DevA, &args(port_a, "x-dev=a"), MESH_READY);
+    let mut dev_b = start_until(As::DevB, &args(port_b, "x-dev=b"), MESH_READY);
+
+    assert_eq!(
+        grpc_call(client, &target, &["x-dev=a"]).as_deref(),
+        Ok(LOCAL_A)
+    );
+    assert_eq!(
+        grpc_call(client, &target, &["x-dev=b"]).as_deref(),
+        Ok(LOCAL_B)
+    );
+    assert_eq!(
+        grpc_call(client, &target, &["baggage=team=x,x-dev=a"]).as_deref(),
+        Ok(LOCAL_A),
+        "a baggage entry as the mark"
+    );
+    let unmarked = grpc_call(client, &target, &[]).expect("an unmarked gRPC call");
+    assert!(
+        original_pod(&unmarked),
+        "an unmarked call went to {unmarked}"
+    );
+
+    stop(&mut dev_a, "still meshed by dev-b");
+    stop(
+        &mut dev_b,
+        &format!("restored Service {NAMESPACE}/{name}: no one meshes it any more"),
+    );
+    assert_eq!(spec(), original, "the Service after both members left");
+    let after = grpc_call(client, &target, &["x-dev=a"]).expect("gRPC after the mesh");
+    assert!(original_pod(&after), "after the mesh, answered by {after}");
+    wait_until(
+        "ktb's objects for the gRPC Service to be gone",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || match ktb_objects(NAMESPACE, Some(name)) {
+            left if left.is_empty() => Ok(()),
+            left => Err(format!("{left:?}")),
+        },
+    );
+}
+
+/// Deletes (as the admin) what a test created, when it ends.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mut args = vec![
+            "-n",
+            NAMESPACE,
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+        ];
+        args.extend(self.0.iter().map(String::as_str));
+        let _ = run_bounded(kubectl_cmd(As::Admin, &args), Duration::from_secs(30));
     }
 }

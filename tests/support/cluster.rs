@@ -24,6 +24,7 @@ pub const DNS_IP: &str = "10.96.0.10";
 /// The namespace both developers work in.
 pub const NAMESPACE: &str = "team-a";
 pub const HTTP_ECHO_IMAGE: &str = "ktb.test/http-echo:dev";
+pub const GRPC_ECHO_IMAGE: &str = "ktb.test/grpc-echo:dev";
 pub const AGENT_IMAGE: &str = "ktb.test/ktb-agent:dev";
 
 /// How long one `kubectl` call may take before the test fails.

@@ -104,8 +104,37 @@ fn interface(name: &str) -> anyhow::Result<Option<Interface>> {
     interface_in(Path::new(SYS_CLASS_NET), name)
 }
 
+/// How long a device that Linux is still unregistering (its sysfs files
+/// answer EINVAL, seen right after a TUN device's descriptor closed) may
+/// take to vanish before it counts as gone.
+const UNREGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// [`interface`], read from a sysfs `class/net` directory at `root`.
 fn interface_in(root: &Path, name: &str) -> anyhow::Result<Option<Interface>> {
+    let deadline = std::time::Instant::now() + UNREGISTER_WAIT;
+    loop {
+        match read_interface(root, name) {
+            Err(e) if unregistering(&e) => {
+                if std::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            read => return read,
+        }
+    }
+}
+
+fn unregistering(error: &anyhow::Error) -> bool {
+    /// Linux's EINVAL.
+    const EINVAL: i32 = 22;
+    error
+        .downcast_ref::<io::Error>()
+        .and_then(io::Error::raw_os_error)
+        == Some(EINVAL)
+}
+
+fn read_interface(root: &Path, name: &str) -> anyhow::Result<Option<Interface>> {
     check_device_name(name)?;
     let dir = root.join(name);
     let read = |file: &str| match std::fs::read_to_string(dir.join(file)) {
