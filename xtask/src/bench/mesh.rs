@@ -90,6 +90,14 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = Cluster::find()?;
+    // A namespace left terminating by an earlier run would refuse the pods.
+    cluster.kubectl(&[
+        "delete",
+        "namespace",
+        NAMESPACE,
+        "--ignore-not-found",
+        "--wait=true",
+    ])?;
     cluster.apply(WORKLOAD)?;
     cluster.kubectl(&[
         "-n",
@@ -135,6 +143,8 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
         )
     };
     let mark = format!("{}={}", MARK.0, MARK.1);
+    // kube-proxy programs the ClusterIP shortly after the pods are ready.
+    wait_answered_by(service, None, |body| body.starts_with(SERVICE)).await?;
     let mut figures: [Vec<Figures>; 4] = Default::default();
     for round in 1..=ROUNDS {
         eprintln!("round {round}/{ROUNDS}: straight to the Service");
@@ -145,7 +155,7 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
             &["mesh", SERVICE, "--header", &mark],
             &format!("mesh-{round}.log"),
         )?;
-        wait_answered_by(service, Some(MARK), "local").await?;
+        wait_answered_by(service, Some(MARK), |body| body == "local").await?;
         figures[1].push(measure(service, None).await.context("unmatched")?);
         figures[2].push(measure(service, Some(MARK)).await.context("matched")?);
         interrupt(&meshed)?;
@@ -154,7 +164,7 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
 
         eprintln!("round {round}/{ROUNDS}: ktb exchange");
         let exchanged = ktb_run(&["exchange", SERVICE], &format!("exchange-{round}.log"))?;
-        wait_answered_by(service, None, "local").await?;
+        wait_answered_by(service, None, |body| body == "local").await?;
         figures[3].push(measure(service, None).await.context("exchange")?);
         interrupt(&exchanged)?;
         exchanged.wait_exit(Duration::from_secs(60))?;
@@ -280,7 +290,10 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr, mark: Option<(&str, &str)>) -> anyhow::Result<Client> {
-        let tcp = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr)).await??;
+        let tcp = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .with_context(|| format!("connecting to {addr} timed out"))?
+            .with_context(|| format!("cannot connect to {addr}"))?;
         tcp.set_nodelay(true)?;
         let (read, write) = tcp.into_split();
         let mark = mark
@@ -330,22 +343,24 @@ impl Client {
     }
 }
 
+/// Waits until a request to the Service is answered with a body `wanted`
+/// accepts.
 async fn wait_answered_by(
     service: SocketAddr,
     mark: Option<(&str, &str)>,
-    body: &str,
+    wanted: impl Fn(&str) -> bool,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let answered = async { Client::connect(service, mark).await?.get().await };
         if let Ok(got) = answered.await {
-            if got == body {
+            if wanted(&got) {
                 return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    anyhow::bail!("no answer {body:?} from the Service within 120 s")
+    anyhow::bail!("no expected answer from the Service at {service} within 120 s")
 }
 
 async fn measure(addr: SocketAddr, mark: Option<(&str, &str)>) -> anyhow::Result<Figures> {

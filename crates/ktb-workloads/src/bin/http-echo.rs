@@ -44,6 +44,9 @@ async fn main() -> std::io::Result<()> {
     let serve = async {
         loop {
             let (conn, _) = listener.accept().await?;
+            // Answers are small and come in one write; without this a
+            // keep-alive client waits out its delayed ACK on every request.
+            let _ = conn.set_nodelay(true);
             let pod = pod.clone();
             let next_hop = next_hop.clone();
             tokio::spawn(async move {
@@ -131,8 +134,7 @@ async fn serve_connection(
             body.len(),
             if close { "close" } else { "keep-alive" },
         );
-        wr.write_all(head.as_bytes()).await?;
-        wr.write_all(body.as_bytes()).await?;
+        wr.write_all(format!("{head}{body}").as_bytes()).await?;
         if close {
             return Ok(());
         }
