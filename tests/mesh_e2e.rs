@@ -13,9 +13,9 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, echo_pod_manifest, free_port, kubectl_cmd, local_echo, netns_command, port_is_free,
-    probe, probe_ok, run_bounded, wait_ready, wait_rollout, wait_until, workspace_bin, As, Spawned,
-    GRPC_ECHO_IMAGE, NAMESPACE,
+    apply, echo_pod_manifest, free_port, kubectl, kubectl_cmd, local_echo, netns_command,
+    port_is_free, probe, probe_ok, run_bounded, wait_ready, wait_rollout, wait_until,
+    workspace_bin, As, Spawned, GRPC_ECHO_IMAGE, NAMESPACE,
 };
 use ktb_tests::exchange::*;
 use serde_json::Value;
@@ -331,14 +331,9 @@ fn exchange_refuses_mesh_and_killed_members_are_ended_by_the_dead_man_rule() {
     w.wait_reaches_original("after both laptops were killed");
     // The router drains for a few seconds after restoring, then deletes its
     // Lease; garbage collection takes the rest.
-    wait_until(
+    wait_ktb_objects_gone(
+        &w.name,
         "the router's Lease and every object it owns to be gone",
-        DEAD_MAN_TIMEOUT,
-        Duration::from_millis(500),
-        || match w.ktb_objects() {
-            left if left.is_empty() => Ok(()),
-            left => Err(format!("{left:?}")),
-        },
     );
 }
 
@@ -395,10 +390,10 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
     assert_preview_gone(name);
 }
 
-/// The previewed Service and every ktb object of it are gone (bounded).
-fn assert_preview_gone(name: &str) {
+/// Waits (bounded) until no ktb object mentioning `name` is left.
+fn wait_ktb_objects_gone(name: &str, what: &str) {
     wait_until(
-        &format!("Service {name} and its objects to be gone"),
+        what,
         DEAD_MAN_TIMEOUT,
         Duration::from_millis(500),
         || match ktb_objects(NAMESPACE, Some(name)) {
@@ -406,23 +401,25 @@ fn assert_preview_gone(name: &str) {
             left => Err(format!("{left:?}")),
         },
     );
-    let out = run_bounded(
-        kubectl_cmd(
-            As::Admin,
-            &[
-                "-n",
-                NAMESPACE,
-                "get",
-                "service",
-                name,
-                "--ignore-not-found",
-                "-o",
-                "name",
-            ],
-        ),
-        Duration::from_secs(30),
+}
+
+/// The previewed Service and every ktb object of it are gone (bounded).
+fn assert_preview_gone(name: &str) {
+    wait_ktb_objects_gone(name, &format!("Service {name} and its objects to be gone"));
+    let out = kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "service",
+            name,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
     );
-    assert!(out.stdout.is_empty(), "Service {name} still exists");
+    assert!(out.is_empty(), "Service {name} still exists");
 }
 
 /// A Deployment of two gRPC echo pods and its Service (port 9090).
@@ -499,22 +496,18 @@ fn grpc_calls_are_routed_by_their_metadata() {
     wait_rollout(NAMESPACE, name);
     wait_ready(As::Admin, NAMESPACE, &format!("app={client}"));
     let spec = || {
-        let out = run_bounded(
-            kubectl_cmd(
-                As::Admin,
-                &[
-                    "-n",
-                    NAMESPACE,
-                    "get",
-                    "service",
-                    name,
-                    "-o",
-                    "jsonpath={.spec}",
-                ],
-            ),
-            Duration::from_secs(30),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        kubectl(
+            As::Admin,
+            &[
+                "-n",
+                NAMESPACE,
+                "get",
+                "service",
+                name,
+                "-o",
+                "jsonpath={.spec}",
+            ],
+        )
     };
     let original = spec();
     let target = format!("{name}.{NAMESPACE}:9090");
@@ -570,15 +563,7 @@ fn grpc_calls_are_routed_by_their_metadata() {
     assert_eq!(spec(), original, "the Service after both members left");
     let after = grpc_call(client, &target, &["x-dev=a"]).expect("gRPC after the mesh");
     assert!(original_pod(&after), "after the mesh, answered by {after}");
-    wait_until(
-        "ktb's objects for the gRPC Service to be gone",
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-        || match ktb_objects(NAMESPACE, Some(name)) {
-            left if left.is_empty() => Ok(()),
-            left => Err(format!("{left:?}")),
-        },
-    );
+    wait_ktb_objects_gone(name, "ktb's objects for the gRPC Service to be gone");
 }
 
 /// Deletes (as the admin) what a test created, when it ends.

@@ -19,7 +19,6 @@ use std::time::Duration;
 use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 
@@ -32,7 +31,9 @@ use crate::expose::Expose;
 use crate::preflight::{self, need, Need};
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
+use crate::session::agent_pod::{
+    self, session_labels, session_meta, AgentPodSpec, AgentRole, AgentSettings,
+};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::session::shadow::{Shadow, TransportKind};
@@ -290,12 +291,7 @@ async fn publish(
 fn service(name: &str, session: &str, routes: &[PortRoute], lock: &Lock) -> Service {
     let named = routes.len() > 1;
     Service {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(session_labels(session)),
-            owner_references: Some(vec![lock.owner()]),
-            ..ObjectMeta::default()
-        },
+        metadata: session_meta(name, session, lock.owner()),
         spec: Some(ServiceSpec {
             selector: Some(session_labels(session)),
             ports: Some(

@@ -62,6 +62,15 @@ pub async fn declared_ports(pods: &Api<Pod>, service: &Service) -> Vec<DeclaredP
     declared
 }
 
+/// The Service a command line names: `orders`, `svc/orders` or
+/// `service/orders`, as kubectl accepts them.
+pub fn service_name(argument: &str) -> String {
+    argument
+        .trim_start_matches("svc/")
+        .trim_start_matches("service/")
+        .to_owned()
+}
+
 /// Reads the Service and checks that ktb can stand in for it.
 pub async fn exchangeable_service(
     services: &Api<Service>,

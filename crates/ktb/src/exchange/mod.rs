@@ -112,11 +112,7 @@ pub async fn run(
     let ns = cluster.namespace.clone();
     let services = Api::<Service>::namespaced(cluster.client.clone(), &ns);
     let pods = Api::<Pod>::namespaced(cluster.client.clone(), &ns);
-    let name = options
-        .service
-        .trim_start_matches("svc/")
-        .trim_start_matches("service/")
-        .to_owned();
+    let name = target::service_name(&options.service);
     let qualified = format!("{ns}/{name}");
 
     let original = target::exchangeable_service(&services, &name, &ns).await?;

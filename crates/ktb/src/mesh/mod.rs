@@ -126,11 +126,7 @@ pub async fn run(
     let services = Api::<Service>::namespaced(cluster.client.clone(), &ns);
     let pods = Api::<Pod>::namespaced(cluster.client.clone(), &ns);
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
-    let name = options
-        .service
-        .trim_start_matches("svc/")
-        .trim_start_matches("service/")
-        .to_owned();
+    let name = target::service_name(&options.service);
     let qualified = format!("{ns}/{name}");
     if let Some(mark) = &options.mark {
         parse_mark(mark)?;

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
 
@@ -31,7 +30,9 @@ use rand::Rng;
 use super::MeshOptions;
 use crate::cluster::Cluster;
 use crate::report::Reporter;
-use crate::session::agent_pod::{session_labels, AgentPod, AgentPodSpec, AgentRole, DeclaredPort};
+use crate::session::agent_pod::{
+    session_labels, session_meta, AgentPod, AgentPodSpec, AgentRole, DeclaredPort,
+};
 use crate::session::lock::{self, Lock, Taken};
 
 /// How long a leaving member waits for the router to restore the Service
@@ -201,12 +202,7 @@ async fn create_origin(
         .and_then(|s| s.ports.clone())
         .unwrap_or_default();
     let origin = Service {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels: Some(session_labels(session)),
-            owner_references: Some(vec![lock.owner()]),
-            ..ObjectMeta::default()
-        },
+        metadata: session_meta(&name, session, lock.owner()),
         spec: Some(ServiceSpec {
             selector: Some(selector_of(original)),
             ports: Some(

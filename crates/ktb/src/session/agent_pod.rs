@@ -150,14 +150,21 @@ pub fn session_labels(session: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The metadata of an object a session creates: its name, the session's
+/// labels, and the session's Lease as its owner (garbage collection
+/// removes it with the Lease).
+pub fn session_meta(name: &str, session: &str, owner: OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        labels: Some(session_labels(session)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    }
+}
+
 impl AgentPodSpec<'_> {
     fn meta(&self) -> ObjectMeta {
-        ObjectMeta {
-            name: Some(self.name.into()),
-            labels: Some(session_labels(self.session)),
-            owner_references: Some(vec![self.owner.clone()]),
-            ..ObjectMeta::default()
-        }
+        session_meta(self.name, self.session, self.owner.clone())
     }
 
     fn role(&self) -> Role {
