@@ -13,7 +13,18 @@ use ktb_kube::service::{display, selector_of};
 
 use crate::expose::ExposeArg;
 use crate::service_ports::{container_port_named, describe, get_service, is_named_by};
-use crate::session::agent_pod::DeclaredPort;
+
+/// A port the Service targets, as its pods declare it: an agent pod that
+/// stands in for them declares it alike, so the Service finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredPort {
+    pub number: u16,
+    /// The name the workload's pods give this port: the one a named
+    /// `targetPort` refers to; `None` when the Service targets it by number.
+    pub name: Option<String>,
+    /// `TCP`, `UDP` or `SCTP`, as the Service port says.
+    pub protocol: String,
+}
 
 /// A Service port carried to a local port.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,14 +32,12 @@ use crate::expose::ExposeArg;
 use crate::preflight::{self, need, Need};
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{
-    self, session_labels, AgentPodSpec, AgentRole, AgentSettings, DeclaredPort,
-};
+use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::session::shadow::Shadow;
 pub use crate::session::shadow::TransportKind;
-use crate::target::{self, PortRoute};
+use crate::target::{self, DeclaredPort, PortRoute};
 use crate::tunnel::RunningTunnel;
 
 /// Everything `exchange` is told.

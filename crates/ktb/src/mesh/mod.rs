@@ -214,7 +214,7 @@ struct Member<'a> {
     /// `name=value`, the header name in lower case.
     mark: &'a str,
     routes: &'a [PortRoute],
-    declared: &'a [agent_pod::DeclaredPort],
+    declared: &'a [target::DeclaredPort],
 }
 
 /// A Service one developer exchanges has no room for a mesh.

@@ -30,10 +30,9 @@ use rand::Rng;
 use super::MeshOptions;
 use crate::cluster::Cluster;
 use crate::report::Reporter;
-use crate::session::agent_pod::{
-    session_labels, session_meta, AgentPod, AgentPodSpec, AgentRole, DeclaredPort,
-};
+use crate::session::agent_pod::{session_labels, session_meta, AgentPod, AgentPodSpec, AgentRole};
 use crate::session::lock::{self, Lock, Taken};
+use crate::target::DeclaredPort;
 
 /// How long a leaving member waits for the router to restore the Service
 /// once no member is left: the router notices within a second and waits

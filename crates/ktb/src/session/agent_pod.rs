@@ -35,6 +35,7 @@ use ktb_kube::names::{
 use ktb_kube::workload::Kind;
 
 use crate::preflight::{need, Need};
+use crate::target::DeclaredPort;
 
 /// Verbs to start an agent pod for a session and reach it: the pod, its
 /// ServiceAccount and RBAC, the session Lease.
@@ -122,17 +123,6 @@ pub struct AgentPodSpec<'a> {
     pub labels: BTreeMap<String, String>,
     /// Scale mode: the workload the agent may have to scale back.
     pub scaled: Option<(Kind, String)>,
-}
-
-/// A container port the agent pod declares for the Service to find.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeclaredPort {
-    pub number: u16,
-    /// The name the workload's pods give this port: the one a named
-    /// `targetPort` refers to; `None` when the Service targets it by number.
-    pub name: Option<String>,
-    /// `TCP`, `UDP` or `SCTP`, as the Service port says.
-    pub protocol: String,
 }
 
 /// The objects of one session, for cleanup.
