@@ -179,7 +179,7 @@ enum Command {
         #[arg(long = "address", value_delimiter = ',', default_value = "127.0.0.1")]
         addresses: Vec<std::net::IpAddr>,
     },
-    /// Restore a Service that a vanished ktb session left exchanged.
+    /// Restore a Service that a vanished ktb session left exchanged or meshed.
     Recover {
         service: String,
         /// Restore even if the session's ktb still renews its lock.
