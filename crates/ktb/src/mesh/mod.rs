@@ -185,8 +185,9 @@ pub async fn run(
 }
 
 /// How long the router may take to see a change of the member Leases: it
-/// reads them every second.
-const ROUTER_SEES_WITHIN: Duration = Duration::from_millis(1500);
+/// reads them every second, so this is two of its rounds and a slow answer
+/// from the apiserver.
+const ROUTER_SEES_WITHIN: Duration = Duration::from_millis(2500);
 
 /// Takes this member out of the router's table before its agent goes, so
 /// requests carrying our mark reach the original pods instead of an agent
