@@ -40,10 +40,10 @@ const SIGNATURE_LEN: usize = PROBE_PREFIX.len() + NONCE_HEX;
 
 type Signature = [u8; SIGNATURE_LEN];
 
-/// A header the probe request carries: a mesh member's mark. Both parts are
-/// restricted to letters, digits, `.`, `_` and `-`, since the endpoint that
-/// asks for a probe answers before authentication and must not let anyone
-/// write arbitrary bytes into a request.
+/// A header the probe request carries: a mesh member's mark, as
+/// restricted as `ktb mesh` restricts it ([`ktb_kube::mesh::split_mark`]),
+/// since the endpoint that asks for a probe answers before authentication
+/// and must not let anyone write arbitrary bytes into a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeMark {
     name: String,
@@ -53,19 +53,11 @@ pub struct ProbeMark {
 impl ProbeMark {
     /// Parses `NAME=VALUE`; `None` for anything else.
     pub fn parse(text: &str) -> Option<ProbeMark> {
-        let plain = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        };
-        match text.split_once('=') {
-            Some((name, value)) if plain(name) && plain(value) => Some(ProbeMark {
-                name: name.into(),
-                value: value.into(),
-            }),
-            _ => None,
-        }
+        let (name, value) = ktb_kube::mesh::split_mark(text)?;
+        Some(ProbeMark {
+            name: name.into(),
+            value: value.into(),
+        })
     }
 }
 

@@ -16,6 +16,21 @@ pub struct Membership {
     pub mark: String,
 }
 
+/// Splits a mark `NAME=VALUE` whose parts are both 1 to 128 letters,
+/// digits, `.`, `_` or `-`: a valid header name and value, and nothing
+/// the agent's probe endpoint (which answers before authentication) could
+/// be made to write into a request beyond one header.
+pub fn split_mark(text: &str) -> Option<(&str, &str)> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    text.split_once('=')
+        .filter(|(name, value)| plain(name) && plain(value))
+}
+
 /// The label selector of the member Leases of `service`.
 pub fn members_selector(service: &str) -> String {
     format!(

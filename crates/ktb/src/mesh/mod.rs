@@ -80,17 +80,9 @@ const MESH_NEEDS: &[Need] = &[
 /// A mark that is a valid header name and value, and that the agent's
 /// probe accepts: letters, digits, `.`, `_`, `-`.
 fn parse_mark(text: &str) -> anyhow::Result<(String, String)> {
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    };
-    match text.split_once('=') {
-        Some((name, value)) if plain(name) && plain(value) => {
-            Ok((name.to_ascii_lowercase(), value.to_owned()))
-        }
-        _ => anyhow::bail!(
+    match ktb_kube::mesh::split_mark(text) {
+        Some((name, value)) => Ok((name.to_ascii_lowercase(), value.to_owned())),
+        None => anyhow::bail!(
             "--header {text:?}: expected NAME=VALUE, each of letters, digits, '.', '_' or '-' \
              (e.g. --header {DEFAULT_MARK_HEADER}=alice)"
         ),
