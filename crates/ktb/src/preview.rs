@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 
-use ktb_kube::lease::{self, Kind as LeaseKind};
+use ktb_kube::lease::{self, Holder, Kind as LeaseKind};
 use ktb_kube::names::{preview_lease, session_objects};
 use ktb_proto::auth::ClientKey;
 
@@ -35,7 +35,7 @@ use crate::session::agent_pod::{
     self, session_labels, session_meta, AgentPodSpec, AgentRole, AgentSettings,
 };
 use crate::session::keep_alive::keep_alive;
-use crate::session::lock::{self, Lock, Taken};
+use crate::session::lock::{self, Lock};
 use crate::session::shadow::{Shadow, TransportKind};
 use crate::target::PortRoute;
 use crate::tunnel::RunningTunnel;
@@ -185,8 +185,8 @@ async fn refuse_existing(
     Ok(())
 }
 
-/// Takes the preview's Lease; an expired holder's Service goes with its
-/// Lease (garbage collection), which is waited for.
+/// Takes the preview's Lease; an expired holder's Service is deleted
+/// first (only if that session published it).
 async fn take(
     leases: &Api<Lease>,
     services: &Api<Service>,
@@ -195,27 +195,18 @@ async fn take(
     name: &str,
     reporter: &Reporter,
 ) -> anyhow::Result<Lock> {
-    let mut taken = lock::take(leases, wanted).await?;
-    if let Taken::Expired {
-        stale,
-        holder,
-        silent,
-    } = taken
-    {
+    let undo = async |holder: &Holder, silent: Duration| {
         reporter.progress(format!(
             "taking over the preview of {holder}, silent for {}s: removing its Service first",
             silent.as_secs()
         ));
         delete_ours(services, name, &holder.owner.session).await;
-        taken = lock::take_over(leases, &stale, wanted).await?;
-    }
-    match taken {
-        Taken::Fresh(lock) => Ok(lock),
-        Taken::Held(holder) => anyhow::bail!(
+        Ok(())
+    };
+    match lock::take_or_replace(leases, wanted, undo).await? {
+        Ok(lock) => Ok(lock),
+        Err(holder) => anyhow::bail!(
             "Service {qualified} is previewed by {holder}; choose another name, or ask them to stop"
-        ),
-        Taken::Expired { holder, .. } => anyhow::bail!(
-            "the preview Lease of {qualified} changed hands while ktb took it over (now {holder}); try again"
         ),
     }
 }

@@ -21,7 +21,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 
-use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
+use ktb_kube::lease::{self, Holder, Kind as LeaseKind, Owner};
 use ktb_kube::names::{exchange_lease, mesh_lease, session_objects};
 use ktb_kube::service::{self, display, selector_of, Restored};
 use ktb_kube::workload::{self, Found, Kind};
@@ -34,7 +34,7 @@ use crate::report::Reporter;
 use crate::session as sessions;
 use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
 use crate::session::keep_alive::keep_alive;
-use crate::session::lock::{self, Lock, Taken};
+use crate::session::lock::{self, Lock};
 use crate::session::shadow::Shadow;
 pub use crate::session::shadow::TransportKind;
 use crate::target::{self, DeclaredPort, PortRoute};
@@ -191,13 +191,7 @@ async fn lock_service(
     reporter: &Reporter,
 ) -> anyhow::Result<Lock> {
     let wanted = lease::new_lease(&exchange_lease(name), LeaseKind::Exchange, owner, grace);
-    let mut taken = lock::take(leases, &wanted).await?;
-    if let Taken::Expired {
-        stale,
-        holder,
-        silent,
-    } = taken
-    {
+    let undo = async |holder: &Holder, silent: Duration| {
         reporter.progress(format!(
             "taking over the lock of {holder}, silent for {}s: restoring what that session changed first",
             silent.as_secs()
@@ -208,18 +202,14 @@ async fn lock_service(
             name,
             &holder.owner.session,
         )
-        .await?;
-        taken = lock::take_over(leases, &stale, &wanted).await?;
-    }
-    match taken {
-        Taken::Fresh(lock) => Ok(lock),
-        Taken::Held(holder) => anyhow::bail!(
+        .await
+        .map(drop)
+    };
+    match lock::take_or_replace(leases, &wanted, undo).await? {
+        Ok(lock) => Ok(lock),
+        Err(holder) => anyhow::bail!(
             "Service {}/{name} is exchanged by {holder}; ask them to stop, or use `ktb mesh` to share it \
              (only requests you mark reach you)",
-            cluster.namespace
-        ),
-        Taken::Expired { holder, .. } => anyhow::bail!(
-            "the lock of Service {}/{name} changed hands while ktb took it over (now {holder}); try again",
             cluster.namespace
         ),
     }

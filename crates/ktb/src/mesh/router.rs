@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
 
-use ktb_kube::lease::{self, Kind as LeaseKind, Owner};
+use ktb_kube::lease::{self, Holder, Kind as LeaseKind, Owner};
 use ktb_kube::names::{mesh_lease, mesh_origin_service, session_objects};
 use ktb_kube::service::{self, selector_of, Restored};
 use rand::Rng;
@@ -31,7 +31,7 @@ use super::MeshOptions;
 use crate::cluster::Cluster;
 use crate::report::Reporter;
 use crate::session::agent_pod::{session_labels, session_meta, AgentPod, AgentPodSpec, AgentRole};
-use crate::session::lock::{self, Lock, Taken};
+use crate::session::lock::{self, Lock};
 use crate::target::DeclaredPort;
 
 /// How long a leaving member waits for the router to restore the Service
@@ -60,13 +60,7 @@ pub async fn ensure(
         &router_owner,
         options.grace,
     );
-    let mut taken = lock::take(&leases, &wanted).await?;
-    if let Taken::Expired {
-        stale,
-        holder,
-        silent,
-    } = taken
-    {
+    let undo = async |holder: &Holder, silent: Duration| {
         reporter.progress(format!(
             "the Service's router (session {}) has been silent for {}s: replacing it",
             holder.owner.session,
@@ -78,28 +72,36 @@ pub async fn ensure(
             &name,
             &holder.owner.session,
         )
-        .await?;
-        taken = lock::take_over(&leases, &stale, &wanted).await?;
-    }
-    match taken {
-        Taken::Fresh(lock) => {
-            reporter.progress(format!("starting the Service's router {}", session_objects(&name, &router_owner.session)));
-            let created = create(cluster, &name, declared, &router_owner.session, &lock, options).await;
+        .await
+        .map(drop)
+    };
+    match lock::take_or_replace(&leases, &wanted, undo).await? {
+        Ok(lock) => {
+            let objects = session_objects(&name, &router_owner.session);
+            reporter.progress(format!("starting the Service's router {objects}"));
+            let created = create(
+                cluster,
+                &name,
+                declared,
+                &router_owner.session,
+                &lock,
+                options,
+            )
+            .await;
             if created.is_err() {
-                AgentPod::existing(&cluster.client, &cluster.namespace, &session_objects(&name, &router_owner.session))
+                AgentPod::existing(&cluster.client, &cluster.namespace, &objects)
                     .delete()
                     .await;
                 let _ = lock.release().await;
             }
             created
         }
-        Taken::Held(holder) => {
-            reporter.progress(format!("joining the Service's router (started by {holder})"));
+        Err(holder) => {
+            reporter.progress(format!(
+                "joining the Service's router (started by {holder})"
+            ));
             Ok(())
         }
-        Taken::Expired { holder, .. } => anyhow::bail!(
-            "the router of Service {name} changed hands while ktb replaced it (now {holder}); try again"
-        ),
     }
 }
 

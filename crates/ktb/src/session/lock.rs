@@ -76,14 +76,35 @@ pub async fn take(leases: &Api<Lease>, wanted: &Lease) -> anyhow::Result<Taken> 
     anyhow::bail!("cannot take Lease {name}: it kept appearing and vanishing; try again")
 }
 
+/// Takes `wanted`; a Lease of that name whose session the apiserver's clock
+/// says is silent is replaced, after `undo` has undone what that session
+/// changed (it is told who held it and for how long it was silent).
+/// `Err(holder)` when a live session holds it, or took it meanwhile.
+pub async fn take_or_replace(
+    leases: &Api<Lease>,
+    wanted: &Lease,
+    undo: impl AsyncFnOnce(&Holder, Duration) -> anyhow::Result<()>,
+) -> anyhow::Result<Result<Lock, Holder>> {
+    let mut taken = take(leases, wanted).await?;
+    if let Taken::Expired {
+        stale,
+        holder,
+        silent,
+    } = taken
+    {
+        undo(&holder, silent).await?;
+        taken = take_over(leases, &stale, wanted).await?;
+    }
+    Ok(match taken {
+        Taken::Fresh(lock) => Ok(lock),
+        Taken::Held(holder) | Taken::Expired { holder, .. } => Err(holder),
+    })
+}
+
 /// Replaces the expired Lease `stale` with `wanted`: deletes exactly that
 /// Lease (if it was renewed or replaced meanwhile, nothing is deleted and the
 /// new holder is named), then creates ours.
-pub async fn take_over(
-    leases: &Api<Lease>,
-    stale: &Lease,
-    wanted: &Lease,
-) -> anyhow::Result<Taken> {
+async fn take_over(leases: &Api<Lease>, stale: &Lease, wanted: &Lease) -> anyhow::Result<Taken> {
     match lease::release(leases, stale).await? {
         Released::Deleted | Released::Gone => {}
         Released::NotOurs(holder) => return Ok(Taken::Held(holder)),
