@@ -24,16 +24,16 @@
 //! collection removes the rest. If someone else took the Lease over, the
 //! router touches nothing and exits.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 
 use ktb_kube::lease::{self, Released};
-use ktb_kube::names::{MARK_ANNOTATION, UPSTREAM_ANNOTATION};
+use ktb_kube::mesh::Membership;
 use ktb_kube::service::Restored;
 
 use crate::attachment::Attachment;
@@ -167,7 +167,7 @@ impl Keeper {
                     if !members.is_empty() {
                         last_member = Instant::now();
                     }
-                    router.set_members(members.into_iter().filter_map(|m| m.routable).collect());
+                    router.set_members(members.into_iter().filter_map(routable).collect());
                 }
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot list the mesh members"),
             }
@@ -210,22 +210,15 @@ impl Keeper {
         }
     }
 
-    /// Every member Lease of the Service, oldest first.
+    /// Every member of the Service, oldest first.
     async fn members(&self) -> anyhow::Result<Vec<Membership>> {
-        let selector = ktb_kube::mesh::members_selector(&self.service);
-        let list = tokio::time::timeout(
+        tokio::time::timeout(
             CALL_TIMEOUT,
-            self.leases.list(&ListParams::default().labels(&selector)),
+            ktb_kube::mesh::members(&self.leases, &self.service),
         )
         .await
-        .context("listing the members timed out")??;
-        let mut leases = list.items;
-        leases.sort_by(|a, b| {
-            a.metadata
-                .creation_timestamp
-                .cmp(&b.metadata.creation_timestamp)
-        });
-        Ok(leases.iter().map(Membership::read).collect())
+        .context("listing the members timed out")?
+        .context("cannot list the members")
     }
 
     /// Restores the Service and deletes the router's Lease; false if the
@@ -263,28 +256,13 @@ impl Keeper {
     }
 }
 
-/// One member Lease as the router reads it.
-struct Membership {
-    /// Where its requests go, once its agent pod has an IP and its mark
-    /// parses; `None` while it is still starting (it still counts as a
-    /// member, so the router does not tear down under a joining developer).
-    routable: Option<Member>,
-}
-
-impl Membership {
-    fn read(lease: &Lease) -> Membership {
-        let annotations = lease.metadata.annotations.clone().unwrap_or_default();
-        let mark = annotations
-            .get(MARK_ANNOTATION)
-            .and_then(|m| Mark::parse(m).ok());
-        let upstream = annotations
-            .get(UPSTREAM_ANNOTATION)
-            .and_then(|ip| ip.parse::<IpAddr>().ok());
-        let routable = mark.zip(upstream).map(|(mark, upstream)| Member {
-            mark,
-            upstream,
-            name: lease::holder(lease).owner.to_string(),
-        });
-        Membership { routable }
-    }
+/// Where a member's requests go, once its agent pod has an IP and its mark
+/// parses; `None` while it is still starting or already leaving (it still
+/// counts as a member, so the router does not tear down under it).
+fn routable(member: Membership) -> Option<Member> {
+    Some(Member {
+        mark: Mark::parse(&member.mark).ok()?,
+        upstream: member.upstream?,
+        name: member.holder.owner.to_string(),
+    })
 }

@@ -6,7 +6,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ListParams};
 
 use crate::lease::{self, Holder, Kind};
-use crate::names::{KIND_LABEL, MARK_ANNOTATION, SERVICE_LABEL};
+use std::net::IpAddr;
+
+use crate::names::{KIND_LABEL, MARK_ANNOTATION, SERVICE_LABEL, UPSTREAM_ANNOTATION};
 
 /// One developer meshing a Service.
 #[derive(Debug, Clone)]
@@ -14,6 +16,9 @@ pub struct Membership {
     pub holder: Holder,
     /// The mark, `NAME=VALUE`, as the member's Lease records it.
     pub mark: String,
+    /// The member's agent pod, where the router sends its requests; `None`
+    /// while that pod is starting, or once the member is leaving.
+    pub upstream: Option<IpAddr>,
 }
 
 /// Splits a mark `NAME=VALUE` whose parts are both 1 to 128 letters,
@@ -52,15 +57,18 @@ pub async fn members(leases: &Api<Lease>, service: &str) -> kube::Result<Vec<Mem
     });
     Ok(list
         .iter()
-        .map(|l| Membership {
-            holder: lease::holder(l),
-            mark: l
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(MARK_ANNOTATION))
-                .cloned()
-                .unwrap_or_default(),
+        .map(|l| {
+            let annotations = l.metadata.annotations.clone().unwrap_or_default();
+            Membership {
+                holder: lease::holder(l),
+                mark: annotations
+                    .get(MARK_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default(),
+                upstream: annotations
+                    .get(UPSTREAM_ANNOTATION)
+                    .and_then(|ip| ip.parse().ok()),
+            }
         })
         .collect())
 }
