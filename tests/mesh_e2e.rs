@@ -561,6 +561,22 @@ fn grpc_calls_are_routed_by_their_metadata() {
         &format!("restored Service {NAMESPACE}/{name}: no one meshes it any more"),
     );
     assert_eq!(spec(), original, "the Service after both members left");
+    let annotations = kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "service",
+            name,
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ],
+    );
+    assert!(
+        !annotations.contains("ktb.dev/"),
+        "ktb's annotations left on the Service: {annotations}"
+    );
     let after = grpc_call(client, &target, &["x-dev=a"]).expect("gRPC after the mesh");
     assert!(original_pod(&after), "after the mesh, answered by {after}");
     wait_ktb_objects_gone(name, "ktb's objects for the gRPC Service to be gone");
