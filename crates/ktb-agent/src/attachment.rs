@@ -71,6 +71,21 @@ impl Attachment {
         true
     }
 
+    /// Waits until the attached laptop, if any, detaches, or `limit` has
+    /// passed. A shadow pod being deleted gracefully is still an endpoint
+    /// kube-proxy may send callers to until it has caught up; the laptop
+    /// keeps its tunnel until probes land elsewhere, and the agent keeps
+    /// serving until then. A laptop that vanished is not waited for.
+    pub async fn detached(&self, limit: Duration) {
+        let Some(session) = self.session() else {
+            return;
+        };
+        tracing::info!(?limit, "serving until the laptop detaches");
+        if tokio::time::timeout(limit, session.closed()).await.is_err() {
+            tracing::warn!(?limit, "the laptop is still attached: exiting anyway");
+        }
+    }
+
     /// Refuses new attachments and closes the current one, waiting briefly
     /// so its close frame (with the reason) reaches the client.
     pub async fn shut_down(&self) {

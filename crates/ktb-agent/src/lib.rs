@@ -54,6 +54,10 @@ pub struct Agent {
 /// reset; the kernel caps this at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// How long SIGTERM waits for an attached laptop to detach.
+const DRAIN_LIMIT: std::time::Duration =
+    std::time::Duration::from_secs(ktb_kube::names::AGENT_DRAIN_LIMIT_SECS);
+
 pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -153,7 +157,10 @@ impl Agent {
             }
         };
         tokio::select! {
-            _ = shutdown => tracing::info!("shutting down"),
+            _ = shutdown => {
+                tracing::info!("shutting down");
+                attachment.detached(DRAIN_LIMIT).await;
+            }
             _ = session_over => tracing::info!("session over: exiting"),
         }
         attachment.shut_down().await;

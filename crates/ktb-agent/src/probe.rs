@@ -10,10 +10,16 @@
 //! router sends it to that member's agent. The listener peeks at the first
 //! bytes of each connection only while a probe is pending on its port, and
 //! swallows the probe's connection, so the laptop's process never sees it;
-//! every other connection is carried on untouched (a peek consumes nothing). One probe at a time, and the
-//! ClusterIP is read from the apiserver once (it never changes for a
-//! Service), so the endpoint, which answers before authentication, costs a
-//! caller at most one connection to this agent's own Service per probe.
+//! every other connection is carried on untouched (a peek consumes nothing).
+//!
+//! The same probe proves the way back: when the laptop hands the Service
+//! back, it waits until probes are accepted by another endpoint (the
+//! connection is answered, closed or left silent by someone else) before it
+//! closes the tunnel, so no caller is still being sent to a shadow that is
+//! going away. One probe at a time, and the ClusterIP is read from the
+//! apiserver once (it never changes for a Service), so the endpoint, which
+//! answers before authentication, costs a caller at most one connection to
+//! this agent's own Service per probe.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
@@ -21,7 +27,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, OnceCell};
 
@@ -39,6 +45,16 @@ const PROBE_PREFIX: &str = "GET /.ktb-probe/";
 const SIGNATURE_LEN: usize = PROBE_PREFIX.len() + NONCE_HEX;
 
 type Signature = [u8; SIGNATURE_LEN];
+
+/// Where a probe's connection, accepted by the Service, went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    /// On this agent's listener: callers of the Service reach this agent.
+    Here,
+    /// On another endpoint: it answered or closed the connection, or kept
+    /// silent past [`ARRIVAL_TIMEOUT`] while nothing arrived here.
+    Elsewhere,
+}
 
 /// A header the probe request carries: a mesh member's mark, as
 /// restricted as `ktb mesh` restricts it ([`ktb_kube::mesh::split_mark`]),
@@ -131,14 +147,15 @@ impl Probes {
         peeked
     }
 
-    /// Dials the Service on `service_port` and waits for the connection on
-    /// the listener of `target`. The error is the reason, for the laptop.
+    /// Dials the Service on `service_port` and tells whether the connection
+    /// landed on the listener of `target`. The error (the Service could not
+    /// be dialled at all) is the reason, for the laptop.
     pub async fn run(
         &self,
         service_port: u16,
         target: u16,
         mark: Option<ProbeMark>,
-    ) -> Result<(), String> {
+    ) -> Result<Landed, String> {
         let Ok(_only_one) = self.single_flight.try_lock() else {
             return Err("another probe is running; try again".into());
         };
@@ -161,8 +178,8 @@ impl Probes {
         &self,
         addr: SocketAddr,
         request: &[u8],
-        arrival: oneshot::Receiver<()>,
-    ) -> Result<(), String> {
+        mut arrival: oneshot::Receiver<()>,
+    ) -> Result<Landed, String> {
         let mut tcp = match tokio::time::timeout(ARRIVAL_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(format!("cannot connect to the Service at {addr}: {e}")),
@@ -175,12 +192,21 @@ impl Probes {
         tcp.write_all(request)
             .await
             .map_err(|e| format!("cannot write to the Service at {addr}: {e}"))?;
-        match tokio::time::timeout(ARRIVAL_TIMEOUT, arrival).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(format!(
-                "a connection to the Service at {addr} did not arrive at this agent within {ARRIVAL_TIMEOUT:?}"
-            )),
-        }
+        let mut answer = [0u8; 1];
+        let landed = tokio::time::timeout(ARRIVAL_TIMEOUT, async {
+            tokio::select! {
+                // A claimed probe is signalled before its connection is
+                // dropped, so arrival wins over the EOF that follows it.
+                biased;
+                arrived = &mut arrival => if arrived.is_ok() { Landed::Here } else { Landed::Elsewhere },
+                _ = tcp.read(&mut answer) => match arrival.try_recv() {
+                    Ok(()) => Landed::Here,
+                    Err(_) => Landed::Elsewhere,
+                },
+            }
+        })
+        .await;
+        Ok(landed.unwrap_or(Landed::Elsewhere))
     }
 
     async fn cluster_ip(&self) -> Result<IpAddr, String> {

@@ -30,7 +30,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::attachment::Attachment;
 use crate::preauth::{Admission, Gate, ReadLimit, HANDSHAKE_READ_LIMIT, HTTP_BUFFER};
-use crate::probe::{ProbeMark, Probes};
+use crate::probe::{Landed, ProbeMark, Probes};
 
 /// The path of the tunnel endpoint.
 pub const TUNNEL_PATH: &str = "/tunnel";
@@ -132,8 +132,9 @@ async fn route(
 }
 
 /// `GET /probe?port=P&target=T[&mark=NAME=VALUE]`: 200 once a connection
-/// to the Service's port P arrived on this agent's port T, 503 with the
-/// reason otherwise. A mesh member's probe carries its mark, so the shared
+/// to the Service's port P arrived on this agent's port T, 409 when another
+/// endpoint took it, 503 with the reason when the Service could not be
+/// dialled. A mesh member's probe carries its mark, so the shared
 /// router sends it here rather than to the original pods.
 async fn run_probe(query: Option<&str>, probes: &Probes) -> Response<Full<Bytes>> {
     let param = |name: &str| {
@@ -161,7 +162,11 @@ async fn run_probe(query: Option<&str>, probes: &Probes) -> Response<Full<Bytes>
         }
     };
     let (status, body) = match probes.run(port, target, mark).await {
-        Ok(()) => (StatusCode::OK, "arrived\n".to_owned()),
+        Ok(Landed::Here) => (StatusCode::OK, "arrived\n".to_owned()),
+        Ok(Landed::Elsewhere) => (
+            StatusCode::CONFLICT,
+            format!("another endpoint of the Service took the connection (port {port})\n"),
+        ),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -68,3 +68,12 @@ pub fn mesh_origin_service(service: &str) -> String {
 pub fn preview_lease(service: &str) -> String {
     format!("ktb-preview-{service}")
 }
+
+/// How long an agent asked to stop (SIGTERM: its pod deleted gracefully)
+/// keeps serving while a laptop is still attached: the laptop hands the
+/// Service back and detaches first. The agent pod's termination grace
+/// period is this plus [`AGENT_EXIT_MARGIN_SECS`], so the kubelet never kills
+/// it mid-drain.
+pub const AGENT_DRAIN_LIMIT_SECS: u64 = 25;
+/// Time the agent has to close its tunnel with a reason after a drain.
+pub const AGENT_EXIT_MARGIN_SECS: u64 = 5;

@@ -1,5 +1,6 @@
 //! Ready means traffic flows: before ktb says a Service reaches this
-//! machine, it proves it.
+//! machine, it proves it; before it closes the tunnel, it proves the
+//! Service has gone back.
 //!
 //! A switched selector is only a promise: the EndpointSlice controller must
 //! list the shadow pod under every port (a named target port the pod does
@@ -11,6 +12,12 @@
 //! process. Until every port has been seen, or the time is up, nothing is
 //! announced; a path that never works is an error, and the exchange is
 //! undone.
+//!
+//! Handing back is the same promise in reverse: kube-proxy keeps sending
+//! callers to the shadow until it has caught up with the restored
+//! endpoints, and a shadow that stops serving before then turns their calls
+//! into timeouts. So the tunnel stays open until probes on every port land
+//! on another endpoint several times in a row (the agent answers 409).
 
 use std::time::{Duration, Instant};
 
@@ -23,10 +30,29 @@ use crate::tunnel::Transport;
 /// controllers and kube-proxy usually need well under a second.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_EVERY: Duration = Duration::from_millis(250);
+/// How long the Service may take to stop reaching the shadow pod once it
+/// is restored; a scaled workload's pods must start within it too.
+const HANDBACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Probes in a row that must land elsewhere, and the pause between them:
+/// a node whose rules still list the shadow beside the original pods sends
+/// a probe to it with a chance of one in the number of endpoints.
+const ELSEWHERE_IN_A_ROW: u32 = 5;
+const ELSEWHERE_EVERY: Duration = Duration::from_millis(100);
 /// One probe request, answer included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The agent's answer is one short line.
 const MAX_ANSWER: usize = 4096;
+
+/// What the agent's probe answered (see the agent's `GET /probe`).
+enum Probed {
+    /// 200: the connection arrived at the agent.
+    Here,
+    /// 409: another endpoint of the Service took it.
+    Elsewhere,
+    /// Anything else, with the reason: the Service could not be dialled,
+    /// or the agent could not be asked.
+    Unknown(String),
+}
 
 /// Waits until a connection to the Service reaches the agent on every
 /// route. A mesh member passes its mark (`NAME=VALUE`): its probe is then
@@ -38,18 +64,13 @@ pub async fn prove<T: Transport>(
     mark: Option<&str>,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + PROOF_TIMEOUT;
-    let mark = mark.map(|m| format!("&mark={m}")).unwrap_or_default();
     for route in routes {
-        let path = format!(
-            "/probe?port={}&target={}{mark}",
-            route.service_port, route.target_port
-        );
+        let path = probe_path(route, mark);
         loop {
-            let reason = match tokio::time::timeout(REQUEST_TIMEOUT, get(transport, &path)).await {
-                Ok(Ok((200, _))) => break,
-                Ok(Ok((_, answer))) => answer,
-                Ok(Err(e)) => format!("cannot ask the agent: {e}"),
-                Err(_) => format!("the agent did not answer within {REQUEST_TIMEOUT:?}"),
+            let reason = match probe(transport, &path).await {
+                Probed::Here => break,
+                Probed::Elsewhere => "another endpoint took the connection".to_owned(),
+                Probed::Unknown(reason) => reason,
             };
             if Instant::now() >= deadline {
                 anyhow::bail!(
@@ -64,6 +85,68 @@ pub async fn prove<T: Transport>(
         }
     }
     Ok(())
+}
+
+/// Waits until connections to the Service on every route land on another
+/// endpoint [`ELSEWHERE_IN_A_ROW`] times in a row; only then may the agent
+/// stop serving. A mesh member passes its mark, so the probe asks whether
+/// the shared router still sends this member's requests here.
+pub async fn prove_handed_back<T: Transport>(
+    transport: &T,
+    qualified: &str,
+    routes: &[PortRoute],
+    mark: Option<&str>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + HANDBACK_TIMEOUT;
+    for route in routes {
+        let path = probe_path(route, mark);
+        let mut in_a_row = 0;
+        loop {
+            let reason = match probe(transport, &path).await {
+                Probed::Elsewhere => {
+                    in_a_row += 1;
+                    if in_a_row == ELSEWHERE_IN_A_ROW {
+                        break;
+                    }
+                    tokio::time::sleep(ELSEWHERE_EVERY).await;
+                    continue;
+                }
+                Probed::Here => "they still arrive here".to_owned(),
+                Probed::Unknown(reason) => reason,
+            };
+            in_a_row = 0;
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "callers of Service {qualified} port {} still do not reach another endpoint after {HANDBACK_TIMEOUT:?} ({})",
+                    route.service_port,
+                    reason.trim()
+                );
+            }
+            tokio::time::sleep(ELSEWHERE_EVERY).await;
+        }
+    }
+    Ok(())
+}
+
+fn probe_path(route: &PortRoute, mark: Option<&str>) -> String {
+    let mark = mark.map(|m| format!("&mark={m}")).unwrap_or_default();
+    format!(
+        "/probe?port={}&target={}{mark}",
+        route.service_port, route.target_port
+    )
+}
+
+/// Asks the agent for one probe.
+async fn probe<T: Transport>(transport: &T, path: &str) -> Probed {
+    match tokio::time::timeout(REQUEST_TIMEOUT, get(transport, path)).await {
+        Ok(Ok((200, _))) => Probed::Here,
+        Ok(Ok((409, _))) => Probed::Elsewhere,
+        Ok(Ok((_, answer))) => Probed::Unknown(answer),
+        Ok(Err(e)) => Probed::Unknown(format!("cannot ask the agent: {e}")),
+        Err(_) => Probed::Unknown(format!(
+            "the agent did not answer within {REQUEST_TIMEOUT:?}"
+        )),
+    }
 }
 
 /// One HTTP/1.1 GET to the agent: the status code and the body. The answer

@@ -148,8 +148,8 @@ pub async fn run(
         outcome = exchange_locked(cluster, &options, &plan, &lock, reporter) => outcome,
         _ = &mut shutdown => Err(Interrupted.into()),
     };
-    let mut tunnel = match outcome {
-        Ok(tunnel) => tunnel,
+    let mut exchanged = match outcome {
+        Ok(exchanged) => exchanged,
         Err(e) => {
             reporter.progress("undoing what this session changed");
             restore_service(cluster, &name, &owner.session, reporter).await;
@@ -168,8 +168,8 @@ pub async fn run(
     };
     // Callers go back to the original pods first; only then does the
     // tunnel that was serving them close.
-    restore_service(cluster, &name, &owner.session, reporter).await;
-    tunnel.stop().await;
+    hand_back(cluster, &exchanged.shadow, &plan, reporter).await;
+    exchanged.tunnel.stop().await;
     sessions::end(cluster, &objects, &lock, reporter).await;
     served
 }
@@ -247,6 +247,12 @@ struct Plan<'a> {
     workload: Option<&'a Found>,
 }
 
+/// A switched Service's shadow pod and the tunnel behind it.
+struct Exchanged {
+    shadow: Shadow,
+    tunnel: RunningTunnel,
+}
+
 /// Creates the shadow pod, brings the tunnel up and switches the Service;
 /// on error, what it created is returned to the caller's teardown through
 /// the Lease (which owns everything) and an explicit delete.
@@ -256,7 +262,7 @@ async fn exchange_locked(
     plan: &Plan<'_>,
     lock: &Lock,
     reporter: &Reporter,
-) -> anyhow::Result<RunningTunnel> {
+) -> anyhow::Result<Exchanged> {
     let ns = cluster.namespace.as_str();
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
     restore_leftover(cluster, plan, reporter).await?;
@@ -284,7 +290,7 @@ async fn exchange_locked(
                 "✔ Service {} now reaches this machine: {ports}. Ctrl-C restores it",
                 plan.qualified
             ));
-            Ok(tunnel)
+            Ok(Exchanged { shadow, tunnel })
         }
         Err(e) => {
             shadow.pod.delete().await;
@@ -424,28 +430,53 @@ async fn warn_once_if_drifted(
     std::future::pending().await
 }
 
+/// Puts the Service back, then keeps the shadow serving until callers are
+/// proven to reach the workload's pods again: a shadow that went away
+/// while kube-proxy still sent callers to it would turn their calls into
+/// timeouts. The shadow pod is deleted gracefully first, so its endpoint
+/// stops counting as ready at once (in scale mode nothing else deselects
+/// it) while the agent still serves.
+async fn hand_back(cluster: &Cluster, shadow: &Shadow, plan: &Plan<'_>, reporter: &Reporter) {
+    let Some(restored) = restore_service(cluster, plan.name, plan.session, reporter).await else {
+        return;
+    };
+    if let Err(e) = shadow.pod.retire().await {
+        reporter.warn(format!("{e:#}"));
+    }
+    if let Restored::Changed { replicas: Some(r), .. } = restored {
+        let ready = workload::wait_ready(&cluster.client, &cluster.namespace, r.kind, &r.name, r.replicas.min(1), WORKLOAD_BACK_TIMEOUT);
+        if !ready.await {
+            reporter.warn(format!("{:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}", r.kind, r.name));
+        }
+    }
+    reporter.progress("waiting until callers reach the workload's pods again");
+    if let Err(e) = shadow.prove_handed_back(plan.qualified, plan.routes, None).await {
+        reporter.warn(format!("{e:#}; closing the tunnel anyway"));
+    }
+}
+
 /// Puts the Service back if this session still holds it; on failure says
 /// how to retry (the agent will also restore it once the grace period has
-/// passed).
-async fn restore_service(cluster: &Cluster, name: &str, session: &str, reporter: &Reporter) {
+/// passed). Returns what was undone, when this session had changed it.
+async fn restore_service(
+    cluster: &Cluster,
+    name: &str,
+    session: &str,
+    reporter: &Reporter,
+) -> Option<Restored> {
     let qualified = format!("{}/{name}", cluster.namespace);
     match service::restore(&cluster.client, &cluster.namespace, name, session).await {
         Ok(Restored::AlreadyOriginal) => reporter.progress(format!("restored Service {qualified} (it was never switched)")),
         Ok(restored @ Restored::NotOurs { .. }) => reporter.progress(format!("Service {qualified}: {restored}")),
         Ok(restored) => {
             reporter.progress(format!("restored Service {qualified} ({restored})"));
-            if let Restored::Changed { replicas: Some(r), .. } = restored {
-                // Keep the shadow pod serving until the originals are back.
-                let ready = workload::wait_ready(&cluster.client, &cluster.namespace, r.kind, &r.name, r.replicas.min(1), WORKLOAD_BACK_TIMEOUT);
-                if !ready.await {
-                    reporter.warn(format!("{:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}", r.kind, r.name));
-                }
-            }
+            return Some(restored);
         }
         Err(e) => reporter.warn(format!(
             "could not restore Service {qualified}: {e:#}\n     run `ktb recover {name}` to retry; the agent will also restore it"
         )),
     }
+    None
 }
 
 /// Says early that nothing listens locally; callers would be reset.

@@ -30,7 +30,8 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::Client;
 
 use ktb_kube::names::{
-    AGENT_READY_PORT, AGENT_TUNNEL_PORT, MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL,
+    AGENT_DRAIN_LIMIT_SECS, AGENT_EXIT_MARGIN_SECS, AGENT_READY_PORT, AGENT_TUNNEL_PORT,
+    MANAGED_LABEL, MANAGED_VALUE, SESSION_LABEL,
 };
 use ktb_kube::workload::Kind;
 
@@ -230,7 +231,9 @@ impl AgentPodSpec<'_> {
             spec: Some(PodSpec {
                 service_account_name: Some(self.name.into()),
                 restart_policy: Some("OnFailure".into()),
-                termination_grace_period_seconds: Some(5),
+                termination_grace_period_seconds: Some(
+                    (AGENT_DRAIN_LIMIT_SECS + AGENT_EXIT_MARGIN_SECS) as i64,
+                ),
                 security_context: Some(pod_security()),
                 containers: vec![self.container()],
                 ..PodSpec::default()
@@ -534,6 +537,17 @@ impl AgentPod {
             .and_then(|s| s.pod_ip)
             .context("the agent pod has no IP")?;
         ip.parse().with_context(|| format!("invalid pod IP {ip}"))
+    }
+
+    /// Deletes the pod gracefully: its endpoints stop counting it as ready
+    /// at once, while the agent keeps serving the callers kube-proxy still
+    /// sends it until the laptop detaches (see `ktb-agent`'s drain).
+    pub async fn retire(&self) -> anyhow::Result<()> {
+        match delete::<Pod>(&self.client, &self.namespace, &self.name, &DeleteParams::default()).await {
+            Ok(()) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot delete agent pod {}", self.name)),
+        }
     }
 
     /// Deletes every object of the session; missing ones are fine.

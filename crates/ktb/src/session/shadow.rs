@@ -148,4 +148,20 @@ impl Shadow {
             AgentTransport::Direct(t) => proof::prove(t, qualified, routes, mark).await,
         }
     }
+
+    /// Proves that callers of Service `qualified` no longer reach this
+    /// agent on any route (see [`proof`]); `mark` for a mesh member.
+    pub async fn prove_handed_back(
+        &self,
+        qualified: &str,
+        routes: &[PortRoute],
+        mark: Option<&str>,
+    ) -> anyhow::Result<()> {
+        match &self.transport {
+            AgentTransport::PortForward(t) => {
+                proof::prove_handed_back(t, qualified, routes, mark).await
+            }
+            AgentTransport::Direct(t) => proof::prove_handed_back(t, qualified, routes, mark).await,
+        }
+    }
 }
