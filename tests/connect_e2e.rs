@@ -17,6 +17,8 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use ktb_workloads::half_close;
+
 use ktb_tests::cluster::{
     apply, kubectl, netns_command, run_bounded, wait_ready, wait_until, workspace_bin, As, Spawned,
     AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
@@ -147,6 +149,23 @@ fn wait_for_no_connect_agent(what: &str, timeout: Duration) {
             Err(format!("{pods:?}"))
         }
     });
+}
+
+/// The workloads' probe as `cargo xtask cluster up` built it (static, so
+/// it runs in a laptop namespace as well as in a pod).
+fn probe_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("the test binary lives in <target>/debug/deps");
+    let probe = target.join("x86_64-unknown-linux-musl/release/probe");
+    assert!(
+        probe.is_file(),
+        "{} missing: run `cargo xtask cluster up`",
+        probe.display()
+    );
+    probe
 }
 
 /// One UDP datagram to `addr` from the laptop and its echo.
@@ -463,5 +482,111 @@ fn two_developers_connect_at_once_and_one_exchanges_while_the_other_calls_it() {
         laptop_state(As::DevB),
         before_b,
         "laptop-b after disconnect"
+    );
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_tun_delivers_every_byte_when_either_side_half_closes() {
+    const TCP: &str = "ctcp";
+    apply(
+        As::Admin,
+        &format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{TCP}-0","namespace":"{NAMESPACE}","labels":{{"app":"{TCP}"}}}},
+ "spec":{{"terminationGracePeriodSeconds":2,"containers":[{{"name":"echo","image":"ktb.test/tcp-echo:dev","imagePullPolicy":"Never",
+ "readinessProbe":{{"tcpSocket":{{"port":9001}},"periodSeconds":1}}}}]}}}}"#
+        ),
+    );
+    wait_ready(As::Admin, NAMESPACE, &format!("app={TCP}"));
+    let pod_ip = kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pod",
+            &format!("{TCP}-0"),
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    )
+    .trim()
+    .to_owned();
+    let probe = probe_bin();
+    let probe = probe.to_str().expect("utf-8 path");
+    let before = laptop_state(As::DevA);
+    let state = StateDir::new("half-close");
+    let mut ktb = start_connect(As::DevA, NAMESPACE, &[], &state);
+
+    // The laptop half-closes after its last write; the server answers the
+    // digest of what arrived, then closes.
+    for len in [1u64, 1024, 1024 * 1024, 256 * 1024 * 1024] {
+        let out = in_laptop_cmd(
+            As::DevA,
+            probe,
+            &["upload", &format!("{pod_ip}:9001"), &len.to_string()],
+        );
+        assert!(
+            out.status.success(),
+            "uploading {len} bytes then half-closing: {}\nktb:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            ktb.stderr()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            half_close::expected(len),
+            "the server's digest of {len} bytes"
+        );
+    }
+
+    // The server half-closes first; the laptop reads to the end, then sends.
+    let sent = 1024 * 1024u64;
+    let out = in_laptop_cmd(
+        As::DevA,
+        probe,
+        &[
+            "hear-then-upload",
+            &format!("{pod_ip}:9002"),
+            &sent.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "after the server half-closed: {}\nktb:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ktb.stderr()
+    );
+    let received = format!("speaks-first received {}", half_close::expected(sent));
+    wait_until(
+        "the speaks-first server to log what it received after its half-close",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || {
+            let logs = kubectl(As::Admin, &["-n", NAMESPACE, "logs", &format!("{TCP}-0")]);
+            if logs.contains(&received) {
+                Ok(())
+            } else {
+                Err(logs)
+            }
+        },
+    );
+
+    stop(&mut ktb, libc::SIGINT);
+    assert_eq!(
+        laptop_state(As::DevA),
+        before,
+        "the laptop is not as it was before connect"
+    );
+    wait_for_no_connect_agent("the connect agent to be deleted", Duration::from_secs(30));
+    kubectl(
+        As::Admin,
+        &[
+            "-n",
+            NAMESPACE,
+            "delete",
+            "pod",
+            &format!("{TCP}-0"),
+            "--wait=false",
+        ],
     );
 }

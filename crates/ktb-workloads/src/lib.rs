@@ -98,3 +98,49 @@ pub mod dns {
         Ok(times)
     }
 }
+
+/// Transfers that end with a half-close, for tests of connect's TCP: the
+/// bytes sent are a fixed pattern, so each end can check by SHA-256 that
+/// nothing was lost, added or reordered.
+pub mod half_close {
+    use sha2::{Digest, Sha256};
+
+    /// What a server that speaks first (tcp-echo's port 9002) sends before
+    /// it half-closes.
+    pub const GREETING_LEN: u64 = 1024 * 1024;
+
+    /// Fills `buf` with the pattern's bytes from `offset` on. Not constant
+    /// and not periodic at any power of two, so a lost or shifted segment
+    /// changes the digest.
+    pub fn fill(buf: &mut [u8], offset: u64) {
+        for (i, byte) in buf.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            *byte = (at.wrapping_mul(2_654_435_761) >> 13) as u8 ^ (at % 251) as u8;
+        }
+    }
+
+    /// `LEN HEX`: what the digest server answers for `len` bytes hashed
+    /// into `hasher`.
+    pub fn summary(len: u64, hasher: Sha256) -> String {
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{len} {hex}")
+    }
+
+    /// The summary of the first `len` bytes of the pattern.
+    pub fn expected(len: u64) -> String {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            fill(&mut buf[..n], done);
+            hasher.update(&buf[..n]);
+            done += n as u64;
+        }
+        summary(len, hasher)
+    }
+}

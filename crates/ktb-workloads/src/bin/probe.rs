@@ -21,11 +21,20 @@
 //!   message and then silence, and 2,000 idle connections to an exposed
 //!   port; all held for SECONDS, then a one-line count of what the agent
 //!   let through (`tunnel: … callers: …`).
+//! - `probe upload HOST:PORT BYTES`: to tcp-echo's digest port: send BYTES
+//!   of the pattern, half-close, and check the answer (`LEN SHA256HEX`)
+//!   against what was sent; print it.
+//! - `probe hear-then-upload HOST:PORT BYTES`: to tcp-echo's speaks-first
+//!   port: read its greeting until it half-closes and check it, then send
+//!   BYTES of the pattern and half-close; print `heard LEN HEX sent LEN HEX`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
+
+use ktb_workloads::half_close;
+use sha2::Digest;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -41,10 +50,13 @@ fn main() -> ExitCode {
         ["tcp", target] => connect(target).map(|_| println!("connected")),
         ["dns-latency", server, name, count] => dns_latency(server, name, count),
         ["flood", tunnel, callers, seconds] => flood(tunnel, callers, seconds),
+        ["upload", target, bytes] => upload(target, bytes),
+        ["hear-then-upload", target, bytes] => hear_then_upload(target, bytes),
         _ => Err(
             "usage: probe resolve NAME | http HOST:PORT [PATH] | requests HOST:PORT HEADER... \
                   | load HOST:PORT SECONDS PER_SECOND | tcp HOST:PORT \
-                  | dns-latency SERVER:PORT NAME COUNT | flood TUNNEL:PORT CALLERS:PORT SECONDS"
+                  | dns-latency SERVER:PORT NAME COUNT | flood TUNNEL:PORT CALLERS:PORT SECONDS \
+                  | upload HOST:PORT BYTES | hear-then-upload HOST:PORT BYTES"
                 .into(),
         ),
     };
@@ -58,6 +70,62 @@ fn main() -> ExitCode {
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// How long one read or write of a half-close transfer may block: a
+/// stalled transfer fails instead of hanging.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn upload(target: &str, len: &str) -> Result<()> {
+    let len: u64 = len.parse()?;
+    let mut s = connect(target)?;
+    s.set_read_timeout(Some(TRANSFER_TIMEOUT))?;
+    s.set_write_timeout(Some(TRANSFER_TIMEOUT))?;
+    send_pattern(&mut s, len)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("waiting for the digest after sending {len} bytes: {e}"))?;
+    let expected = half_close::expected(len);
+    if answer.trim() != expected {
+        return Err(format!("the server received {:?}, not {expected:?}", answer.trim()).into());
+    }
+    println!("{expected}");
+    Ok(())
+}
+
+fn hear_then_upload(target: &str, len: &str) -> Result<()> {
+    let len: u64 = len.parse()?;
+    let mut s = connect(target)?;
+    s.set_read_timeout(Some(TRANSFER_TIMEOUT))?;
+    s.set_write_timeout(Some(TRANSFER_TIMEOUT))?;
+    let mut heard = Vec::new();
+    s.read_to_end(&mut heard)
+        .map_err(|e| format!("reading the greeting until the server half-closes: {e}"))?;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(&heard);
+    let heard = half_close::summary(heard.len() as u64, hasher);
+    let expected = half_close::expected(half_close::GREETING_LEN);
+    if heard != expected {
+        return Err(format!("heard {heard:?}, not {expected:?}").into());
+    }
+    send_pattern(&mut s, len)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    println!("heard {heard} sent {}", half_close::expected(len));
+    Ok(())
+}
+
+fn send_pattern(s: &mut TcpStream, len: u64) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let n = (len - sent).min(buf.len() as u64) as usize;
+        half_close::fill(&mut buf[..n], sent);
+        s.write_all(&buf[..n])
+            .map_err(|e| format!("sending byte {sent} of {len}: {e}"))?;
+        sent += n as u64;
+    }
+    Ok(())
+}
 
 fn resolve(name: &str) -> Result<()> {
     let addrs = (name, 0).to_socket_addrs()?;

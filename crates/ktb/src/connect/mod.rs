@@ -12,6 +12,7 @@
 
 pub mod dns;
 pub mod journal;
+pub mod netstack;
 pub mod outbound;
 pub mod ranges;
 pub mod socks;

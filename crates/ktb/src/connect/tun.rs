@@ -1,14 +1,14 @@
-//! TUN mode: a network device whose packets a userspace TCP/IP stack turns
-//! back into connections and datagrams, each carried through the tunnel.
+//! TUN mode: a network device whose packets userspace stacks turn back
+//! into connections and datagrams, each carried through the tunnel.
 //!
 //! tun-rs creates the device (it is the maintained cross-platform TUN
-//! crate, with async I/O on tokio); ipstack is the TCP/IP stack: it speaks
-//! TCP and UDP to the kernel on the device and hands out each flow as an
-//! async stream, which is exactly the shape the tunnel carries, so no
-//! socket layer of ours sits in between (smoltcp would need one). Every TCP
-//! flow becomes a tunnel stream to the same address, dialed by the agent;
-//! every UDP flow becomes a tunnel flow. Anything else (ICMP) is dropped,
-//! so `ping` times out rather than hanging anything.
+//! crate, with async I/O on tokio). One task reads the device and sorts its
+//! packets: IPv4 TCP goes to [`super::netstack`] (smoltcp under a socket
+//! layer of ours), everything else to ipstack, which hands out each UDP
+//! flow as an async stream. Both write their packets back through one
+//! queue. Every TCP connection becomes a tunnel stream to the same address,
+//! dialed by the agent; every UDP flow becomes a tunnel flow. Anything else
+//! (ICMP) is dropped, so `ping` times out rather than hanging anything.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -16,32 +16,20 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use ipstack::{
-    IpStack, IpStackConfig, IpStackStream, IpStackTcpStream, IpStackUdpStream, TcpConfig,
-    TcpOptions,
-};
+use ipstack::{IpStack, IpStackConfig, IpStackStream, IpStackUdpStream};
 use ktb_proto::tcp::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
+use super::netstack::{self, TcpConn};
 use super::outbound::Outbound;
 
 /// The device's own address: from the range reserved for benchmarking
 /// (RFC 2544), which no real network uses, so it collides with nothing.
 pub const DEVICE_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-/// Ethernet's MTU. Larger ones (9000, 65535) measured faster, but with
-/// them ipstack's TCP stalled for good in some bulk transfers (`cargo
-/// xtask bench connect` hung), so the stack keeps the size it is tested with.
+/// Ethernet's MTU.
 const MTU: u16 = 1500;
-/// ipstack resets a connection idle for its timeout (60 s by default); the
-/// kernel never does, and pooled database or HTTP connections sit idle for
-/// long, so only connections abandoned for hours are dropped.
-const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2 * 60 * 60);
-/// ipstack announces no MSS unless told, so the kernel falls back to 536
-/// bytes per segment (RFC 9293): many more packets, and RR p99 of 45 ms
-/// from delayed ACKs on the small segments, in `cargo xtask bench connect`.
-const MSS: u16 = MTU - 40;
-
 /// Creates the device, up, with its address. Needs CAP_NET_ADMIN. Never
 /// made persistent: the device goes with the last handle to it, so one
 /// that ktb dies before journaling cannot outlive it (see
@@ -56,38 +44,97 @@ pub fn create(name: &str) -> io::Result<AsyncDevice> {
 
 /// Carries every flow on the device through the tunnel, until dropped.
 pub async fn serve(device: AsyncDevice, outbound: Outbound) {
+    let device = std::sync::Arc::new(device);
+    let (to_device, mut for_device) = mpsc::channel::<Vec<u8>>(netstack::PACKET_QUEUE);
+    let (to_tcp, tcp_packets) = mpsc::channel(netstack::PACKET_QUEUE);
+    let (to_udp, udp_packets) = mpsc::channel(netstack::PACKET_QUEUE);
+    let writer = {
+        let device = std::sync::Arc::clone(&device);
+        async move {
+            while let Some(packet) = for_device.recv().await {
+                if let Err(e) = device.send(&packet).await {
+                    tracing::debug!(error = %e, "cannot write a packet to the TUN device");
+                }
+            }
+        }
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; usize::from(MTU)];
+        loop {
+            let n = match device.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the TUN device");
+                    return;
+                }
+            };
+            let packet = buf[..n].to_vec();
+            let queue = if is_ipv4_tcp(&packet) {
+                &to_tcp
+            } else {
+                &to_udp
+            };
+            if queue.send(packet).await.is_err() {
+                return;
+            }
+        }
+    };
+    let tcp = {
+        let outbound = outbound.clone();
+        netstack::run(
+            usize::from(MTU),
+            tcp_packets,
+            to_device.clone(),
+            move |conn| {
+                tokio::spawn(carry_tcp(conn, outbound.clone()));
+            },
+        )
+    };
+    let udp = serve_udp(
+        Packets {
+            inbound: udp_packets,
+            outbound: to_device,
+        },
+        outbound,
+    );
+    tokio::join!(writer, reader, tcp, udp);
+}
+
+fn is_ipv4_tcp(packet: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    packet.len() >= 20 && packet[0] >> 4 == 4 && packet[9] == TCP
+}
+
+/// ipstack over the packets that are not IPv4 TCP.
+async fn serve_udp(packets: Packets, outbound: Outbound) {
     let mut config = IpStackConfig::default();
     config.mtu_unchecked(MTU);
-    let mut tcp = TcpConfig::default();
-    tcp.timeout = IDLE_TIMEOUT;
-    tcp.options = Some(vec![TcpOptions::MaximumSegmentSize(MSS)]);
-    config.with_tcp_config(tcp);
-    let mut stack = IpStack::new(config, Device(device));
+    let mut stack = IpStack::new(config, packets);
     while let Ok(flow) = stack.accept().await {
         match flow {
-            IpStackStream::Tcp(tcp) => {
-                tokio::spawn(carry_tcp(tcp, outbound.clone()));
-            }
             IpStackStream::Udp(udp) => {
                 tokio::spawn(carry_udp(udp, outbound.clone()));
             }
-            IpStackStream::UnknownTransport(_) | IpStackStream::UnknownNetwork(_) => {}
+            // IPv6 TCP has no route through ktb0; the rest is not carried.
+            IpStackStream::Tcp(_)
+            | IpStackStream::UnknownTransport(_)
+            | IpStackStream::UnknownNetwork(_) => {}
         }
     }
 }
 
-async fn carry_tcp(tcp: IpStackTcpStream, outbound: Outbound) {
-    let destination = tcp.peer_addr();
+async fn carry_tcp(conn: TcpConn, outbound: Outbound) {
+    let destination = conn.destination;
     let stream = match outbound.connect(Target::Addr(destination)).await {
         Ok(stream) => stream,
         Err(e) => {
             tracing::info!(%destination, error = %e, "cannot connect through the tunnel");
-            return;
+            return; // dropping `conn` resets the laptop's connection
         }
     };
-    let (reader, writer) = tokio::io::split(tcp);
-    let reader = Coalesce(reader);
-    if let Err(e) = stream.bridge(reader, writer).await {
+    let (reader, writer) = tokio::io::split(conn);
+    let result = stream.bridge(reader, writer).await;
+    if let Err(e) = &result {
         tracing::debug!(%destination, error = %e, "connection through the tunnel failed");
     }
 }
@@ -121,56 +168,36 @@ async fn carry_udp(mut udp: IpStackUdpStream, outbound: Outbound) {
     }
 }
 
-/// Hands out every segment the stack has queued in one read. ipstack
-/// returns one TCP segment per read, and the tunnel sends one frame per
-/// read: without this, a sender whose window opens in small steps turns
-/// into a stream of small frames, each paying the whole way through the
-/// apiserver's port-forward.
-struct Coalesce<R>(R);
+/// Packets as the byte stream ipstack reads and writes: each read is one
+/// packet from the device, each write one packet for it.
+struct Packets {
+    inbound: mpsc::Receiver<Vec<u8>>,
+    outbound: mpsc::Sender<Vec<u8>>,
+}
 
-impl<R: AsyncRead + Unpin> AsyncRead for Coalesce<R> {
+impl AsyncRead for Packets {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let start = buf.filled().len();
-        loop {
-            let before = buf.filled().len();
-            match Pin::new(&mut self.0).poll_read(cx, buf) {
-                Poll::Ready(Ok(())) if buf.filled().len() > before && buf.remaining() > 0 => {}
-                Poll::Ready(result) => return Poll::Ready(result),
-                // Pending registered the waker; what was read so far goes now.
-                Poll::Pending if buf.filled().len() > start => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
+        if let Some(packet) = std::task::ready!(self.inbound.poll_recv(cx)) {
+            let n = packet.len().min(buf.remaining());
+            buf.put_slice(&packet[..n]);
         }
-    }
-}
-
-/// The TUN device as the byte stream ipstack reads packets from: each read
-/// is one packet, each write one packet.
-struct Device(AsyncDevice);
-
-impl AsyncRead for Device {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let n = std::task::ready!(self.0.poll_recv(cx, buf.initialize_unfilled()))?;
-        buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for Device {
+impl AsyncWrite for Packets {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_send(cx, buf)
+        // A full device queue drops the packet, as a real link would.
+        let _ = self.outbound.try_send(buf.to_vec());
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

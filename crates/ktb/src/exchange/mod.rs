@@ -443,14 +443,30 @@ async fn hand_back(cluster: &Cluster, shadow: &Shadow, plan: &Plan<'_>, reporter
     if let Err(e) = shadow.pod.retire().await {
         reporter.warn(format!("{e:#}"));
     }
-    if let Restored::Changed { replicas: Some(r), .. } = restored {
-        let ready = workload::wait_ready(&cluster.client, &cluster.namespace, r.kind, &r.name, r.replicas.min(1), WORKLOAD_BACK_TIMEOUT);
+    if let Restored::Changed {
+        replicas: Some(r), ..
+    } = restored
+    {
+        let ready = workload::wait_ready(
+            &cluster.client,
+            &cluster.namespace,
+            r.kind,
+            &r.name,
+            r.replicas.min(1),
+            WORKLOAD_BACK_TIMEOUT,
+        );
         if !ready.await {
-            reporter.warn(format!("{:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}", r.kind, r.name));
+            reporter.warn(format!(
+                "{:?} {} has no ready pod yet after {WORKLOAD_BACK_TIMEOUT:?}",
+                r.kind, r.name
+            ));
         }
     }
     reporter.progress("waiting until callers reach the workload's pods again");
-    if let Err(e) = shadow.prove_handed_back(plan.qualified, plan.routes, None).await {
+    if let Err(e) = shadow
+        .prove_handed_back(plan.qualified, plan.routes, None)
+        .await
+    {
         reporter.warn(format!("{e:#}; closing the tunnel anyway"));
     }
 }

@@ -543,7 +543,14 @@ impl AgentPod {
     /// at once, while the agent keeps serving the callers kube-proxy still
     /// sends it until the laptop detaches (see `ktb-agent`'s drain).
     pub async fn retire(&self) -> anyhow::Result<()> {
-        match delete::<Pod>(&self.client, &self.namespace, &self.name, &DeleteParams::default()).await {
+        match delete::<Pod>(
+            &self.client,
+            &self.namespace,
+            &self.name,
+            &DeleteParams::default(),
+        )
+        .await
+        {
             Ok(()) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot delete agent pod {}", self.name)),
