@@ -316,8 +316,9 @@ fn main() -> ExitCode {
     // machines this runs on (a laptop beside an IDE, a pod with a CPU limit)
     // cross-thread wake-ups cost more than they bring; `cargo xtask bench
     // tunnel` measured lower latency and equal throughput this way. Except
-    // for `connect`: its TCP/IP stack (ipstack) blocks in place when a
-    // connection is dropped mid-flight, which needs a multi-threaded runtime.
+    // for `connect`: ipstack, which carries its UDP, also takes any TCP the
+    // laptop sends over IPv6 and blocks in place when it drops such a
+    // connection, which needs a multi-threaded runtime.
     let runtime = match cli.command {
         Command::Connect { .. } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

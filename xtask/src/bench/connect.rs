@@ -42,8 +42,9 @@ pub fn connect(workspace: &Path) -> anyhow::Result<()> {
     let cluster = Cluster::find()?;
     cluster.deploy_echo()?;
     let result = run(workspace, &cluster, &probe);
-    let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
-    result
+    let removed = cluster.remove_namespace(NAMESPACE);
+    result?;
+    removed
 }
 
 /// `ip netns exec laptop-a PROGRAM`.

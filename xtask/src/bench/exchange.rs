@@ -77,8 +77,24 @@ impl Cluster {
         result
     }
 
+    /// Deletes `namespace` and waits until it is gone: one left terminating
+    /// by the bench before (they run back to back) would refuse new pods.
+    pub(super) fn remove_namespace(&self, namespace: &str) -> anyhow::Result<()> {
+        self.kubectl(&[
+            "delete",
+            "namespace",
+            namespace,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ])
+        .map(drop)
+        .with_context(|| format!("namespace {namespace} of an earlier bench is still terminating"))
+    }
+
     /// The benchmark's echo Deployment and Service, rolled out.
     pub(super) fn deploy_echo(&self) -> anyhow::Result<()> {
+        self.remove_namespace(NAMESPACE)?;
         self.apply(WORKLOAD)?;
         self.kubectl(&[
             "-n",
@@ -226,8 +242,9 @@ pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
     let cluster = Cluster::find()?;
     cluster.deploy_echo()?;
     let result = runtime.block_on(run(workspace, &cluster));
-    let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
-    result
+    let removed = cluster.remove_namespace(NAMESPACE);
+    result?;
+    removed
 }
 
 async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {

@@ -90,14 +90,7 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = Cluster::find()?;
-    // A namespace left terminating by an earlier run would refuse the pods.
-    cluster.kubectl(&[
-        "delete",
-        "namespace",
-        NAMESPACE,
-        "--ignore-not-found",
-        "--wait=true",
-    ])?;
+    cluster.remove_namespace(NAMESPACE)?;
     cluster.apply(WORKLOAD)?;
     cluster.kubectl(&[
         "-n",
@@ -109,8 +102,9 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
         "--timeout=90s",
     ])?;
     let result = runtime.block_on(run(workspace, &cluster));
-    let _ = cluster.kubectl(&["delete", "namespace", NAMESPACE, "--wait=false"]);
-    result
+    let removed = cluster.remove_namespace(NAMESPACE);
+    result?;
+    removed
 }
 
 async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
