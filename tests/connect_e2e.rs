@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use ktb_workloads::half_close;
 
 use ktb_tests::cluster::{
-    apply, kubectl, netns_command, run_bounded, wait_ready, wait_until, workspace_bin, As, Spawned,
-    AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
+    apply, kubectl, netns_command, run_bounded, target_file, wait_ready, wait_until, workspace_bin,
+    As, Spawned, AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
 };
 use ktb_tests::connect::{
     connect_args, in_laptop_cmd, ktb_cmd, laptop, laptop_state, start_connect, stop, StateDir,
@@ -154,18 +154,10 @@ fn wait_for_no_connect_agent(what: &str, timeout: Duration) {
 /// The workloads' probe as `cargo xtask cluster up` built it (static, so
 /// it runs in a laptop namespace as well as in a pod).
 fn probe_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("the test binary lives in <target>/debug/deps");
-    let probe = target.join("x86_64-unknown-linux-musl/release/probe");
-    assert!(
-        probe.is_file(),
-        "{} missing: run `cargo xtask cluster up`",
-        probe.display()
-    );
-    probe
+    target_file(
+        "x86_64-unknown-linux-musl/release/probe",
+        "run `cargo xtask cluster up`",
+    )
 }
 
 /// One UDP datagram to `addr` from the laptop and its echo.
@@ -485,6 +477,11 @@ fn two_developers_connect_at_once_and_one_exchanges_while_the_other_calls_it() {
     );
 }
 
+/// Through tun, a connection that ends with a half-close keeps going the
+/// other way until that side finishes too: uploads of 1 B to 256 MiB whose
+/// digest the server answers after the laptop's FIN, and a server that
+/// half-closes first and still receives what the laptop sends after. Every
+/// byte is checked by SHA-256 at the far end.
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn connect_tun_delivers_every_byte_when_either_side_half_closes() {
@@ -519,8 +516,11 @@ fn connect_tun_delivers_every_byte_when_either_side_half_closes() {
     let mut ktb = start_connect(As::DevA, NAMESPACE, &[], &state);
 
     // The laptop half-closes after its last write; the server answers the
-    // digest of what arrived, then closes.
-    for len in [1u64, 1024, 1024 * 1024, 256 * 1024 * 1024] {
+    // digest of what arrived, then closes. Then 256 MiB twenty times: a
+    // stack that stalls now and then would hang one of them.
+    let big = 256 * 1024 * 1024u64;
+    let lengths = [1u64, 1024, 1024 * 1024].into_iter().chain([big; 20]);
+    for len in lengths {
         let out = in_laptop_cmd(
             As::DevA,
             probe,

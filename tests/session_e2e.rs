@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
     apply, command_as, echo_deployment_manifest, free_port, get_json, kubectl, kubectl_cmd,
-    kubectl_forbidden, local_echo, run_bounded, try_kubectl, wait_until, As, Spawned, NAMESPACE,
+    kubectl_forbidden, local_echo, run_bounded, target_file, try_kubectl, wait_until, As, Spawned,
+    NAMESPACE,
 };
 use ktb_tests::exchange::*;
 use serde_json::Value;
@@ -508,18 +509,7 @@ fn a_two_port_service_reaches_the_laptop_on_every_port_in_both_modes() {
 
 /// `cargo xtask` as built for `cargo xtask test` (release profile).
 fn xtask_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("the test binary lives in <target>/debug/deps");
-    let xtask = target.join("release/xtask");
-    assert!(
-        xtask.is_file(),
-        "{} missing: run the tests through `cargo xtask test`",
-        xtask.display()
-    );
-    xtask
+    target_file("release/xtask", "run the tests through `cargo xtask test`")
 }
 
 #[test]

@@ -456,6 +456,19 @@ pub fn service_manifest(
     )
 }
 
+/// A file under the target directory these tests were built in (say
+/// `release/xtask`), which must exist; `how` says what builds it.
+pub fn target_file(relative: &str, how: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("the test binary lives in <target>/debug/deps");
+    let file = target.join(relative);
+    assert!(file.is_file(), "{} missing: {how}", file.display());
+    file
+}
+
 /// A binary of this workspace in the target dir the tests were built into
 /// (`target/debug/NAME`, or under `CARGO_TARGET_DIR`): the test executable
 /// lives in `<target>/debug/deps/`. Panics naming the build command if the

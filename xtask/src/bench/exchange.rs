@@ -94,15 +94,26 @@ impl Cluster {
 
     /// The benchmark's echo Deployment and Service, rolled out.
     pub(super) fn deploy_echo(&self) -> anyhow::Result<()> {
-        self.remove_namespace(NAMESPACE)?;
-        self.apply(WORKLOAD)?;
+        self.deploy(NAMESPACE, WORKLOAD, SERVICE)
+    }
+
+    /// Applies `manifest` in a fresh `namespace` and waits until its
+    /// Deployment `deployment` has rolled out.
+    pub(super) fn deploy(
+        &self,
+        namespace: &str,
+        manifest: &str,
+        deployment: &str,
+    ) -> anyhow::Result<()> {
+        self.remove_namespace(namespace)?;
+        self.apply(manifest)?;
         self.kubectl(&[
             "-n",
-            NAMESPACE,
+            namespace,
             "rollout",
             "status",
             "deployment",
-            SERVICE,
+            deployment,
             "--timeout=90s",
         ])
         .map(drop)

@@ -90,17 +90,7 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = Cluster::find()?;
-    cluster.remove_namespace(NAMESPACE)?;
-    cluster.apply(WORKLOAD)?;
-    cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "rollout",
-        "status",
-        "deployment",
-        SERVICE,
-        "--timeout=90s",
-    ])?;
+    cluster.deploy(NAMESPACE, WORKLOAD, SERVICE)?;
     let result = runtime.block_on(run(workspace, &cluster));
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
