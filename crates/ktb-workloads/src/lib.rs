@@ -112,11 +112,22 @@ pub mod half_close {
     /// Fills `buf` with the pattern's bytes from `offset` on. Not constant
     /// and not periodic at any power of two, so a lost or shifted segment
     /// changes the digest.
-    pub fn fill(buf: &mut [u8], offset: u64) {
+    fn fill(buf: &mut [u8], offset: u64) {
         for (i, byte) in buf.iter_mut().enumerate() {
             let at = offset + i as u64;
             *byte = (at.wrapping_mul(2_654_435_761) >> 13) as u8 ^ (at % 251) as u8;
         }
+    }
+
+    /// The first `len` bytes of the pattern, in pieces of at most 64 KiB.
+    pub fn chunks(len: u64) -> impl Iterator<Item = Vec<u8>> {
+        const CHUNK: u64 = 64 * 1024;
+        (0..len.div_ceil(CHUNK)).map(move |i| {
+            let offset = i * CHUNK;
+            let mut chunk = vec![0u8; (len - offset).min(CHUNK) as usize];
+            fill(&mut chunk, offset);
+            chunk
+        })
     }
 
     /// `LEN HEX`: what the digest server answers for `len` bytes hashed
@@ -133,14 +144,23 @@ pub mod half_close {
     /// The summary of the first `len` bytes of the pattern.
     pub fn expected(len: u64) -> String {
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            fill(&mut buf[..n], done);
-            hasher.update(&buf[..n]);
-            done += n as u64;
-        }
+        chunks(len).for_each(|chunk| hasher.update(&chunk));
         summary(len, hasher)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn chunks_cover_the_pattern_exactly_and_continue_it_across_pieces() {
+            let lens: Vec<usize> = chunks(2 * 65536 + 1).map(|c| c.len()).collect();
+            assert_eq!(lens, [65536, 65536, 1]);
+            assert_eq!(chunks(0).count(), 0);
+            let whole: Vec<u8> = chunks(70_000).flatten().collect();
+            let mut direct = vec![0u8; 70_000];
+            fill(&mut direct, 0);
+            assert_eq!(whole, direct);
+        }
     }
 }

@@ -115,14 +115,11 @@ fn hear_then_upload(target: &str, len: &str) -> Result<()> {
 }
 
 fn send_pattern(s: &mut TcpStream, len: u64) -> Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
     let mut sent = 0u64;
-    while sent < len {
-        let n = (len - sent).min(buf.len() as u64) as usize;
-        half_close::fill(&mut buf[..n], sent);
-        s.write_all(&buf[..n])
+    for chunk in half_close::chunks(len) {
+        s.write_all(&chunk)
             .map_err(|e| format!("sending byte {sent} of {len}: {e}"))?;
-        sent += n as u64;
+        sent += chunk.len() as u64;
     }
     Ok(())
 }

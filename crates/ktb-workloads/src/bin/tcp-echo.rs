@@ -75,13 +75,8 @@ async fn hash_to_end(reader: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(
 }
 
 async fn greet_then_listen(conn: &mut TcpStream) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < GREETING_LEN {
-        let n = (GREETING_LEN - sent).min(buf.len() as u64) as usize;
-        half_close::fill(&mut buf[..n], sent);
-        conn.write_all(&buf[..n]).await?;
-        sent += n as u64;
+    for chunk in half_close::chunks(GREETING_LEN) {
+        conn.write_all(&chunk).await?;
     }
     conn.shutdown().await?;
     let (len, hasher) = hash_to_end(conn).await?;

@@ -328,10 +328,15 @@ impl Stack {
     }
 }
 
+/// Whether `packet` is IPv4 carrying TCP: what this stack takes.
+pub fn is_ipv4_tcp(packet: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    packet.len() >= 20 && packet[0] >> 4 == 4 && packet[9] == TCP
+}
+
 /// The addresses of an IPv4 TCP segment with SYN and without ACK.
 fn syn_tuple(packet: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
-    const TCP: u8 = 6;
-    if packet.len() < 20 || packet[0] >> 4 != 4 || packet[9] != TCP {
+    if !is_ipv4_tcp(packet) {
         return None;
     }
     let header = usize::from(packet[0] & 0x0f) * 4;

@@ -69,7 +69,7 @@ pub async fn serve(device: AsyncDevice, outbound: Outbound) {
                 }
             };
             let packet = buf[..n].to_vec();
-            let queue = if is_ipv4_tcp(&packet) {
+            let queue = if netstack::is_ipv4_tcp(&packet) {
                 &to_tcp
             } else {
                 &to_udp
@@ -100,11 +100,6 @@ pub async fn serve(device: AsyncDevice, outbound: Outbound) {
     tokio::join!(writer, reader, tcp, udp);
 }
 
-fn is_ipv4_tcp(packet: &[u8]) -> bool {
-    const TCP: u8 = 6;
-    packet.len() >= 20 && packet[0] >> 4 == 4 && packet[9] == TCP
-}
-
 /// ipstack over the packets that are not IPv4 TCP.
 async fn serve_udp(packets: Packets, outbound: Outbound) {
     let mut config = IpStackConfig::default();
@@ -133,8 +128,7 @@ async fn carry_tcp(conn: TcpConn, outbound: Outbound) {
         }
     };
     let (reader, writer) = tokio::io::split(conn);
-    let result = stream.bridge(reader, writer).await;
-    if let Err(e) = &result {
+    if let Err(e) = stream.bridge(reader, writer).await {
         tracing::debug!(%destination, error = %e, "connection through the tunnel failed");
     }
 }
