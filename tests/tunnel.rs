@@ -568,6 +568,53 @@ async fn connect_role_dials_tcp_and_relays_udp() {
     }
 }
 
+/// What a port-forward carries: records instead of a WebSocket, on the
+/// same port that still answers HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_port_takes_a_records_link_beside_http() {
+    let agent = RunningAgent::start_with(true, |config| config.allow_loopback = true).await;
+    let tcp_echo = servers::echo().await;
+    let tcp = TcpStream::connect(agent.tunnel).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let mut records = ktb_proto::link::client(tcp).await.unwrap();
+    within("handshake", client_handshake(&mut records, &agent.key))
+        .await
+        .expect("the agent accepts the key over records");
+    let (session, _incoming) = Session::start(records, Side::Client, SessionConfig::default());
+    let mut stream = session.open(Target::Addr(tcp_echo.addr)).unwrap();
+    within("dial", stream.opened())
+        .await
+        .expect("agent reached the echo server");
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (r, w) = tokio::io::split(theirs);
+    tokio::spawn(stream.bridge(r, w));
+    let (mut ours_r, mut ours_w) = tokio::io::split(ours);
+    let sent: Vec<u8> = (0..8 * MIB).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            ours_w.write_all(&sent).await.unwrap();
+            ours_w.shutdown().await.unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    within("8 MiB echo", ours_r.read_to_end(&mut echoed))
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    assert!(echoed == sent, "every byte came back in order");
+
+    let mut http = TcpStream::connect(agent.tunnel).await.unwrap();
+    http.write_all(b"GET /readyz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    within("HTTP answer", http.read_to_string(&mut answer))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_agent_refuses_loopback_and_link_local_by_default() {
     let agent = RunningAgent::start(true).await;

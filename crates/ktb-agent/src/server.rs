@@ -1,4 +1,5 @@
-//! The agent's HTTP endpoints: readiness, and the upgrade to a tunnel.
+//! The agent's endpoints: readiness, the upgrade to a tunnel, and a
+//! tunnel's records link (through a port-forward, see [`ktb_proto::link`]).
 //!
 //! hyper parses HTTP so that a port scanner, a health checker or garbage
 //! bytes only ever cost one connection. Every connection passes the
@@ -10,6 +11,7 @@
 //! the kubelet probes another port.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +24,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ktb_proto::handshake::{agent_handshake, websocket_config, Welcome};
 use ktb_proto::session::Side;
-use ktb_proto::{Session, SessionConfig};
-use tokio::net::TcpListener;
+use ktb_proto::{link, Link, Session, SessionConfig};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -74,40 +76,75 @@ pub async fn serve(
         let probes = Arc::clone(&probes);
         tokio::spawn(async move {
             let admission = Arc::new(admission);
-            let deadline = admission.deadline;
-            let service = {
-                let admission = Arc::clone(&admission);
-                service_fn(move |req| {
-                    let attachment = Arc::clone(&attachment);
-                    let admission = Arc::clone(&admission);
-                    let probes = Arc::clone(&probes);
-                    async move {
-                        let response = route(req, endpoint, &attachment, &admission, &probes);
-                        Ok::<_, Infallible>(response.await)
-                    }
-                })
-            };
-            // All of the connection's HTTP before the deadline, however
-            // many requests it makes: an HTTP client gets no more time
-            // than a tunnel's handshake, and an upgraded connection keeps
-            // the deadline for its handshake. (Not `keep_alive(false)`:
-            // hyper would then answer the upgrade with `Connection: close`.)
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(
-                    deadline.saturating_duration_since(tokio::time::Instant::now()),
-                )
-                .max_buf_size(HTTP_BUFFER)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            match tokio::time::timeout_at(deadline, connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error")
-                }
-                Err(_) => tracing::debug!(%peer, "HTTP request not complete by the deadline"),
+            if endpoint == Endpoint::Tunnel && opens_records_link(&tcp, admission.deadline).await {
+                attach_records(tcp, attachment, admission).await;
+            } else {
+                serve_http(tcp, peer, endpoint, attachment, admission, probes).await;
             }
         });
+    }
+}
+
+/// Whether the connection's first byte is a records link's (see
+/// [`ktb_proto::link`]); an HTTP request never starts with it.
+async fn opens_records_link(tcp: &TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut first = [0];
+    matches!(
+        tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0] == link::MAGIC[0]
+    )
+}
+
+/// A records link, as the laptop opens through a port-forward.
+async fn attach_records(tcp: TcpStream, attachment: Arc<Attachment>, admission: Arc<Admission>) {
+    let io = ReadLimit::new(tcp, HANDSHAKE_READ_LIMIT);
+    match tokio::time::timeout_at(admission.deadline, link::accept(io)).await {
+        Ok(Ok(records)) => {
+            attach(records, |r| r.get_mut().lift(), attachment, admission).await;
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "refused a tunnel"),
+        Err(_) => tracing::debug!("records preamble not complete by the deadline"),
+    }
+}
+
+async fn serve_http(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    endpoint: Endpoint,
+    attachment: Arc<Attachment>,
+    admission: Arc<Admission>,
+    probes: Arc<Probes>,
+) {
+    let deadline = admission.deadline;
+    let service = {
+        let admission = Arc::clone(&admission);
+        service_fn(move |req| {
+            let attachment = Arc::clone(&attachment);
+            let admission = Arc::clone(&admission);
+            let probes = Arc::clone(&probes);
+            async move {
+                let response = route(req, endpoint, &attachment, &admission, &probes);
+                Ok::<_, Infallible>(response.await)
+            }
+        })
+    };
+    // All of the connection's HTTP before the deadline, however
+    // many requests it makes: an HTTP client gets no more time
+    // than a tunnel's handshake, and an upgraded connection keeps
+    // the deadline for its handshake. (Not `keep_alive(false)`:
+    // hyper would then answer the upgrade with `Connection: close`.)
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .max_buf_size(HTTP_BUFFER)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    match tokio::time::timeout_at(deadline, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error")
+        }
+        Err(_) => tracing::debug!(%peer, "HTTP request not complete by the deadline"),
     }
 }
 
@@ -200,7 +237,13 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match tokio::time::timeout_at(admission.deadline, on_upgrade).await {
-            Ok(Ok(upgraded)) => attach(TokioIo::new(upgraded), attachment, admission).await,
+            Ok(Ok(upgraded)) => {
+                let io = ReadLimit::new(TokioIo::new(upgraded), HANDSHAKE_READ_LIMIT);
+                let ws =
+                    WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config()))
+                        .await;
+                attach(ws, |ws| ws.get_mut().lift(), attachment, admission).await
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
             Err(_) => tracing::debug!("WebSocket upgrade not complete by the deadline"),
         }
@@ -217,15 +260,16 @@ fn upgrade(
         .expect("static response parts are valid")
 }
 
-/// Runs the handshake, then serves the tunnel until it ends. The
-/// connection keeps its place in the endpoint's limits (`admission`) for
-/// as long as it lives.
-async fn attach<S>(io: S, attachment: Arc<Attachment>, admission: Arc<Admission>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let io = ReadLimit::new(io, HANDSHAKE_READ_LIMIT);
-    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config())).await;
+/// Runs the handshake on a link whose reads are held to
+/// [`HANDSHAKE_READ_LIMIT`] until `lift`, then serves the tunnel until it
+/// ends. The connection keeps its place in the endpoint's limits
+/// (`admission`) for as long as it lives.
+async fn attach<L: Link>(
+    mut ws: L,
+    lift: impl FnOnce(&mut L),
+    attachment: Arc<Attachment>,
+    admission: Arc<Admission>,
+) {
     let config = attachment.config();
     let Some(key) = config.client_key else {
         tracing::warn!("refused a tunnel: this agent has no client key");
@@ -238,7 +282,7 @@ where
             return;
         }
     };
-    ws.get_mut().lift();
+    lift(&mut ws);
     admission.authenticated();
     let (session, incoming) = Session::start(ws, Side::Agent, SessionConfig::default());
     let welcome = Welcome {

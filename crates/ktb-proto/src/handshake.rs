@@ -28,15 +28,14 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::{ClientKey, ClientPublicKey, KeyError, Nonce};
 use crate::codec::{kind, put_short_string, DecodeError, Frame, Reader, MAX_FRAME_LEN};
+use crate::link::Link;
 use crate::tcp::{get_socket_addr, put_socket_addr};
 
 /// The version this build speaks. Bump it for any incompatible change to the
@@ -389,13 +388,10 @@ fn first_frame_problem(message: Bytes) -> String {
 
 /// Client side: `Hello`, answer the challenge, wait for `Welcome` or the
 /// agent's refusal, all within [`HANDSHAKE_TIMEOUT`].
-pub async fn client_handshake<S>(
-    ws: &mut WebSocketStream<S>,
+pub async fn client_handshake<L: Link>(
+    ws: &mut L,
     key: &ClientKey,
-) -> Result<Welcome, HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<Welcome, HandshakeError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = Hello::new()?;
     let nonce = hello.nonce;
@@ -417,14 +413,7 @@ where
     }
 }
 
-async fn send<S>(
-    ws: &mut WebSocketStream<S>,
-    frame: Frame,
-    deadline: Instant,
-) -> Result<(), HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+async fn send<L: Link>(ws: &mut L, frame: Frame, deadline: Instant) -> Result<(), HandshakeError> {
     tokio::time::timeout_at(deadline, ws.send(Message::Binary(frame.encode())))
         .await
         .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))??;
@@ -432,10 +421,7 @@ where
 }
 
 /// The agent's next frame; its close frame becomes [`HandshakeError::Refused`].
-async fn receive<S>(ws: &mut WebSocketStream<S>, deadline: Instant) -> Result<Frame, HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+async fn receive<L: Link>(ws: &mut L, deadline: Instant) -> Result<Frame, HandshakeError> {
     let reply = tokio::time::timeout_at(deadline, ws.next())
         .await
         .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))?;
@@ -460,14 +446,11 @@ where
 /// `deadline`. Returns the version to speak; the agent answers `Welcome`
 /// through [`crate::Session::welcome`] once it is ready to carry streams, so
 /// a client never hears "welcome" before callers can be served.
-pub async fn agent_handshake<S>(
-    ws: &mut WebSocketStream<S>,
+pub async fn agent_handshake<L: Link>(
+    ws: &mut L,
     key: ClientPublicKey,
     deadline: Instant,
-) -> Result<u16, HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<u16, HandshakeError> {
     let timed_out = || HandshakeError::Timeout(deadline.saturating_duration_since(Instant::now()));
     let mut handshake = AgentHandshake::new(key);
     loop {
@@ -492,14 +475,16 @@ where
     }
 }
 
-async fn refuse<S, T>(ws: &mut WebSocketStream<S>, refusal: Refusal) -> Result<T, HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+async fn refuse<L: Link, T>(ws: &mut L, refusal: Refusal) -> Result<T, HandshakeError> {
     let Refusal { code, reason } = refusal;
     // Best effort, briefly: the peer may be gone or not reading, and the
     // refusal stands either way.
-    let _ = tokio::time::timeout(REFUSAL_FLUSH, ws.close(Some(close_frame(code, &reason)))).await;
+    let close = Message::Close(Some(close_frame(code, &reason)));
+    let _ = tokio::time::timeout(REFUSAL_FLUSH, async {
+        ws.send(close).await?;
+        SinkExt::close(ws).await
+    })
+    .await;
     Err(HandshakeError::Refused { code, reason })
 }
 
@@ -684,11 +669,25 @@ mod tests {
     #[tokio::test]
     async fn client_and_agent_complete_the_handshake_over_a_websocket() {
         use tokio_tungstenite::tungstenite::protocol::Role;
+        use tokio_tungstenite::WebSocketStream;
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let mut agent_ws =
+        let agent_ws =
             WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
-        let mut client_ws =
+        let client_ws =
             WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
+        handshake_over(agent_ws, client_ws).await;
+    }
+
+    #[tokio::test]
+    async fn client_and_agent_complete_the_handshake_over_records() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        // The client's preamble and Hello leave before the agent answers.
+        let client_ws = crate::link::client(b).await.unwrap();
+        let agent_ws = crate::link::accept(a).await.unwrap();
+        handshake_over(agent_ws, client_ws).await;
+    }
+
+    async fn handshake_over(mut agent_ws: impl Link, mut client_ws: impl Link) {
         let key = ClientKey::generate().unwrap();
         let public = key.public();
         let agent = tokio::spawn(async move {

@@ -1,17 +1,19 @@
 //! The ktb tunnel protocol: what the CLI on a developer's laptop and the agent
 //! in the cluster say to each other, and the multiplexer that lets one
-//! WebSocket carry every TCP stream and UDP datagram of a session.
+//! connection carry every TCP stream and UDP datagram of a session.
 //!
 //! The crate is shared by both ends so the two can never disagree about the
-//! wire format. It is organised like the protocol itself: [`codec`] frames
-//! messages, one module per message family ([`handshake`], [`tcp`], [`udp`])
+//! wire format. It is organised like the protocol itself: [`link`] carries
+//! messages over a WebSocket or as records on a port-forward, [`codec`]
+//! frames them, one module per message family ([`handshake`], [`tcp`], [`udp`])
 //! defines their bodies, [`auth`] holds the session keys the handshake
 //! proves, and [`session`] runs a live tunnel with per-stream flow control
 //! and keepalive.
 //!
 //! # Wire format (protocol version 3)
 //!
-//! Every WebSocket *binary* message carries exactly one frame. All integers are
+//! Every *binary* message of the link (a WebSocket message, or a record:
+//! see [`link`]) carries exactly one frame. All integers are
 //! big-endian. A frame starts with a one-byte kind; its body follows:
 //!
 //! | kind | name       | body                                                        |
@@ -31,7 +33,7 @@
 //!
 //! The client speaks first with `Hello`; the agent answers with a
 //! `Challenge`, the client with a `Proof` of its session key, and the agent
-//! with `Welcome` — or it closes the WebSocket with a close code from
+//! with `Welcome` — or it closes the link with a close code from
 //! [`handshake::close_code`] and a reason a person can act on. Streams opened
 //! by the agent have odd ids, streams opened by the client even ids, so both
 //! sides allocate without coordination; ids only grow and are never reused.
@@ -46,12 +48,13 @@
 //! [`codec::MAX_FRAME_LEN`], anything that does not decode or a frame
 //! sequence that makes no sense (data after `Fin`, a stream it never
 //! opened…) is disconnected with a close reason; nothing it sends can make
-//! the process panic or buffer without bound. Liveness rides WebSocket
-//! ping/pong.
+//! the process panic or buffer without bound. Liveness rides the link's
+//! pings.
 
 pub mod auth;
 pub mod codec;
 pub mod handshake;
+pub mod link;
 pub mod session;
 pub mod stream;
 pub mod tcp;
@@ -59,5 +62,6 @@ pub mod udp;
 
 pub use auth::{ClientKey, ClientPublicKey};
 pub use codec::{DecodeError, Frame};
+pub use link::Link;
 pub use session::{CloseReason, Incoming, Session, SessionClosed, SessionConfig, Side};
 pub use stream::{Stream, StreamError};

@@ -1,4 +1,4 @@
-//! A live tunnel: many streams and datagrams over one WebSocket.
+//! A live tunnel: many streams and datagrams over one [`Link`].
 //!
 //! Two tasks own the socket. The reader decodes frames and hands them to
 //! per-stream queues without ever waiting on a stream, so a slow consumer
@@ -33,14 +33,13 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::codec::{Frame, StreamId};
 use crate::handshake::{close_code, close_frame, Welcome};
+use crate::link::Link;
 use crate::stream::{Stream, StreamSlot, INITIAL_WINDOW, MAX_CHUNK};
 use crate::tcp::Target;
 use crate::udp::{Datagram, FlowId};
@@ -245,19 +244,16 @@ struct Queues {
 }
 
 impl Session {
-    /// Starts the tunnel on a WebSocket that has completed the handshake.
+    /// Starts the tunnel on a link that has completed the handshake.
     /// Returns the handle and the queue of what the peer starts.
-    pub fn start<S>(
-        ws: WebSocketStream<S>,
+    pub fn start<L: Link>(
+        link: L,
         side: Side,
         config: SessionConfig,
-    ) -> (Session, mpsc::Receiver<Incoming>)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    ) -> (Session, mpsc::Receiver<Incoming>) {
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_queue.max(1));
         let (inner, queues) = Inner::new(side, config);
-        let (sink, stream) = ws.split();
+        let (sink, stream) = link.split();
         let keepalive = inner.config.keepalive_interval;
         let closed = inner.closed.subscribe();
         tokio::spawn(async move {
@@ -513,15 +509,13 @@ pub(crate) fn local_close(code: u16, reason: impl Into<String>) -> CloseReason {
     }
 }
 
-async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+async fn write_loop<L: Link>(
+    mut sink: SplitSink<L, Message>,
     mut control: mpsc::Receiver<Message>,
     mut data: mpsc::Receiver<Message>,
     mut closed: watch::Receiver<Option<CloseReason>>,
     keepalive_interval: Duration,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     /// Messages written before one flush: enough to fill large TCP writes,
     /// few enough that control frames are never held back for long.
     const BATCH: usize = 32;
@@ -573,13 +567,11 @@ async fn write_loop<S>(
     .await;
 }
 
-async fn read_loop<S>(
-    mut stream: SplitStream<WebSocketStream<S>>,
+async fn read_loop<L: Link>(
+    mut stream: SplitStream<L>,
     inner: Arc<Inner>,
     incoming: mpsc::Sender<Incoming>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let timeout = inner.config.keepalive_timeout;
     let mut closed = inner.closed.subscribe();
     let reason = loop {
@@ -827,6 +819,7 @@ mod tests {
     use crate::handshake::websocket_config;
     use crate::stream::INITIAL_WINDOW;
     use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
 
     type Peer = WebSocketStream<tokio::io::DuplexStream>;
 
@@ -1092,13 +1085,22 @@ mod tests {
     }
 
     /// Two sessions over a pipe, the agent echoing every stream the
-    /// client opens.
-    async fn echoing_pair(config: SessionConfig) -> Session {
+    /// client opens; over WebSocket or over records.
+    async fn echoing_pair(config: SessionConfig, records: bool) -> Session {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let agent =
-            WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
-        let client =
-            WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
+        if records {
+            let (client, agent) = tokio::join!(crate::link::client(b), crate::link::accept(a));
+            echo_over(agent.unwrap(), client.unwrap(), config)
+        } else {
+            let agent =
+                WebSocketStream::from_raw_socket(a, Role::Server, Some(websocket_config())).await;
+            let client =
+                WebSocketStream::from_raw_socket(b, Role::Client, Some(websocket_config())).await;
+            echo_over(agent, client, config)
+        }
+    }
+
+    fn echo_over(agent: impl Link, client: impl Link, config: SessionConfig) -> Session {
         let (_agent, mut incoming) = Session::start(agent, Side::Agent, config.clone());
         tokio::spawn(async move {
             while let Some(Incoming::Stream { stream, .. }) = incoming.recv().await {
@@ -1115,6 +1117,15 @@ mod tests {
 
     #[tokio::test]
     async fn narrow_windows_never_stall_whatever_the_write_sizes() {
+        narrow_windows_never_stall_over(false).await;
+    }
+
+    #[tokio::test]
+    async fn narrow_windows_never_stall_over_records() {
+        narrow_windows_never_stall_over(true).await;
+    }
+
+    async fn narrow_windows_never_stall_over(records: bool) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // No widening: every stream keeps INITIAL_WINDOW, where a chunk
         // larger than three quarters of the window could wait for credit
@@ -1124,7 +1135,7 @@ mod tests {
             receive_budget: 4 * INITIAL_WINDOW as usize,
             ..SessionConfig::default()
         };
-        let session = echoing_pair(config).await;
+        let session = echoing_pair(config, records).await;
         let stream = session.open(Target::AgentPort { port: 1 }).unwrap();
         let (ours, theirs) = tokio::io::duplex(256 * 1024);
         let (r, w) = tokio::io::split(theirs);

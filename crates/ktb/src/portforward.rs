@@ -18,7 +18,7 @@ use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::tunnel::Transport;
+use crate::tunnel::{LinkKind, Transport};
 
 /// Bytes buffered between the tunnel and the port-forward, each way.
 const PIPE: usize = 1 << 20;
@@ -64,6 +64,10 @@ impl Transport for PortForward {
 
     fn authority(&self) -> String {
         format!("localhost:{}", self.port)
+    }
+
+    fn link(&self) -> LinkKind {
+        LinkKind::Records
     }
 }
 

@@ -16,7 +16,7 @@ use ktb_proto::handshake::{
     client_handshake, close_code, websocket_config, HandshakeError, Welcome, HANDSHAKE_TIMEOUT,
 };
 use ktb_proto::session::Side;
-use ktb_proto::{ClientKey, Incoming, Session, SessionConfig};
+use ktb_proto::{ClientKey, Incoming, Link, Session, SessionConfig};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -31,7 +31,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the close frame to reach the agent.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How bytes reach the agent's HTTP endpoint: directly over TCP, or (for
+/// How bytes reach the agent's tunnel endpoint: directly over TCP, or (for
 /// clusters) through a port-forward.
 pub trait Transport: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
@@ -40,6 +40,19 @@ pub trait Transport: Send + Sync + 'static {
     fn describe(&self) -> String;
     /// `host:port` for the WebSocket request line.
     fn authority(&self) -> String;
+    /// How the tunnel's messages travel on this transport's connections.
+    fn link(&self) -> LinkKind;
+}
+
+/// The two links of [`ktb_proto::link`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An HTTP upgrade to a WebSocket: a connection the laptop makes
+    /// itself may cross proxies that only pass real WebSockets.
+    WebSocket,
+    /// Length-prefixed records: a port-forward already is a WebSocket, and
+    /// a second one inside it only costs masking and parsing.
+    Records,
 }
 
 /// Plain TCP to an address the laptop can reach (`--transport direct`).
@@ -70,6 +83,10 @@ impl Transport for Direct {
 
     fn authority(&self) -> String {
         self.addr.clone()
+    }
+
+    fn link(&self) -> LinkKind {
+        LinkKind::WebSocket
     }
 }
 
@@ -232,22 +249,45 @@ async fn connect_and_serve<T: Transport, R: ClientRole>(
         .connect()
         .await
         .map_err(|e| Failure::Retry(format!("cannot reach the agent at {where_to}: {e}")))?;
-    let url = format!("ws://{}/tunnel", transport.authority());
-    // Bounded: an agent that accepts the connection and then says nothing
-    // (or a port-forward to a gone pod) must not hold the client forever.
-    let upgrade = tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()));
-    let (mut ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade)
-        .await
-        .map_err(|_| {
-            Failure::Retry(format!(
-                "the agent at {where_to} did not answer the tunnel request in {HANDSHAKE_TIMEOUT:?}"
-            ))
-        })?
-        .map_err(|e| {
-            Failure::Retry(format!(
-                "the agent at {where_to} did not accept a tunnel: {e}"
-            ))
-        })?;
+    match transport.link() {
+        LinkKind::Records => {
+            let records = ktb_proto::link::client(io).await.map_err(|e| {
+                Failure::Retry(format!("cannot reach the agent at {where_to}: {e}"))
+            })?;
+            serve(records, config, role, reporter, backoff, live).await
+        }
+        LinkKind::WebSocket => {
+            let url = format!("ws://{}/tunnel", transport.authority());
+            // Bounded: an agent that accepts the connection and then says
+            // nothing must not hold the client forever.
+            let upgrade =
+                tokio_tungstenite::client_async_with_config(url, io, Some(websocket_config()));
+            let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade)
+                .await
+                .map_err(|_| {
+                    Failure::Retry(format!(
+                        "the agent at {where_to} did not answer the tunnel request in {HANDSHAKE_TIMEOUT:?}"
+                    ))
+                })?
+                .map_err(|e| {
+                    Failure::Retry(format!(
+                        "the agent at {where_to} did not accept a tunnel: {e}"
+                    ))
+                })?;
+            serve(ws, config, role, reporter, backoff, live).await
+        }
+    }
+}
+
+/// Handshake on a dialed link, then the session until it drops.
+async fn serve<L: Link, R: ClientRole>(
+    mut ws: L,
+    config: &TunnelConfig,
+    role: &R,
+    reporter: &Reporter,
+    backoff: &mut Backoff,
+    live: &Mutex<Option<Session>>,
+) -> Result<String, Failure> {
     let welcome = match client_handshake(&mut ws, &config.key).await {
         Ok(welcome) => welcome,
         Err(HandshakeError::Refused { code, reason })
