@@ -227,6 +227,16 @@ fn connect_tun_reaches_pods_services_and_names_and_ctrl_c_restores_the_laptop() 
             "{url} answered {body:?}, not {WEB_POD}"
         );
     }
+    // A request travels with the stream's open; a port nobody listens on
+    // still fails as a reset, not as curl's own timeout.
+    let closed = curl(As::DevA, &[&format!("http://{}:8081/", fx.web_pod_ip)]);
+    let failure = closed.expect_err("a closed pod port answered through connect");
+    assert!(
+        failure.contains("reset")
+            || failure.contains("refused")
+            || failure.contains("Recv failure"),
+        "a closed port failed otherwise than with a reset: {failure}"
+    );
     let udp: SocketAddr = format!("{}:9001", fx.udp_ip).parse().expect("udp addr");
     udp_round_trip(udp)
         .unwrap_or_else(|e| panic!("UDP through connect: {e}\nktb:\n{}", ktb.stderr()));

@@ -186,6 +186,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a completion script for SHELL to standard output, e.g.
+    /// `ktb completion bash > /etc/bash_completion.d/ktb` or
+    /// `ktb completion zsh > "${fpath[1]}/_ktb"`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Attach to an agent by address and serve its callers from local ports
     /// (what `exchange --transport direct` does once the agent exists).
     /// Generates this session's key pair and prints the public key first:
@@ -492,6 +499,11 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             let service = service.trim_start_matches("svc/");
             ktb::recover::run(&cluster, service, force, &reporter).await
         }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ktb", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Attach { agent, expose } => {
             let key = ClientKey::generate()?;
             let public = key.public();
@@ -606,4 +618,33 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_name_every_command_and_the_kubectl_flags() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+            clap_complete::Shell::PowerShell,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ktb", &mut script);
+            let script = String::from_utf8(script).expect("a script is text");
+            for word in ["exchange", "connect", "mesh", "namespace", "kubeconfig"] {
+                assert!(script.contains(word), "{shell} completion lacks {word}");
+            }
+        }
+    }
 }

@@ -118,9 +118,13 @@ async fn serve_udp(packets: Packets, outbound: Outbound) {
     }
 }
 
+/// The laptop's connection is already established (netstack answered its
+/// SYN), so its first bytes go with the open; if the agent cannot dial,
+/// the stream fails and the laptop's connection is reset, as a refused
+/// connection would be after the fact.
 async fn carry_tcp(conn: TcpConn, outbound: Outbound) {
     let destination = conn.destination;
-    let stream = match outbound.connect(Target::Addr(destination)).await {
+    let stream = match outbound.open(Target::Addr(destination)).await {
         Ok(stream) => stream,
         Err(e) => {
             tracing::info!(%destination, error = %e, "cannot connect through the tunnel");
