@@ -82,6 +82,9 @@ pub const CLIENT_PREAMBLE_LEN: usize = MAGIC.len() + 4;
 /// The agent's preamble: magic, chosen version (0: none).
 const AGENT_PREAMBLE_LEN: usize = MAGIC.len() + 2;
 const HEADER_LEN: usize = 5;
+/// The most the read buffer grows for one pending record: a data frame
+/// (48 KiB payload by default) and its header fit.
+const READ_STEP: usize = 64 * 1024;
 /// Encoded records are written out once this many bytes wait: several
 /// frames per write, and never much more than one port-forward message.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -243,8 +246,10 @@ impl Decoder for RecordCodec {
             ));
         }
         if src.len() < HEADER_LEN + len {
-            // One read for the rest of the record, not many small ones.
-            src.reserve(HEADER_LEN + len - src.len());
+            // Room for the rest of a data frame in one read; no more, so
+            // that a header alone cannot make an unauthenticated peer cost
+            // a whole frame's buffer.
+            src.reserve((HEADER_LEN + len - src.len()).min(READ_STEP));
             return Ok(None);
         }
         src.advance(HEADER_LEN);
