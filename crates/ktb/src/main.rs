@@ -116,6 +116,16 @@ enum Command {
         /// How cluster names reach this machine's resolver (tun mode).
         #[arg(long, value_enum, default_value_t = Dns::Resolv)]
         dns: Dns,
+        /// The longest ktb's DNS server (--dns resolv) keeps an answer from
+        /// the cluster: each is kept for its own TTL (a "no such name" for
+        /// its SOA's), but no longer than this; 0 turns the cache off.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = connect::dns_cache::DEFAULT_MAX_TTL,
+            value_parser = clap::value_parser!(u32).range(0..=i64::from(connect::dns_cache::MAX_TTL_LIMIT)),
+        )]
+        dns_cache_ttl: u32,
         /// A range to route into the cluster instead of the discovered ones (repeatable).
         #[arg(long = "cidr")]
         cidrs: Vec<ipnet::Ipv4Net>,
@@ -427,6 +437,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
         Command::Connect {
             mode,
             dns,
+            dns_cache_ttl,
             cidrs,
             excludes,
             force_routes,
@@ -448,6 +459,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                     Dns::Hosts => connect::DnsMode::Hosts,
                     Dns::Off => connect::DnsMode::Off,
                 },
+                dns_cache_ttl,
                 cidrs,
                 excludes,
                 force_routes,

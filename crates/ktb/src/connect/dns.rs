@@ -17,6 +17,10 @@
 //! else on the socket is dropped, as a stub resolver would. The cluster is
 //! asked with an id of ktb's own choosing, not the client's. The domains
 //! the agent reports are checked before they are used.
+//!
+//! What the cluster said is kept for its TTL ([`super::dns_cache`]), so a
+//! name asked again is answered here, without the tunnel or the upstream
+//! servers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +37,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::dns_cache::{ClusterCache, Key, Said};
 use super::outbound::Outbound;
 
 /// Where the server listens: a loopback address of its own, so it neither
@@ -46,6 +51,9 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_IN_FLIGHT: usize = 256;
 /// A TCP client silent this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The largest UDP reply a client takes unless its query says more with
+/// EDNS (RFC 1035).
+const PLAIN_UDP_REPLY: u16 = 512;
 /// The longest DNS name and label in text form (RFC 1035).
 const MAX_NAME: usize = 253;
 const MAX_LABEL: usize = 63;
@@ -54,6 +62,8 @@ const MAX_LABEL: usize = 63;
 pub struct Answerer {
     outbound: Outbound,
     upstream: Vec<SocketAddr>,
+    /// What the cluster said lately about candidate names.
+    cache: ClusterCache,
     dropped: Dropped,
 }
 
@@ -71,10 +81,13 @@ impl Dropped {
 }
 
 impl Answerer {
-    pub fn new(outbound: Outbound, upstream: Vec<SocketAddr>) -> Arc<Answerer> {
+    /// `cache_ttl`: the longest, in seconds, the cluster's answers are
+    /// kept (`--dns-cache-ttl`); zero keeps none.
+    pub fn new(outbound: Outbound, upstream: Vec<SocketAddr>, cache_ttl: u32) -> Arc<Answerer> {
         Arc::new(Answerer {
             outbound,
             upstream,
+            cache: ClusterCache::new(cache_ttl),
             dropped: Dropped::default(),
         })
     }
@@ -96,6 +109,10 @@ impl Answerer {
         if candidates.is_empty() {
             return self.upstream(&query, &message).await;
         }
+        // Answered from the cache: no upstream query to start and cancel.
+        if let Some(reply) = self.cached(&message, &candidates) {
+            return Some(reply);
+        }
         let this = Arc::clone(self);
         let (upstream_query, upstream_message) = (query.clone(), message.clone());
         let upstream =
@@ -109,26 +126,49 @@ impl Answerer {
         upstream.await.ok().flatten()
     }
 
+    /// The cached reply for the first of `candidates` the cluster knows,
+    /// rewritten for the question asked; `None` unless the cache holds
+    /// what the cluster said of every candidate up to it.
+    fn cached(&self, question: &Message, candidates: &[Name]) -> Option<Vec<u8>> {
+        let query = question.queries.first()?;
+        let tunnel = self.outbound.tunnels();
+        for candidate in candidates {
+            let key = Key::new(candidate, query);
+            match self.cache.get(&key, tunnel, Instant::now())? {
+                Said::NoSuchName => continue,
+                Said::Reply(reply) => return cached_reply(reply, question, candidate),
+            }
+        }
+        None
+    }
+
     /// The cluster's answer for `candidate`, rewritten for the question
     /// asked; `None` if the cluster does not know the name.
     async fn ask_cluster(&self, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
         let server = *self.outbound.resolver().nameservers.first()?;
+        let key = Key::new(candidate, question.queries.first()?);
+        let tunnel = self.outbound.tunnels();
+        match self.cache.get(&key, tunnel, Instant::now()) {
+            Some(Said::NoSuchName) => return None,
+            Some(Said::Reply(reply)) => {
+                if let Some(reply) = cached_reply(reply, question, candidate) {
+                    return Some(reply);
+                }
+            }
+            None => {}
+        }
         let mut query = question.clone();
-        let asked = query.queries.first()?.name().clone();
         query.metadata.id = rand::random();
         query.queries.first_mut()?.set_name(candidate.clone());
-        let mut reply = ask_through_tunnel(&self.outbound, server, &query, &self.dropped).await?;
+        let reply = ask_through_tunnel(&self.outbound, server, &query, &self.dropped).await?;
+        // One line per round trip to the cluster: what a cached name no
+        // longer costs, countable from outside (`KTB_LOG=ktb::connect::dns=debug`).
+        tracing::debug!(name = %candidate, code = %reply.metadata.response_code, "asked the cluster's DNS");
+        self.cache.keep(key, &reply, tunnel, Instant::now());
         if reply.metadata.response_code != ResponseCode::NoError {
             return None;
         }
-        reply.metadata.id = question.metadata.id;
-        reply.queries = question.queries.clone();
-        for record in &mut reply.answers {
-            if record.name.eq_case(candidate) || record.name == *candidate {
-                record.name = asked.clone();
-            }
-        }
-        reply.to_vec().ok()
+        for_question(reply, question, candidate)
     }
 
     /// Forwards the query unchanged to the machine's own servers in turn;
@@ -162,6 +202,35 @@ impl Answerer {
         }
         servfail(message)
     }
+}
+
+/// The cluster's `reply` about `candidate` as the answer to `question`:
+/// its id, its question, and the name asked where the reply names the
+/// candidate.
+fn for_question(mut reply: Message, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
+    let asked = question.queries.first()?.name().clone();
+    reply.metadata.id = question.metadata.id;
+    reply.queries = question.queries.clone();
+    for record in &mut reply.answers {
+        if record.name.eq_case(candidate) || record.name == *candidate {
+            record.name = asked.clone();
+        }
+    }
+    reply.to_vec().ok()
+}
+
+/// [`for_question`] for a reply kept for another client's query: `None`
+/// when it is larger than this client takes over UDP (the cluster is
+/// asked instead); and without EDNS when this client's query had none, as a
+/// server must answer (RFC 6891 §7).
+fn cached_reply(mut reply: Message, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
+    if question.edns.is_none() {
+        reply.edns = None;
+    }
+    let limit = question.edns.as_ref().map_or(PLAIN_UDP_REPLY, |edns| {
+        edns.max_payload().max(PLAIN_UDP_REPLY)
+    });
+    for_question(reply, question, candidate).filter(|wire| wire.len() <= usize::from(limit))
 }
 
 /// Sends `query` to the cluster's DNS server through the tunnel and waits
@@ -565,7 +634,7 @@ mod tests {
     async fn forged_upstream_replies_are_dropped_and_the_real_one_passed_on() {
         let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let server = upstream.local_addr().unwrap();
-        let answerer = Answerer::new(Outbound::default(), vec![server]);
+        let answerer = Answerer::new(Outbound::default(), vec![server], 60);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let (n, client) = upstream.recv_from(&mut buf).await.unwrap();
@@ -598,7 +667,11 @@ mod tests {
     #[tokio::test]
     async fn a_query_that_does_not_parse_is_not_forwarded() {
         let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let answerer = Answerer::new(Outbound::default(), vec![upstream.local_addr().unwrap()]);
+        let answerer = Answerer::new(
+            Outbound::default(),
+            vec![upstream.local_addr().unwrap()],
+            60,
+        );
         assert_eq!(answerer.answer(Bytes::from_static(b"\x01")).await, None);
         let mut buf = [0u8; 512];
         let nothing = upstream.try_recv_from(&mut buf).unwrap_err();

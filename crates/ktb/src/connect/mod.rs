@@ -11,6 +11,7 @@
 //! deletes the Lease after the grace period and the pod goes with it.
 
 pub mod dns;
+pub mod dns_cache;
 pub mod journal;
 pub mod netstack;
 pub mod outbound;
@@ -75,6 +76,9 @@ pub enum DnsMode {
 pub struct ConnectOptions {
     pub mode: Mode,
     pub dns: DnsMode,
+    /// The longest, in seconds, ktb's DNS server keeps the cluster's
+    /// answers (tun mode, `--dns resolv`); zero keeps none.
+    pub dns_cache_ttl: u32,
     /// Replaces the discovered ranges when not empty.
     pub cidrs: Vec<Ipv4Net>,
     pub excludes: Vec<Ipv4Net>,
@@ -356,7 +360,11 @@ async fn start_local(
                 .map(|s| s.ip().to_string())
                 .collect::<Vec<_>>()
                 .join(", ");
-            tasks.spawn(dns::serve(dns::Answerer::new(outbound, upstream), udp, tcp));
+            tasks.spawn(dns::serve(
+                dns::Answerer::new(outbound, upstream, options.dns_cache_ttl),
+                udp,
+                tcp,
+            ));
             format!(
                 "DNS: cluster names answered at {} (resolv.conf), other names by {others}",
                 dns::LISTEN.ip()

@@ -8,7 +8,7 @@
 //! [`Flow`] routes them to whoever opened the flow.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ struct Inner {
     resolver: watch::Sender<Resolver>,
     flows: Mutex<HashMap<FlowId, mpsc::Sender<Datagram>>>,
     next_flow: AtomicU32,
+    /// Tunnels that came up so far; 0 before the first.
+    tunnels: AtomicU64,
 }
 
 /// One UDP flow: datagrams out to any peer, replies in. Dropping it tells
@@ -57,6 +59,7 @@ impl Default for Outbound {
                 resolver: watch::channel(Resolver::default()).0,
                 flows: Mutex::new(HashMap::new()),
                 next_flow: AtomicU32::new(1),
+                tunnels: AtomicU64::new(0),
             }),
         }
     }
@@ -122,6 +125,15 @@ impl Outbound {
         self.inner.resolver.borrow().clone()
     }
 
+    /// Which tunnel is up, counting from 1: a new number means the tunnel
+    /// dropped and came back, and what was learnt through the old one
+    /// (cached DNS answers) may no longer hold. Counted before the new
+    /// session is handed out, so nothing learnt through the new tunnel
+    /// carries an old number.
+    pub fn tunnels(&self) -> u64 {
+        self.inner.tunnels.load(Ordering::Acquire)
+    }
+
     /// Waits until the first tunnel is up.
     pub async fn wait_up(&self) {
         let mut rx = self.inner.session.subscribe();
@@ -143,6 +155,7 @@ impl ClientRole for Outbound {
         self.inner.resolver.send_replace(welcome.resolver.clone());
         // Flows of the previous tunnel died with it on the agent's side.
         self.inner.flows.lock().expect("flows lock").clear();
+        self.inner.tunnels.fetch_add(1, Ordering::Release);
         self.inner.session.send_replace(Some(session.clone()));
         Ok(())
     }
