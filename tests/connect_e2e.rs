@@ -600,3 +600,40 @@ fn connect_tun_delivers_every_byte_when_either_side_half_closes() {
         ],
     );
 }
+
+/// kt-connect's `--dnsCacheTtl`, kept by ktb's resolver: a cluster name
+/// asked again within its TTL is answered on the laptop, without a round
+/// trip to the cluster's DNS; `--dns-cache-ttl 0` asks every time. ktb's
+/// debug log names every query it sends to the cluster, so the count of
+/// those lines tells a cache from none.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_answers_a_repeated_cluster_name_from_its_cache() {
+    let fx = deploy();
+    let before = laptop_state(As::DevA);
+    let fqdn = format!("{WEB}.{NAMESPACE}.svc.cluster.local");
+    for (extra, expected_asks) in [(&["-vv"][..], 1), (&["-vv", "--dns-cache-ttl", "0"][..], 5)] {
+        let state = StateDir::new("dns-cache");
+        let mut ktb = start_connect(As::DevA, NAMESPACE, extra, &state);
+        for _ in 0..5 {
+            assert_eq!(dig(&[&fqdn]), fx.web_ip, "dig {fqdn} with {extra:?}");
+        }
+        stop(&mut ktb, libc::SIGINT);
+        let asked = format!("{fqdn}.");
+        let asks = ktb
+            .stderr()
+            .lines()
+            .filter(|line| line.contains("asked the cluster's DNS") && line.contains(&asked))
+            .count();
+        assert_eq!(
+            asks, expected_asks,
+            "five lookups of {fqdn} with {extra:?} asked the cluster {asks} times"
+        );
+        assert_eq!(
+            laptop_state(As::DevA),
+            before,
+            "the laptop is not as it was before connect"
+        );
+    }
+    wait_for_no_connect_agent("the connect agent to be deleted", Duration::from_secs(30));
+}

@@ -30,6 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsCode;
 use hickory_proto::rr::Name;
 use ktb_proto::handshake::Resolver;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -222,10 +223,15 @@ fn for_question(mut reply: Message, question: &Message, candidate: &Name) -> Opt
 /// [`for_question`] for a reply kept for another client's query: `None`
 /// when it is larger than this client takes over UDP (the cluster is
 /// asked instead); and without EDNS when this client's query had none, as a
-/// server must answer (RFC 6891 §7).
+/// server must answer (RFC 6891 §7). The cookie is dropped: it echoes the
+/// other query's client cookie, which this client would reject as forged
+/// (RFC 7873 §5.3); a reply without one is a server without cookies.
 fn cached_reply(mut reply: Message, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
     if question.edns.is_none() {
         reply.edns = None;
+    }
+    if let Some(edns) = reply.edns.as_mut() {
+        edns.options_mut().remove(EdnsCode::Cookie);
     }
     let limit = question.edns.as_ref().map_or(PLAIN_UDP_REPLY, |edns| {
         edns.max_payload().max(PLAIN_UDP_REPLY)
