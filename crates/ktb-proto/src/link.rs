@@ -153,13 +153,7 @@ where
 }
 
 fn framed<S: AsyncRead + AsyncWrite>(io: S, preamble: Preamble) -> Records<S> {
-    let mut framed = Framed::new(
-        io,
-        RecordCodec {
-            preamble,
-            ..RecordCodec::default()
-        },
-    );
+    let mut framed = Framed::new(io, RecordCodec { preamble });
     framed.set_backpressure_boundary(WRITE_BATCH);
     framed
 }
