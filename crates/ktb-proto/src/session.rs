@@ -513,6 +513,15 @@ pub(crate) fn local_close(code: u16, reason: impl Into<String>) -> CloseReason {
     }
 }
 
+/// Where the writer took a message from.
+enum Queued {
+    /// Open, opened, credit, reset, flow end, welcome, ping: written as
+    /// soon as possible.
+    Control(Message),
+    /// A stream's data or fin, or a datagram.
+    Data(Message),
+}
+
 async fn write_loop<L: Link>(
     mut sink: SplitSink<L, Message>,
     mut control: mpsc::Receiver<Message>,
@@ -525,26 +534,46 @@ async fn write_loop<L: Link>(
     const BATCH: usize = 32;
     let mut keepalive = tokio::time::interval(keepalive_interval);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A data message is written only after every control message queued
+    // so far: a stream's `Open` is queued before its first `Data`, but
+    // on a multi-threaded runtime both may arrive between this task's look
+    // at the control queue and its look at the data queue, and data for a
+    // stream the peer has not heard of closes the tunnel.
     'tunnel: loop {
-        let first = tokio::select! {
+        let mut next = Some(tokio::select! {
             biased;
-            Some(message) = control.recv() => message,
+            Some(message) = control.recv() => Queued::Control(message),
             _ = closed.changed() => break,
-            Some(message) = data.recv() => message,
-            _ = keepalive.tick() => Message::Ping(Default::default()),
-        };
-        if sink.feed(first).await.is_err() {
-            return;
-        }
-        for _ in 1..BATCH {
-            let next = match control.try_recv() {
-                Ok(message) => message,
-                Err(_) => match data.try_recv() {
-                    Ok(message) => message,
-                    Err(_) => break,
+            Some(message) = data.recv() => Queued::Data(message),
+            _ = keepalive.tick() => Queued::Control(Message::Ping(Default::default())),
+        });
+        for _ in 0..BATCH {
+            let queued = match next.take() {
+                Some(queued) => queued,
+                None => match control.try_recv() {
+                    Ok(message) => Queued::Control(message),
+                    Err(_) => match data.try_recv() {
+                        Ok(message) => Queued::Data(message),
+                        Err(_) => break,
+                    },
                 },
             };
-            if sink.feed(next).await.is_err() {
+            let message = match queued {
+                Queued::Control(message) => message,
+                Queued::Data(message) => {
+                    // Bounded: the control queue holds CONTROL_QUEUE frames.
+                    for _ in 0..CONTROL_QUEUE {
+                        let Ok(earlier) = control.try_recv() else {
+                            break;
+                        };
+                        if sink.feed(earlier).await.is_err() {
+                            break 'tunnel;
+                        }
+                    }
+                    message
+                }
+            };
+            if sink.feed(message).await.is_err() {
                 break 'tunnel;
             }
         }

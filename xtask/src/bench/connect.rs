@@ -7,8 +7,11 @@
 //! load (bulk echo throughput, request/response round trips, new
 //! connections) runs from inside the laptop, through the port-forward and
 //! through connect to the Service's ClusterIP; DNS round trips for the
-//! Service's name are timed from the laptop through ktb's resolver and,
-//! as the floor, from inside the echo pod straight to CoreDNS. Medians of
+//! Service's name are timed from the laptop through ktb's resolver (one
+//! name asked again and again: answered from the cache) and, as the floor,
+//! from inside the echo pod straight to CoreDNS. Before it, a short
+//! `ktb connect --dns-cache-ttl 0` times the same queries without the
+//! cache: every one a first query, through the tunnel. Medians of
 //! the rounds are printed with their ratios and written to
 //! `target/bench/connect.json`.
 
@@ -113,21 +116,46 @@ fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> 
     let ktb = workspace.join("target/release/ktb");
     let mut ready = Vec::new();
     let mut figures: [Vec<Figures>; 2] = Default::default();
-    let mut dns: [Vec<(f64, f64)>; 2] = Default::default();
-    for round in 1..=ROUNDS {
-        eprintln!("round {round}/{ROUNDS}: starting ktb connect on {LAPTOP}");
-        let log = scratch.join(format!("ktb-{round}.log"));
-        let started = Instant::now();
+    let mut dns: [Vec<(f64, f64)>; 3] = Default::default();
+    let start_connect = |log: &PathBuf, extra: &[&str]| -> anyhow::Result<Process> {
         let connect = Process::spawn(
             on_laptop(&ktb)
                 .env("KUBECONFIG", &cluster.kubeconfig)
                 .env("KTB_STATE_DIR", scratch.join("state"))
                 .args(["connect", "-n", NAMESPACE])
                 .args(["--agent-image", "ktb.test/ktb-agent:dev"])
-                .args(["--image-pull-policy", "Never"]),
-            &log,
+                .args(["--image-pull-policy", "Never"])
+                .args(extra),
+            log,
         )?;
-        wait_for_line(&log, READY_LINE, Duration::from_secs(120))?;
+        wait_for_line(log, READY_LINE, Duration::from_secs(120))?;
+        Ok(connect)
+    };
+    let ktb_dns = || -> anyhow::Result<(f64, f64)> {
+        dns_figures(&output(on_laptop(probe).args([
+            "dns-latency",
+            KTB_DNS,
+            &name,
+            DNS_QUERIES,
+        ]))?)
+    };
+    for round in 1..=ROUNDS {
+        eprintln!(
+            "round {round}/{ROUNDS}: ktb connect with its DNS cache off: every query a first one"
+        );
+        let uncached = start_connect(
+            &scratch.join(format!("ktb-uncached-{round}.log")),
+            &["--dns-cache-ttl", "0"],
+        )?;
+        dns[2].push(ktb_dns()?);
+        Command::new("kill")
+            .args(["-INT", &uncached.pid().to_string()])
+            .status()?;
+        uncached.wait_exit(Duration::from_secs(30))?;
+
+        eprintln!("round {round}/{ROUNDS}: starting ktb connect on {LAPTOP}");
+        let started = Instant::now();
+        let connect = start_connect(&scratch.join(format!("ktb-{round}.log")), &[])?;
         ready.push(started.elapsed().as_secs_f64());
 
         eprintln!("round {round}/{ROUNDS}: load through kubectl port-forward and ktb connect");
@@ -147,12 +175,7 @@ fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> 
             &name,
             DNS_QUERIES,
         ])?)?);
-        dns[1].push(dns_figures(&output(on_laptop(probe).args([
-            "dns-latency",
-            KTB_DNS,
-            &name,
-            DNS_QUERIES,
-        ]))?)?);
+        dns[1].push(ktb_dns()?);
 
         Command::new("kill")
             .args(["-INT", &connect.pid().to_string()])
@@ -167,7 +190,11 @@ fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> 
             median(rounds.iter().map(|r| r.1).collect()),
         )
     };
-    let (floor, through) = (dns_median(&dns[0]), dns_median(&dns[1]));
+    let (floor, through, first) = (
+        dns_median(&dns[0]),
+        dns_median(&dns[1]),
+        dns_median(&dns[2]),
+    );
     let ready_s = median(ready);
     println!();
     super::exchange::print_table(&[("kubectl port-forward", &raw), ("ktb connect", &ktb)]);
@@ -179,12 +206,14 @@ fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> 
         ktb.connect_p50_us / raw.connect_p50_us,
     );
     println!(
-        "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect {:.0}/{:.0} µs; p50 over the floor {:.2} ms",
+        "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect, first query (cache off) {:.0}/{:.0} µs, {:.2} ms over the floor; repeated name (cached) {:.0}/{:.0} µs",
         floor.0,
         floor.1,
+        first.0,
+        first.1,
+        (first.0 - floor.0) / 1000.0,
         through.0,
         through.1,
-        (through.0 - floor.0) / 1000.0
     );
     println!("ktb connect: ready (start → ready line) {ready_s:.2} s (median of {ROUNDS})");
     let report = json!({
@@ -193,7 +222,8 @@ fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> 
         "ktb_connect": ktb.to_json(),
         "dns_us": {
             "floor_p50": floor.0, "floor_p99": floor.1,
-            "ktb_p50": through.0, "ktb_p99": through.1,
+            "ktb_first_p50": first.0, "ktb_first_p99": first.1,
+            "ktb_cached_p50": through.0, "ktb_cached_p99": through.1,
         },
         "ready_s": ready_s,
         "ratio_vs_port_forward": {
