@@ -29,13 +29,13 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::auth::{ClientKey, ClientPublicKey, KeyError, Nonce};
 use crate::codec::{kind, put_short_string, DecodeError, Frame, Reader, MAX_FRAME_LEN};
 use crate::link::Link;
+pub use crate::link::{close_code, close_frame};
 use crate::tcp::{get_socket_addr, put_socket_addr};
 
 /// The version this build speaks. Bump it for any incompatible change to the
@@ -55,29 +55,6 @@ pub const MAGIC: &[u8; 4] = b"ktb!";
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refusal waits for its close frame to leave.
 const REFUSAL_FLUSH: Duration = Duration::from_secs(1);
-
-/// WebSocket close codes (private range 4000–4999) used when refusing a peer.
-pub mod close_code {
-    /// The client could not prove it holds the session's private key.
-    pub const UNAUTHORIZED: u16 = 4001;
-    /// No protocol version in common.
-    pub const VERSION_MISMATCH: u16 = 4002;
-    /// The peer sent something that is not a valid frame at this point.
-    pub const MALFORMED: u16 = 4003;
-    /// The peer went silent for longer than the keepalive timeout.
-    pub const DEAD_PEER: u16 = 4004;
-    /// A newer client attached to the agent and replaced this one.
-    pub const REPLACED: u16 = 4005;
-    /// The peer sent more data on a stream than its credit allowed.
-    pub const FLOW_CONTROL: u16 = 4006;
-    /// The agent is shutting down.
-    pub const SHUTDOWN: u16 = 4007;
-    /// This side ran out of a bounded resource the peer kept filling (its
-    /// queue of control frames to send, or stream ids); reconnecting helps.
-    pub const OVERLOADED: u16 = 4008;
-    /// Standard WebSocket code: this side failed on its own (no randomness).
-    pub const INTERNAL: u16 = 1011;
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -242,19 +219,6 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_FRAME_LEN))
         .write_buffer_size(256 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
-}
-
-/// A close frame, its reason cut to the 123 bytes WebSocket allows.
-pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
-    const MAX_CLOSE_REASON: usize = 123;
-    let mut end = reason.len().min(MAX_CLOSE_REASON);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason[..end].into(),
-    }
 }
 
 /// Why a handshake failed; the message is what the user sees.

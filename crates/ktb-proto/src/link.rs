@@ -46,11 +46,12 @@ use bytes::{Buf, BufMut, BytesMut};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::codec::MAX_FRAME_LEN;
-use crate::handshake::{close_code, close_frame};
 
 /// Anything that carries a tunnel's messages both ways: a WebSocket, or
 /// [`Records`] over a byte stream.
@@ -70,6 +71,43 @@ impl<T> Link for T where
         + Send
         + 'static
 {
+}
+
+/// Close codes (WebSocket's private range 4000–4999) a side ends a link
+/// with, beside its reason.
+pub mod close_code {
+    /// The client could not prove it holds the session's private key.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// No protocol version in common.
+    pub const VERSION_MISMATCH: u16 = 4002;
+    /// The peer sent something that is not a valid frame at this point.
+    pub const MALFORMED: u16 = 4003;
+    /// The peer went silent for longer than the keepalive timeout.
+    pub const DEAD_PEER: u16 = 4004;
+    /// A newer client attached to the agent and replaced this one.
+    pub const REPLACED: u16 = 4005;
+    /// The peer sent more data on a stream than its credit allowed.
+    pub const FLOW_CONTROL: u16 = 4006;
+    /// The agent is shutting down.
+    pub const SHUTDOWN: u16 = 4007;
+    /// This side ran out of a bounded resource the peer kept filling (its
+    /// queue of control frames to send, or stream ids); reconnecting helps.
+    pub const OVERLOADED: u16 = 4008;
+    /// Standard WebSocket code: this side failed on its own (no randomness).
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// A close frame, its reason cut to the 123 bytes WebSocket allows.
+pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    const MAX_CLOSE_REASON: usize = 123;
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason[..end].into(),
+    }
 }
 
 /// Opens a records link's preamble. 0xFF starts no HTTP method.
@@ -263,9 +301,7 @@ impl Decoder for RecordCodec {
     }
 }
 
-fn close_body(
-    mut body: bytes::Bytes,
-) -> Result<Option<tungstenite::protocol::CloseFrame>, tungstenite::Error> {
+fn close_body(mut body: bytes::Bytes) -> Result<Option<CloseFrame>, tungstenite::Error> {
     if body.is_empty() {
         return Ok(None);
     }
