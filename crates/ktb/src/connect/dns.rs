@@ -131,33 +131,38 @@ impl Answerer {
     /// rewritten for the question asked; `None` unless the cache holds
     /// what the cluster said of every candidate up to it.
     fn cached(&self, question: &Message, candidates: &[Name]) -> Option<Vec<u8>> {
-        let query = question.queries.first()?;
-        let tunnel = self.outbound.tunnels();
         for candidate in candidates {
-            let key = Key::new(candidate, query);
-            match self.cache.get(&key, tunnel, Instant::now())? {
-                Said::NoSuchName => continue,
-                Said::Reply(reply) => return cached_reply(reply, question, candidate),
+            if let Some(reply) = self.from_cache(question, candidate)? {
+                return Some(reply);
             }
         }
         None
     }
 
+    /// What the cache holds of `candidate` for `question`: `Some(None)`
+    /// when the cluster said there is no such name, `Some(Some(reply))`
+    /// its reply rewritten for the question, `None` when it has nothing
+    /// this client can take.
+    fn from_cache(&self, question: &Message, candidate: &Name) -> Option<Option<Vec<u8>>> {
+        let key = Key::new(candidate, question.queries.first()?);
+        match self
+            .cache
+            .get(&key, self.outbound.tunnels(), Instant::now())?
+        {
+            Said::NoSuchName => Some(None),
+            Said::Reply(reply) => cached_reply(reply, question, candidate).map(Some),
+        }
+    }
+
     /// The cluster's answer for `candidate`, rewritten for the question
     /// asked; `None` if the cluster does not know the name.
     async fn ask_cluster(&self, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
+        if let Some(answer) = self.from_cache(question, candidate) {
+            return answer;
+        }
         let server = *self.outbound.resolver().nameservers.first()?;
         let key = Key::new(candidate, question.queries.first()?);
         let tunnel = self.outbound.tunnels();
-        match self.cache.get(&key, tunnel, Instant::now()) {
-            Some(Said::NoSuchName) => return None,
-            Some(Said::Reply(reply)) => {
-                if let Some(reply) = cached_reply(reply, question, candidate) {
-                    return Some(reply);
-                }
-            }
-            None => {}
-        }
         let mut query = question.clone();
         query.metadata.id = rand::random();
         query.queries.first_mut()?.set_name(candidate.clone());
