@@ -34,8 +34,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::auth::{ClientKey, ClientPublicKey, KeyError, Nonce};
 use crate::codec::{kind, put_short_string, DecodeError, Frame, Reader, MAX_FRAME_LEN};
-use crate::link::Link;
 pub use crate::link::{close_code, close_frame};
+use crate::link::{highest_common_version, Link};
 use crate::tcp::{get_socket_addr, put_socket_addr};
 
 /// The version this build speaks. Bump it for any incompatible change to the
@@ -200,14 +200,16 @@ impl Welcome {
 
 /// Picks the version to speak, or explains why there is none.
 pub fn negotiate(client_min: u16, client_max: u16) -> Result<u16, String> {
-    let chosen = client_max.min(PROTOCOL_VERSION);
-    if client_min > client_max || chosen < client_min.max(MIN_PROTOCOL_VERSION) {
-        return Err(format!(
+    highest_common_version(
+        (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+        (client_min, client_max),
+    )
+    .ok_or_else(|| {
+        format!(
             "version mismatch: client speaks {client_min}..={client_max}, \
              agent speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}; use CLI and agent of one release"
-        ));
-    }
-    Ok(chosen)
+        )
+    })
 }
 
 /// WebSocket limits both ends apply after the handshake: nothing larger

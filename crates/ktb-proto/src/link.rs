@@ -168,10 +168,9 @@ where
     }
     let min = u16::from_be_bytes([preamble[4], preamble[5]]);
     let max = u16::from_be_bytes([preamble[6], preamble[7]]);
-    let chosen = max.min(LINK_VERSION);
     let mut answer = BytesMut::with_capacity(AGENT_PREAMBLE_LEN);
     answer.put_slice(&MAGIC);
-    if min > max || chosen < min.max(MIN_LINK_VERSION) {
+    let Some(chosen) = highest_common_version((MIN_LINK_VERSION, LINK_VERSION), (min, max)) else {
         let reason = format!(
             "link version mismatch: client speaks {min}..={max}, agent \
              {MIN_LINK_VERSION}..={LINK_VERSION}; use CLI and agent of one release"
@@ -184,10 +183,18 @@ where
         io.write_all(&answer).await?;
         let _ = io.shutdown().await;
         return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
-    }
+    };
     answer.put_u16(chosen);
     io.write_all(&answer).await?;
     Ok(framed(io, Preamble::Done))
+}
+
+/// The highest version in both inclusive ranges (min, max), if any; a
+/// range whose min exceeds its max holds none. The handshake picks its
+/// protocol version this way too.
+pub(crate) fn highest_common_version(ours: (u16, u16), theirs: (u16, u16)) -> Option<u16> {
+    let chosen = theirs.1.min(ours.1);
+    (theirs.0 <= theirs.1 && chosen >= theirs.0.max(ours.0)).then_some(chosen)
 }
 
 fn framed<S: AsyncRead + AsyncWrite>(io: S, preamble: Preamble) -> Records<S> {
