@@ -132,7 +132,7 @@ impl Answerer {
     /// what the cluster said of every candidate up to it.
     fn cached(&self, question: &Message, candidates: &[Name]) -> Option<Vec<u8>> {
         for candidate in candidates {
-            if let Some(reply) = self.from_cache(question, candidate)? {
+            if let Some(reply) = self.cached_answer(question, candidate)? {
                 return Some(reply);
             }
         }
@@ -143,7 +143,7 @@ impl Answerer {
     /// when the cluster said there is no such name, `Some(Some(reply))`
     /// its reply rewritten for the question, `None` when it has nothing
     /// this client can take.
-    fn from_cache(&self, question: &Message, candidate: &Name) -> Option<Option<Vec<u8>>> {
+    fn cached_answer(&self, question: &Message, candidate: &Name) -> Option<Option<Vec<u8>>> {
         let key = Key::new(candidate, question.queries.first()?);
         match self
             .cache
@@ -157,7 +157,7 @@ impl Answerer {
     /// The cluster's answer for `candidate`, rewritten for the question
     /// asked; `None` if the cluster does not know the name.
     async fn ask_cluster(&self, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
-        if let Some(answer) = self.from_cache(question, candidate) {
+        if let Some(answer) = self.cached_answer(question, candidate) {
             return answer;
         }
         let server = *self.outbound.resolver().nameservers.first()?;
