@@ -230,10 +230,18 @@ fn second_developer_is_refused_until_the_first_is_done() {
 
     // dev-b, on the other laptop, is told who holds it and since when.
     let out = run_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port, "5s"));
-    expect_exit(&out, 1, "dev-b exchanging a Service dev-a holds");
+    expect_exit(&out, 3, "dev-b exchanging a Service dev-a holds");
     expect_stderr(&out, "is exchanged by dev-a on ", "dev-b refused");
     expect_stderr(&out, "since", "dev-b refused");
-    // ...and dev-a's exchange is untouched by the attempt.
+    // Nor may dev-b restore it while dev-a's ktb renews its Lease.
+    let recover = run_ktb(As::DevB, &strings(&["recover", &w.name, "-n", NAMESPACE]));
+    expect_exit(&recover, 3, "dev-b recovering a Service dev-a holds");
+    expect_stderr(
+        &recover,
+        "is still being renewed",
+        "dev-b's recover refused",
+    );
+    // ...and dev-a's exchange is untouched by the attempts.
     assert_eq!(
         w.service()["metadata"]["annotations"]["ktb.dev/session"],
         held_by_a,
@@ -469,7 +477,7 @@ fn preflight_refuses(ns: &str, keep_verbs: &[&str]) {
     let before = namespace_inventory(ns);
     let out = run_ktb(As::DevA, &exchange_args(&w.name, ns, local_port, "5s"));
     let what = format!("exchange without {removed:?} pods/portforward");
-    expect_exit(&out, 1, &what);
+    expect_exit(&out, 4, &what);
     expect_stderr(&out, "missing permission", &what);
     for verb in &removed {
         expect_stderr(&out, &format!("{verb} pods/portforward"), &what);

@@ -227,7 +227,7 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
 
     // A meshed Service cannot be exchanged: the refusal names the members.
     let refused = run_ktb(As::DevB, &exchange_args(&w.name, NAMESPACE, port_b, "30s"));
-    expect_exit(&refused, 1, "exchange of a meshed Service");
+    expect_exit(&refused, 3, "exchange of a meshed Service");
     expect_stderr(
         &refused,
         "is meshed by dev-a on",
@@ -237,7 +237,7 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     // Nor can a mark be taken twice.
     let port_c = free_port(&["laptop-a"]);
     let twice = run_ktb(As::DevA, &mesh_args(&w.name, port_c, "x-dev=b", "30s"));
-    expect_exit(&twice, 1, "a second member with a taken mark");
+    expect_exit(&twice, 3, "a second member with a taken mark");
     expect_stderr(&twice, "already used", "a second member with a taken mark");
 
     // A member leaves its routes before its agent goes: once it has
@@ -295,7 +295,7 @@ fn exchange_refuses_mesh_and_killed_members_are_ended_by_the_dead_man_rule() {
     // An exchanged Service cannot be meshed: the refusal names who holds it.
     let mut exchanged = exchange_until_local(As::DevA, &w, port_a, "5s", LOCAL_A);
     let refused = run_ktb(As::DevB, &mesh_args(&w.name, port_b, "x-dev=b", "5s"));
-    expect_exit(&refused, 1, "mesh of an exchanged Service");
+    expect_exit(&refused, 3, "mesh of an exchanged Service");
     expect_stderr(
         &refused,
         "is exchanged by dev-a on",
@@ -365,7 +365,7 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
     let mut existing = args("5s");
     existing[1] = w.name.clone();
     let refused = run_ktb(As::DevA, &existing);
-    expect_exit(&refused, 1, "preview of an existing Service");
+    expect_exit(&refused, 3, "preview of an existing Service");
     expect_stderr(&refused, "already exists", "preview of an existing Service");
     w.assert_untouched("a refused preview");
 

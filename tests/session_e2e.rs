@@ -328,7 +328,8 @@ fn two_developers_racing_for_one_service_one_wins_and_the_other_changes_nothing(
     w.wait_reaches_original("after the races");
 }
 
-/// Waits until one racer is ready and the other has exited 1; returns
+/// Waits until one racer is ready and the other has exited 3 (refused:
+/// held by the winner); returns
 /// (winner, loser) as indexes.
 fn settle(racers: &mut [Spawned; 2], round: usize) -> (usize, usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -339,7 +340,7 @@ fn settle(racers: &mut [Spawned; 2], round: usize) -> (usize, usize) {
             if ready[winner] && exited[loser].is_some() {
                 assert_eq!(
                     exited[loser].and_then(|s| s.code()),
-                    Some(1),
+                    Some(3),
                     "round {round}: the loser exited otherwise:\n{}",
                     racers[loser].stderr()
                 );
@@ -801,7 +802,7 @@ fn status_shows_a_colleagues_session_from_the_cluster_alone() {
     );
     // Every namespace needs cluster-wide rights a developer does not have.
     let all = run_ktb(As::DevB, &strings(&["status", "-A"]));
-    expect_exit(&all, 1, "ktb status -A as a developer");
+    expect_exit(&all, 4, "ktb status -A as a developer");
     expect_stderr(&all, "in every namespace", "ktb status -A as a developer");
 
     w.stop_and_check_restored(&mut ktb, "after SIGINT");

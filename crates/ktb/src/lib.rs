@@ -8,8 +8,9 @@
 //! cluster's network (TUN or SOCKS5, DNS, routes, with a journal of every
 //! local change), both on the [`session`] layer (the Lease, the agent pod,
 //! renewals, ending), and [`report`] is how they tell the person at the
-//! terminal what is happening; [`recover`], [`clean`] and [`status`] work
-//! on any session from any machine. The binary only parses flags and prints.
+//! terminal what is happening, [`refusal`] why a command refused to act;
+//! [`recover`], [`clean`] and [`status`] work on any session from any
+//! machine. The binary only parses flags and prints.
 
 pub mod clean;
 pub mod cluster;
@@ -23,6 +24,7 @@ pub mod preflight;
 pub mod preview;
 pub mod proof;
 pub mod recover;
+pub mod refusal;
 pub mod report;
 pub mod service_ports;
 pub mod session;

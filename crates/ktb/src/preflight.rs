@@ -12,6 +12,7 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 
 use crate::cluster::Cluster;
+use crate::refusal::Refusal;
 
 /// One permission: a verb on a resource (and subresource) in the namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,11 +76,12 @@ pub async fn check(cluster: &Cluster, needs: &[Need]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    anyhow::bail!(
+    Err(Refusal::Forbidden(format!(
         "missing permission in namespace {ns}: {list}.\n\
          Nothing was changed. Ask a cluster admin to grant the Role in deploy/rbac/developer.yaml \
          (Role ktb-developer) to you in namespace {ns}.",
         ns = cluster.namespace,
         list = missing.join(", ")
-    )
+    ))
+    .into())
 }

@@ -29,6 +29,7 @@ use ktb_proto::auth::ClientKey;
 use crate::cluster::Cluster;
 use crate::expose::Expose;
 use crate::preflight::{self, need, Need};
+use crate::refusal::Refusal;
 use crate::report::Reporter;
 use crate::session as sessions;
 use crate::session::agent_pod::{
@@ -177,10 +178,11 @@ async fn refuse_existing(
             .and_then(|l| l.get(ktb_kube::names::SESSION_LABEL))
             .map(|s| format!(" (published by ktb session {s})"))
             .unwrap_or_default();
-        anyhow::bail!(
+        return Err(Refusal::Held(format!(
             "Service {qualified} already exists{by}; preview publishes a new Service: choose another name \
              (to send an existing Service's callers here, use `ktb exchange {name}` or `ktb mesh {name}`)"
-        );
+        ))
+        .into());
     }
     Ok(())
 }
@@ -205,9 +207,10 @@ async fn take(
     };
     match lock::take_or_replace(leases, wanted, undo).await? {
         Ok(lock) => Ok(lock),
-        Err(holder) => anyhow::bail!(
+        Err(holder) => Err(Refusal::Held(format!(
             "Service {qualified} is previewed by {holder}; choose another name, or ask them to stop"
-        ),
+        ))
+        .into()),
     }
 }
 

@@ -22,6 +22,7 @@ use ktb_kube::names::{exchange_lease, mesh_lease};
 use ktb_kube::service::{self, Restored};
 
 use crate::cluster::Cluster;
+use crate::refusal::Refusal;
 use crate::report::Reporter;
 
 pub async fn run(
@@ -44,17 +45,19 @@ pub async fn run(
         let meshed = lease.metadata.name.as_deref() == Some(mesh_lease(name).as_str());
         if live && meshed && !force {
             let members = ktb_kube::mesh::members(&leases, name).await?;
-            anyhow::bail!(
+            return Err(Refusal::Held(format!(
                 "Service {qualified} is meshed through a live router (members: {}); it restores the Service \
                  when the last member leaves; `ktb recover --force {name}` restores it anyway",
                 if members.is_empty() { "none left, it is ending".to_owned() } else { ktb_kube::mesh::describe(&members) }
-            );
+            ))
+            .into());
         }
         if live && !mine && !force {
-            anyhow::bail!(
+            return Err(Refusal::Held(format!(
                 "Service {qualified} is exchanged by {holder}, whose Lease is still being renewed (their ktb \
                  may be running and restores it on exit); `ktb recover --force {name}` restores it anyway"
-            );
+            ))
+            .into());
         }
     }
     let Some(current) = services.get_opt(name).await? else {

@@ -30,6 +30,7 @@ use ktb_proto::auth::ClientKey;
 use crate::cluster::Cluster;
 use crate::expose::ExposeArg;
 use crate::preflight::{self, need, Need};
+use crate::refusal::Refusal;
 use crate::report::Reporter;
 use crate::session as sessions;
 use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
@@ -207,11 +208,12 @@ async fn lock_service(
     };
     match lock::take_or_replace(leases, &wanted, undo).await? {
         Ok(lock) => Ok(lock),
-        Err(holder) => anyhow::bail!(
+        Err(holder) => Err(Refusal::Held(format!(
             "Service {}/{name} is exchanged by {holder}; ask them to stop, or use `ktb mesh` to share it \
              (only requests you mark reach you)",
             cluster.namespace
-        ),
+        ))
+        .into()),
     }
 }
 
@@ -229,10 +231,11 @@ async fn refuse_if_meshed(leases: &Api<Lease>, name: &str, qualified: &str) -> a
     } else {
         ktb_kube::mesh::describe(&members)
     };
-    anyhow::bail!(
+    Err(Refusal::Held(format!(
         "Service {qualified} is meshed by {who}; join them with `ktb mesh {name}` (only requests you mark reach you), \
          or ask them to leave"
-    )
+    ))
+    .into())
 }
 
 /// What was decided before the lock: the session and how its ports and

@@ -40,6 +40,7 @@ use ktb_proto::auth::ClientKey;
 use crate::cluster::Cluster;
 use crate::expose::ExposeArg;
 use crate::preflight::{self, need, Need};
+use crate::refusal::Refusal;
 use crate::report::Reporter;
 use crate::session as sessions;
 use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
@@ -217,11 +218,12 @@ async fn refuse_if_exchanged(
     qualified: &str,
 ) -> anyhow::Result<()> {
     if let Some(lock) = leases.get_opt(&exchange_lease(name)).await? {
-        anyhow::bail!(
+        return Err(Refusal::Held(format!(
             "Service {qualified} is exchanged by {}: all its traffic goes to their laptop, so it cannot be meshed. \
              Ask them to stop (if their session is dead, `ktb recover {name}` restores it)",
             lease::holder(&lock)
-        );
+        ))
+        .into());
     }
     Ok(())
 }
@@ -229,10 +231,11 @@ async fn refuse_if_exchanged(
 async fn refuse_if_mark_taken(leases: &Api<Lease>, name: &str, mark: &str) -> anyhow::Result<()> {
     let members = ktb_kube::mesh::members(leases, name).await?;
     if let Some(taken) = members.iter().find(|m| m.mark.eq_ignore_ascii_case(mark)) {
-        anyhow::bail!(
+        return Err(Refusal::Held(format!(
             "the mark {mark} is already used on Service {name} by {}; choose another with --header NAME=VALUE",
             taken.holder
-        );
+        ))
+        .into());
     }
     Ok(())
 }

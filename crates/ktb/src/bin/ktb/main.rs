@@ -1,4 +1,7 @@
-//! The `ktb` command line: flags in, [`ktb`] library calls, human output.
+//! The `ktb` command line: flags in, [`ktb`] library calls, human output,
+//! and an exit code a script can branch on ([`exit`]).
+
+mod exit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +28,8 @@ use ktb_proto::{ClientKey, SessionConfig};
 #[command(
     name = "ktb",
     version,
-    about = "kube traffic bridge: your laptop and a Kubernetes cluster as one network"
+    about = "kube traffic bridge: your laptop and a Kubernetes cluster as one network",
+    after_help = exit::HELP
 )]
 struct Cli {
     /// More detail (repeat for more).
@@ -327,7 +331,17 @@ impl From<AgentArgs> for AgentSettings {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            });
+        }
+    };
     init_logging(cli.verbose);
     // One thread: the work is moving bytes between sockets, and on the small
     // machines this runs on (a laptop beside an IDE, a pod with a CPU limit)
@@ -349,14 +363,14 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("ktb: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::FAILURE);
         }
     };
     match runtime.block_on(run(cli.kube, cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(exit::SUCCESS),
         Err(e) => {
             eprintln!("ktb: error: {e:#}");
-            ExitCode::FAILURE
+            exit::of(&e)
         }
     }
 }
