@@ -2,6 +2,7 @@
 //! and an exit code a script can branch on ([`exit`]).
 
 mod exit;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use ktb::cluster::{self, KubeOptions};
+use ktb::cluster::{self, Cluster, KubeOptions};
 use ktb::connect;
 use ktb::exchange::{self, ExchangeOptions};
 use ktb::expose::Expose;
@@ -23,6 +24,8 @@ use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb::{mesh, preview};
 use ktb_kube::grace::parse_duration;
 use ktb_proto::{ClientKey, SessionConfig};
+
+use progress::{LogWriter, Screen};
 
 #[derive(Parser)]
 #[command(
@@ -342,7 +345,8 @@ fn main() -> ExitCode {
             });
         }
     };
-    init_logging(cli.verbose);
+    let screen = Arc::new(Screen::for_stderr());
+    init_logging(cli.verbose, &screen);
     // One thread: the work is moving bytes between sockets, and on the small
     // machines this runs on (a laptop beside an IDE, a pod with a CPU limit)
     // cross-thread wake-ups cost more than they bring; `cargo xtask bench
@@ -366,7 +370,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    match runtime.block_on(run(cli.kube, cli.command)) {
+    let outcome = runtime.block_on(run(cli.kube, cli.command, Arc::clone(&screen)));
+    screen.finish();
+    match outcome {
         Ok(()) => ExitCode::from(exit::SUCCESS),
         Err(e) => {
             eprintln!("ktb: error: {e:#}");
@@ -375,17 +381,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints the library's events for the person at the terminal.
-fn terminal_reporter() -> Reporter {
-    Reporter::new(|event| match event {
+/// Prints the library's events for the person at the terminal, with a
+/// spinner while a step waits (see [`progress`]).
+fn terminal_reporter(screen: Arc<Screen>) -> Reporter {
+    Reporter::new(move |event| match event {
         Event::TunnelUp { .. } => tracing::info!("{event}"),
-        _ => eprintln!("ktb: {event}"),
+        _ => screen.show(&event),
     })
 }
 
-async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
+/// Reaches the cluster. The first contact may take until its timeout and
+/// the library reports nothing meanwhile, so the wait is ktb's own to show.
+async fn connect_cluster(kube: &KubeOptions, screen: &Screen) -> anyhow::Result<Cluster> {
+    screen
+        .during("connecting to the cluster", cluster::connect(kube))
+        .await
+}
+
+async fn run(kube: KubeArgs, command: Command, screen: Arc<Screen>) -> anyhow::Result<()> {
     let kube = KubeOptions::from(kube);
-    let reporter = terminal_reporter();
+    let reporter = terminal_reporter(Arc::clone(&screen));
     match command {
         Command::Exchange {
             service,
@@ -395,8 +410,8 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             grace,
             agent,
         } => {
-            let shutdown = shutdown_signal();
-            let cluster = cluster::connect(&kube).await?;
+            let shutdown = shutdown_signal(Arc::clone(&screen));
+            let cluster = connect_cluster(&kube, &screen).await?;
             let options = ExchangeOptions {
                 service,
                 mode: match mode {
@@ -418,8 +433,8 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             grace,
             agent,
         } => {
-            let shutdown = shutdown_signal();
-            let cluster = cluster::connect(&kube).await?;
+            let shutdown = shutdown_signal(Arc::clone(&screen));
+            let cluster = connect_cluster(&kube, &screen).await?;
             let options = mesh::MeshOptions {
                 service,
                 exposes: expose,
@@ -437,8 +452,8 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             grace,
             agent,
         } => {
-            let shutdown = shutdown_signal();
-            let cluster = cluster::connect(&kube).await?;
+            let shutdown = shutdown_signal(Arc::clone(&screen));
+            let cluster = connect_cluster(&kube, &screen).await?;
             let options = preview::PreviewOptions {
                 name,
                 exposes: expose,
@@ -461,8 +476,8 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             grace,
             agent,
         } => {
-            let shutdown = shutdown_signal();
-            let cluster = cluster::connect(&kube).await?;
+            let shutdown = shutdown_signal(Arc::clone(&screen));
+            let cluster = connect_cluster(&kube, &screen).await?;
             let options = connect::ConnectOptions {
                 mode: match mode {
                     ConnectMode::Tun => connect::Mode::Tun,
@@ -491,14 +506,14 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             ..
         } => ktb::clean::local(&state_dir, &reporter),
         Command::Clean { dry_run, .. } => {
-            let cluster = cluster::connect(&kube).await?;
+            let cluster = connect_cluster(&kube, &screen).await?;
             ktb::clean::run(&cluster, dry_run, &reporter).await
         }
         Command::Status {
             all_namespaces,
             output,
         } => {
-            let cluster = cluster::connect(&kube).await?;
+            let cluster = connect_cluster(&kube, &screen).await?;
             let rows = ktb::status::sessions(&cluster, all_namespaces).await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
@@ -511,8 +526,8 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             ports,
             addresses,
         } => {
-            let shutdown = shutdown_signal();
-            let cluster = cluster::connect(&kube).await?;
+            let shutdown = shutdown_signal(Arc::clone(&screen));
+            let cluster = connect_cluster(&kube, &screen).await?;
             let options = ForwardOptions {
                 service,
                 ports,
@@ -521,7 +536,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             ktb::forward::run(&cluster, options, &reporter, shutdown).await
         }
         Command::Recover { service, force } => {
-            let cluster = cluster::connect(&kube).await?;
+            let cluster = connect_cluster(&kube, &screen).await?;
             let service = service.trim_start_matches("svc/");
             ktb::recover::run(&cluster, service, force, &reporter).await
         }
@@ -541,7 +556,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
                 exposes: expose,
                 session: SessionConfig::default(),
             };
-            let shutdown = shutdown_signal();
+            let shutdown = shutdown_signal(Arc::clone(&screen));
             attach(Direct { addr: agent }, options, reporter, shutdown).await?;
             eprintln!("ktb: detached");
             Ok(())
@@ -617,8 +632,9 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
 /// Ctrl-C, SIGTERM or SIGHUP (the terminal closing). The handlers are
 /// installed when this is called, not when the future is first polled, so
 /// a signal during start-up is held for the command to act on (undoing what
-/// it already changed) instead of killing the process half-way.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// it already changed) instead of killing the process half-way. The steps
+/// of undoing are waits, which `screen` then shows again.
+fn shutdown_signal(screen: Arc<Screen>) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -629,10 +645,11 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = terminate.recv() => {}
             _ = hangup.recv() => {}
         }
+        screen.stopping();
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, screen: &Arc<Screen>) {
     let level = match verbose {
         0 => "warn",
         1 => "info",
@@ -642,7 +659,10 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer({
+            let screen = Arc::clone(screen);
+            move || LogWriter(Arc::clone(&screen))
+        })
         .init();
 }
 
