@@ -558,11 +558,11 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         "LAST RENEWAL",
         "HEALTH",
     ];
-    let cells: Vec<[String; 10]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-            [
+            vec![
                 r.namespace.clone(),
                 r.kind.clone(),
                 or_dash(&r.service),
@@ -576,10 +576,14 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
             ]
         })
         .collect();
+    print_table(&header, &cells);
+}
+
+/// `header` and `rows` in aligned columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
-            cells
-                .iter()
+            rows.iter()
                 .map(|c| c[i].len())
                 .chain([header[i].len()])
                 .max()
@@ -595,7 +599,7 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
-    for row in &cells {
+    for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
