@@ -1,12 +1,18 @@
 //! The `ktb` command line: flags in, [`ktb`] library calls, human output.
 
+mod config;
+mod config_command;
+
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use config::Config;
+use config_command::ConfigCommand;
 use ktb::cluster::{self, KubeOptions};
 use ktb::connect;
 use ktb::exchange::{self, ExchangeOptions};
@@ -203,6 +209,12 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Defaults for the flags, kept in a file, for every kubeconfig context
+    /// or per context: show, get, set, unset, path.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Attach to an agent by address and serve its callers from local ports
     /// (what `exchange --transport direct` does once the agent exists).
     /// Generates this session's key pair and prints the public key first:
@@ -227,7 +239,7 @@ struct KubeArgs {
     /// The kubeconfig context to use.
     #[arg(long, global = true)]
     context: Option<String>,
-    /// Namespace (default: the context's namespace).
+    /// Namespace (default: the config file's, else the context's namespace).
     #[arg(short, long, global = true)]
     namespace: Option<String>,
 }
@@ -272,12 +284,12 @@ impl From<Transport> for TransportKind {
     }
 }
 
-/// `status --output`.
+/// `status --output`, `config show --output`.
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     /// Aligned columns.
     Table,
-    /// One JSON array of sessions.
+    /// One JSON document.
     Json,
 }
 
@@ -327,7 +339,17 @@ impl From<AgentArgs> for AgentSettings {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let (cli, config) = match parse_cli(&args, config::locate(|name| std::env::var_os(name))) {
+        Ok(parsed) => parsed,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(e) => e.exit(),
+            Err(e) => {
+                eprintln!("ktb: error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     init_logging(cli.verbose);
     // One thread: the work is moving bytes between sockets, and on the small
     // machines this runs on (a laptop beside an IDE, a pod with a CPU limit)
@@ -352,13 +374,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.kube, cli.command)) {
+    match runtime.block_on(run(cli.kube, cli.command, &config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ktb: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `args` parsed over the defaults of the config file at `config_path`.
+/// A clap error (a bad flag, or `--help`) is for clap to print.
+fn parse_cli(args: &[OsString], config_path: Option<PathBuf>) -> anyhow::Result<(Cli, Config)> {
+    let config = Config::load(config_path, &Cli::command(), args)?;
+    let mut command = config.apply(Cli::command());
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    Ok((cli, config))
 }
 
 /// Prints the library's events for the person at the terminal.
@@ -369,7 +401,7 @@ fn terminal_reporter() -> Reporter {
     })
 }
 
-async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
+async fn run(kube: KubeArgs, command: Command, config: &Config) -> anyhow::Result<()> {
     let kube = KubeOptions::from(kube);
     let reporter = terminal_reporter();
     match command {
@@ -512,7 +544,6 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             ktb::recover::run(&cluster, service, force, &reporter).await
         }
         Command::Completion { shell } => {
-            use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "ktb", &mut std::io::stdout());
             Ok(())
         }
@@ -532,6 +563,7 @@ async fn run(kube: KubeArgs, command: Command) -> anyhow::Result<()> {
             eprintln!("ktb: detached");
             Ok(())
         }
+        Command::Config { command } => config_command::run(command, config, &Cli::command()),
     }
 }
 
@@ -638,8 +670,6 @@ fn init_logging(verbose: u8) {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
     use super::*;
 
     #[test]
