@@ -4,13 +4,19 @@
 mod exit;
 mod progress;
 
+mod config;
+mod config_command;
+
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use config::Config;
+use config_command::ConfigCommand;
 use ktb::cluster::{self, Cluster, KubeOptions};
 use ktb::connect;
 use ktb::exchange::{self, ExchangeOptions};
@@ -210,6 +216,12 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Defaults for the flags, kept in a file, for every kubeconfig context
+    /// or per context: show, get, set, unset, path.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Attach to an agent by address and serve its callers from local ports
     /// (what `exchange --transport direct` does once the agent exists).
     /// Generates this session's key pair and prints the public key first:
@@ -234,7 +246,7 @@ struct KubeArgs {
     /// The kubeconfig context to use.
     #[arg(long, global = true)]
     context: Option<String>,
-    /// Namespace (default: the context's namespace).
+    /// Namespace (default: the config file's, else the context's namespace).
     #[arg(short, long, global = true)]
     namespace: Option<String>,
 }
@@ -279,12 +291,12 @@ impl From<Transport> for TransportKind {
     }
 }
 
-/// `status --output`.
+/// `status --output`, `config show --output`.
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     /// Aligned columns.
     Table,
-    /// One JSON array of sessions.
+    /// One JSON document.
     Json,
 }
 
@@ -334,16 +346,23 @@ impl From<AgentArgs> for AgentSettings {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::SUCCESS
-            });
-        }
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let (cli, config) = match parse_cli(&args, config::locate(|name| std::env::var_os(name))) {
+        Ok(parsed) => parsed,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(e) => {
+                let _ = e.print();
+                return ExitCode::from(if e.use_stderr() {
+                    exit::USAGE
+                } else {
+                    exit::SUCCESS
+                });
+            }
+            Err(e) => {
+                eprintln!("ktb: error: {e:#}");
+                return ExitCode::from(exit::FAILURE);
+            }
+        },
     };
     let screen = Arc::new(Screen::for_stderr());
     init_logging(cli.verbose, &screen);
@@ -370,7 +389,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    let outcome = runtime.block_on(run(cli.kube, cli.command, Arc::clone(&screen)));
+    let outcome = runtime.block_on(run(cli.kube, cli.command, &config, Arc::clone(&screen)));
     screen.finish();
     match outcome {
         Ok(()) => ExitCode::from(exit::SUCCESS),
@@ -379,6 +398,16 @@ fn main() -> ExitCode {
             exit::of(&e)
         }
     }
+}
+
+/// `args` parsed over the defaults of the config file at `config_path`.
+/// A clap error (a bad flag, or `--help`) is for clap to print.
+fn parse_cli(args: &[OsString], config_path: Option<PathBuf>) -> anyhow::Result<(Cli, Config)> {
+    let config = Config::load(config_path, &Cli::command(), args)?;
+    let mut command = config.apply(Cli::command());
+    let matches = command.try_get_matches_from_mut(args)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    Ok((cli, config))
 }
 
 /// Prints the library's events for the person at the terminal, with a
@@ -398,7 +427,12 @@ async fn connect_cluster(kube: &KubeOptions, screen: &Screen) -> anyhow::Result<
         .await
 }
 
-async fn run(kube: KubeArgs, command: Command, screen: Arc<Screen>) -> anyhow::Result<()> {
+async fn run(
+    kube: KubeArgs,
+    command: Command,
+    config: &Config,
+    screen: Arc<Screen>,
+) -> anyhow::Result<()> {
     let kube = KubeOptions::from(kube);
     let reporter = terminal_reporter(Arc::clone(&screen));
     match command {
@@ -541,7 +575,6 @@ async fn run(kube: KubeArgs, command: Command, screen: Arc<Screen>) -> anyhow::R
             ktb::recover::run(&cluster, service, force, &reporter).await
         }
         Command::Completion { shell } => {
-            use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "ktb", &mut std::io::stdout());
             Ok(())
         }
@@ -561,6 +594,7 @@ async fn run(kube: KubeArgs, command: Command, screen: Arc<Screen>) -> anyhow::R
             eprintln!("ktb: detached");
             Ok(())
         }
+        Command::Config { command } => config_command::run(command, config, &Cli::command()),
     }
 }
 
@@ -587,11 +621,11 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         "LAST RENEWAL",
         "HEALTH",
     ];
-    let cells: Vec<[String; 10]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-            [
+            vec![
                 r.namespace.clone(),
                 r.kind.clone(),
                 or_dash(&r.service),
@@ -605,10 +639,14 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
             ]
         })
         .collect();
+    print_table(&header, &cells);
+}
+
+/// `header` and `rows` in aligned columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
-            cells
-                .iter()
+            rows.iter()
                 .map(|c| c[i].len())
                 .chain([header[i].len()])
                 .max()
@@ -624,7 +662,7 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
-    for row in &cells {
+    for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
@@ -668,8 +706,6 @@ fn init_logging(verbose: u8, screen: &Arc<Screen>) {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
     use super::*;
 
     #[test]
