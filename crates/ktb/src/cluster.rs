@@ -12,6 +12,8 @@ use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
+use crate::refusal::Refusal;
+
 /// Which cluster and namespace, as kubectl's flags say it; `None` takes
 /// kubectl's defaults.
 #[derive(Debug, Clone, Default)]
@@ -103,9 +105,13 @@ impl Cluster {
 }
 
 /// A failed API call as a sentence: the apiserver's own message (`pods is
-/// forbidden: User "dev-b" cannot list …`), not kube's debug dump of it.
+/// forbidden: User "dev-b" cannot list …`), not kube's debug dump of it; a
+/// 403 stays a missing permission for the exit code.
 pub fn api_error(error: kube::Error) -> anyhow::Error {
     match error {
+        kube::Error::Api(status) if status.code == 403 => {
+            Refusal::Forbidden(format!("{} ({})", status.message, status.reason)).into()
+        }
         kube::Error::Api(status) => anyhow::anyhow!("{} ({})", status.message, status.reason),
         other => other.into(),
     }
