@@ -6,12 +6,15 @@
 //! - `bench exchange`, `bench connect`: ktb on the test cluster against
 //!   `kubectl port-forward`; `bench mesh`: the mesh router against going
 //!   straight to the Service and against `ktb exchange`.
+//! - `demo [--clean]`: ktb's main job shown on the test cluster, narrated
+//!   and checked, for a newcomer (and for CI, which reads its transcript).
 //! - `test`: the one command that runs every test, as the README and CI call it.
 //! - `fuzz [--seconds N]`: every fuzz target of `ktb-proto` for N seconds
 //!   each (nightly Rust and cargo-fuzz).
 
 mod bench;
 mod cluster;
+mod demo;
 mod fuzz;
 mod test;
 
@@ -30,6 +33,14 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: cluster::Command,
+    },
+    /// Show ktb at work: the test cluster, a sample app, and `ktb exchange`
+    /// and `ktb mesh` from a simulated laptop, each step checked. Leaves the
+    /// app and the cluster running to play with.
+    Demo {
+        /// Only remove the sample app the demo left running.
+        #[arg(long)]
+        clean: bool,
     },
     /// Run every test: the workspace's, then end-to-end on the test cluster.
     Test {
@@ -80,6 +91,7 @@ fn workspace() -> std::path::PathBuf {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cluster { command } => cluster::run(command),
+        Command::Demo { clean } => demo::run(&workspace(), clean),
         Command::Test { without_cluster } => test::run(&workspace(), without_cluster),
         Command::Fuzz { seconds } => fuzz::run(&workspace(), seconds),
         Command::Bench {

@@ -61,7 +61,8 @@ fn cargo_command(workspace: &Path, args: &[&str]) -> Command {
     command
 }
 
-fn cargo(workspace: &Path, args: &[&str]) -> anyhow::Result<()> {
+/// Runs `cargo ARGS` in the workspace, its output passed through.
+pub fn cargo(workspace: &Path, args: &[&str]) -> anyhow::Result<()> {
     let status = cargo_command(workspace, args).status()?;
     anyhow::ensure!(
         status.success(),

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use super::exchange::{median, Cluster, Figures, NAMESPACE, SERVICE};
+use super::exchange::{deploy_echo, median, service_field, Figures, NAMESPACE, SERVICE};
 use super::paths::{free_port, Process};
+use crate::cluster::Admin;
 
 const LAPTOP: &str = "laptop-a";
 const ROUNDS: usize = 3;
@@ -42,8 +43,8 @@ pub fn connect(workspace: &Path) -> anyhow::Result<()> {
         "{} missing: `cargo xtask cluster up` builds it",
         probe.display()
     );
-    let cluster = Cluster::find()?;
-    cluster.deploy_echo()?;
+    let cluster = Admin::find()?;
+    deploy_echo(&cluster)?;
     let result = run(workspace, &cluster, &probe);
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
@@ -87,9 +88,9 @@ fn dns_figures(text: &str) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-fn run(workspace: &Path, cluster: &Cluster, probe: &Path) -> anyhow::Result<()> {
+fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
-    let service_ip = cluster.service_field(".spec.clusterIP")?;
+    let service_ip = service_field(cluster, ".spec.clusterIP")?;
     let service: SocketAddr = format!("{service_ip}:9000").parse()?;
     let name = format!("{SERVICE}.{NAMESPACE}.svc.cluster.local");
     let pod = cluster.kubectl(&[

@@ -10,7 +10,7 @@
 //! from Ctrl-C to the Service restored.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use super::load::{self, LocalServer};
 use super::paths::{free_port, Process};
 use super::wait_until_listening;
+use crate::cluster::Admin;
 
 pub(super) const NAMESPACE: &str = "ktb-bench";
 pub(super) const SERVICE: &str = "bench-echo";
@@ -30,104 +31,19 @@ const BULK_BYTES: usize = 256 << 20;
 const ROUND_TRIPS: usize = 2000;
 const NEW_CONNECTIONS: usize = 200;
 
-pub(super) struct Cluster {
-    pub(super) kubectl: PathBuf,
-    pub(super) kubeconfig: PathBuf,
+/// The benchmark's echo Deployment and Service, rolled out.
+pub(super) fn deploy_echo(cluster: &Admin) -> anyhow::Result<()> {
+    cluster.deploy(NAMESPACE, WORKLOAD, SERVICE)
 }
 
-impl Cluster {
-    pub(super) fn find() -> anyhow::Result<Cluster> {
-        let state = PathBuf::from(
-            std::env::var("KTB_CLUSTER_DIR").unwrap_or_else(|_| "/var/lib/ktb-cluster".into()),
-        );
-        let cluster = Cluster {
-            kubectl: state.join("bin/kubectl"),
-            kubeconfig: state.join("kubeconfig/admin.yaml"),
-        };
-        cluster
-            .kubectl(&["get", "--raw", "/readyz"])
-            .context("the test cluster is not up: run `cargo xtask cluster up` first")?;
-        Ok(cluster)
-    }
+/// A field of the benchmark's Service, by JSONPath.
+pub(super) fn service_field(cluster: &Admin, jsonpath: &str) -> anyhow::Result<String> {
+    let output = format!("jsonpath={{{jsonpath}}}");
+    cluster.kubectl(&["-n", NAMESPACE, "get", "svc", SERVICE, "-o", &output])
+}
 
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.kubectl);
-        command.env("KUBECONFIG", &self.kubeconfig).args(args);
-        command
-    }
-
-    pub(super) fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.command(args).output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
-    }
-
-    pub(super) fn apply(&self, manifest: &str) -> anyhow::Result<()> {
-        let path = std::env::temp_dir().join(format!("ktb-bench-{}.yaml", std::process::id()));
-        std::fs::write(&path, manifest)?;
-        let result = self
-            .kubectl(&["apply", "-f", &path.to_string_lossy()])
-            .map(drop);
-        let _ = std::fs::remove_file(path);
-        result
-    }
-
-    /// Deletes `namespace` and waits until it is gone: one left terminating
-    /// by the bench before (they run back to back) would refuse new pods.
-    pub(super) fn remove_namespace(&self, namespace: &str) -> anyhow::Result<()> {
-        self.kubectl(&[
-            "delete",
-            "namespace",
-            namespace,
-            "--ignore-not-found",
-            "--wait=true",
-            "--timeout=120s",
-        ])
-        .map(drop)
-        .with_context(|| format!("namespace {namespace} of an earlier bench is still terminating"))
-    }
-
-    /// The benchmark's echo Deployment and Service, rolled out.
-    pub(super) fn deploy_echo(&self) -> anyhow::Result<()> {
-        self.deploy(NAMESPACE, WORKLOAD, SERVICE)
-    }
-
-    /// Applies `manifest` in a fresh `namespace` and waits until its
-    /// Deployment `deployment` has rolled out.
-    pub(super) fn deploy(
-        &self,
-        namespace: &str,
-        manifest: &str,
-        deployment: &str,
-    ) -> anyhow::Result<()> {
-        self.remove_namespace(namespace)?;
-        self.apply(manifest)?;
-        self.kubectl(&[
-            "-n",
-            namespace,
-            "rollout",
-            "status",
-            "deployment",
-            deployment,
-            "--timeout=90s",
-        ])
-        .map(drop)
-    }
-
-    /// A field of the benchmark's Service, by JSONPath.
-    pub(super) fn service_field(&self, jsonpath: &str) -> anyhow::Result<String> {
-        let output = format!("jsonpath={{{jsonpath}}}");
-        self.kubectl(&["-n", NAMESPACE, "get", "svc", SERVICE, "-o", &output])
-    }
-
-    fn selector(&self) -> anyhow::Result<String> {
-        self.service_field(".spec.selector")
-    }
+fn selector(cluster: &Admin) -> anyhow::Result<String> {
+    service_field(cluster, ".spec.selector")
 }
 
 const WORKLOAD: &str = r#"
@@ -250,17 +166,17 @@ pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let cluster = Cluster::find()?;
-    cluster.deploy_echo()?;
+    let cluster = Admin::find()?;
+    deploy_echo(&cluster)?;
     let result = runtime.block_on(run(workspace, &cluster));
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed
 }
 
-async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
+async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
-    let service_ip = cluster.service_field(".spec.clusterIP")?;
+    let service_ip = service_field(cluster, ".spec.clusterIP")?;
     let service: SocketAddr = format!("{service_ip}:9000").parse()?;
     let pod = cluster.kubectl(&[
         "-n",
@@ -272,7 +188,7 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
         "-o",
         "jsonpath={.items[0].metadata.name}",
     ])?;
-    let original_selector = cluster.selector()?;
+    let original_selector = selector(cluster)?;
     let local = LocalServer::start().await?;
 
     let forwarded_port = free_port()?;
@@ -331,7 +247,7 @@ async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
             .args(["-INT", &exchange.pid().to_string()])
             .status()?;
         let deadline = interrupted + Duration::from_secs(60);
-        while cluster.selector()? != original_selector {
+        while selector(cluster)? != original_selector {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "the Service was not restored within 60 s"

@@ -21,8 +21,9 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::exchange::{median, Cluster};
+use super::exchange::median;
 use super::paths::Process;
+use crate::cluster::Admin;
 
 const NAMESPACE: &str = "ktb-bench-mesh";
 const SERVICE: &str = "bench-http";
@@ -89,7 +90,7 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let cluster = Cluster::find()?;
+    let cluster = Admin::find()?;
     cluster.deploy(NAMESPACE, WORKLOAD, SERVICE)?;
     let result = runtime.block_on(run(workspace, &cluster));
     let removed = cluster.remove_namespace(NAMESPACE);
@@ -97,7 +98,7 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
     removed
 }
 
-async fn run(workspace: &Path, cluster: &Cluster) -> anyhow::Result<()> {
+async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
     let ip = cluster.kubectl(&[
         "-n",
@@ -206,7 +207,7 @@ fn interrupt(process: &Process) -> anyhow::Result<()> {
 }
 
 /// Waits until the Service carries no ktb annotation again.
-async fn wait_restored(cluster: &Cluster) -> anyhow::Result<()> {
+async fn wait_restored(cluster: &Admin) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let annotations = cluster.kubectl(&[

@@ -68,8 +68,22 @@ fn check_tools() -> Result<()> {
     }
     if !missing.is_empty() {
         bail!(
-            "missing: {}\n(apt-get install containerd runc containernetworking-plugins iptables nftables conntrack openssl iproute2)",
+            "the test cluster cannot start, missing: {} (apt-get install containerd runc containernetworking-plugins iptables nftables conntrack openssl iproute2 util-linux)",
             missing.join(", ")
+        );
+    }
+    let cgroups = std::fs::read_to_string("/proc/cgroups").unwrap_or_default();
+    let enabled = |controller: &str| {
+        cgroups.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.first() == Some(&controller) && fields.last() == Some(&"1")
+        })
+    };
+    if !["cpu", "memory", "pids"].into_iter().all(enabled) {
+        bail!(
+            "the test cluster cannot start: the kubelet needs the cpu, memory and pids cgroup controllers, \
+             and /proc/cgroups does not list them all as enabled (a container without its own cgroups? \
+             run it privileged, or on a VM)"
         );
     }
     Ok(())
@@ -83,17 +97,22 @@ fn marker(layout: &Layout) -> PathBuf {
     layout.state.join("cluster-up")
 }
 
+/// Every daemon of a completed `up` is alive and the apiserver answers.
+pub fn is_up(layout: &Layout) -> Result<bool> {
+    let daemons = process::recorded(&layout.state)?;
+    let all_alive = marker(layout).exists()
+        && DAEMONS
+            .iter()
+            .all(|name| daemons.iter().any(|d| d.name == *name && process::alive(d)));
+    Ok(all_alive && apiserver_ready(layout))
+}
+
 pub fn up(layout: &Layout) -> Result<()> {
     require_root()?;
     check_tools()?;
     let started = Instant::now();
     if snapshot_path(layout).exists() {
-        let daemons = process::recorded(&layout.state)?;
-        let all_alive = marker(layout).exists()
-            && DAEMONS
-                .iter()
-                .all(|name| daemons.iter().any(|d| d.name == *name && process::alive(d)));
-        if all_alive && apiserver_ready(layout) {
+        if is_up(layout)? {
             println!("The test cluster is already up.");
             print_usage(layout);
             return Ok(());

@@ -7,6 +7,7 @@
 //! registry, nothing a pod sends may leave the machine, and `down` must
 //! leave the machine exactly as `up` found it. The pieces:
 //!
+//! - [`admin`]: the admin's kubectl, for benchmarks and the demo;
 //! - [`build`]: the Go components (pinned upstream releases, from
 //!   `tests/cluster/*`) and the Rust images, cached under `~/.cache/ktb/`;
 //! - [`image`]: registry-free OCI images for containerd;
@@ -18,6 +19,7 @@
 //!   verify after `down`;
 //! - [`lifecycle`]: `up`, `down` and their ordering.
 
+mod admin;
 mod build;
 mod config;
 mod image;
@@ -27,6 +29,7 @@ mod pki;
 mod process;
 mod snapshot;
 
+pub use admin::Admin;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -48,6 +51,16 @@ pub enum Command {
     Status,
     /// Print the environment for `admin`, `dev-a` or `dev-b`.
     Env { name: String },
+}
+
+/// Whether the test cluster is up (every daemon alive, the apiserver ready).
+pub fn is_up() -> Result<bool> {
+    lifecycle::is_up(&Layout::new()?)
+}
+
+/// The kubeconfig of `user` (`admin`, `dev-a`, `dev-b`).
+pub fn kubeconfig(user: &str) -> Result<PathBuf> {
+    Ok(Layout::new()?.kubeconfig(user))
 }
 
 pub fn run(command: Command) -> Result<()> {
