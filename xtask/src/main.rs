@@ -9,6 +9,8 @@
 //! - `demo [--clean]`: ktb's main job shown on the test cluster, narrated
 //!   and checked, for a newcomer (and for CI, which reads its transcript).
 //! - `test`: the one command that runs every test, as the README and CI call it.
+//! - `check-targets`: clippy for every platform ktb ships to (Linux,
+//!   macOS, Windows; amd64 and arm64), from this Linux machine.
 //! - `fuzz [--seconds N]`: every fuzz target of `ktb-proto` for N seconds
 //!   each (nightly Rust and cargo-fuzz).
 
@@ -16,6 +18,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod fuzz;
+mod targets;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +51,9 @@ enum Command {
         #[arg(long)]
         without_cluster: bool,
     },
+    /// Clippy (`-D warnings`) for every target ktb ships to: Linux x86_64
+    /// and aarch64, macOS x86_64 and aarch64, Windows x86_64.
+    CheckTargets,
     /// Run every fuzz target of ktb-proto for a time budget each and print
     /// the executions (needs nightly Rust and cargo-fuzz).
     Fuzz {
@@ -93,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster { command } => cluster::run(command),
         Command::Demo { clean } => demo::run(&workspace(), clean),
         Command::Test { without_cluster } => test::run(&workspace(), without_cluster),
+        Command::CheckTargets => targets::run(&workspace()),
         Command::Fuzz { seconds } => fuzz::run(&workspace(), seconds),
         Command::Bench {
             bench: Bench::Tunnel,

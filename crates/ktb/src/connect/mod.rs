@@ -100,6 +100,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    anyhow::ensure!(
+        options.mode != Mode::Tun || cfg!(target_os = "linux"),
+        "connect --mode tun is Linux-only for now (its routes and DNS are set with Linux's tools); \
+         on this machine use --mode socks5, which needs no privileges"
+    );
     let started = Instant::now();
     let ns = cluster.namespace.clone();
     let mut needs = agent_pod::AGENT_NEEDS.to_vec();

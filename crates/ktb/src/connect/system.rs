@@ -19,7 +19,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use anyhow::Context;
@@ -588,24 +587,33 @@ fn replace(
 
 /// Creates `tmp` with `content`, and the mode and owner of `like` if it exists.
 fn write_new(tmp: &Path, like: &Path, content: &str) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(tmp)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o644);
+    let mut file = options.open(tmp)?;
     match std::fs::metadata(like) {
         Ok(old) => {
             file.set_permissions(old.permissions())?;
-            let new = file.metadata()?;
-            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
-                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))?;
-            }
+            #[cfg(unix)]
+            keep_owner(&file, &old)?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     file.write_all(content.as_bytes())?;
     file.sync_all()
+}
+
+/// Gives `file` the owner of `old`, the file it replaces.
+#[cfg(unix)]
+fn keep_owner(file: &File, old: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+        std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))?;
+    }
+    Ok(())
 }
 
 /// Overwrites the file from its start, then cuts it to length: unlike
@@ -620,7 +628,7 @@ fn write_in_place(path: &Path, content: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::path::PathBuf;
 
     fn temp_dir(name: &str) -> PathBuf {
