@@ -19,6 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
+#[cfg(unix)]
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -588,17 +589,22 @@ fn replace(
 
 /// Creates `tmp` with `content`, and the mode and owner of `like` if it exists.
 fn write_new(tmp: &Path, like: &Path, content: &str) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(tmp)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o644);
+    let mut file = options.open(tmp)?;
     match std::fs::metadata(like) {
         Ok(old) => {
             file.set_permissions(old.permissions())?;
-            let new = file.metadata()?;
-            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
-                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))?;
+            // Owners are Unix's; connect runs on Linux only, and this
+            // module builds elsewhere so that the rest of ktb does.
+            #[cfg(unix)]
+            {
+                let new = file.metadata()?;
+                if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+                    std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))?;
+                }
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -747,6 +747,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 /// a signal during start-up is held for the command to act on (undoing what
 /// it already changed) instead of killing the process half-way. The steps
 /// of undoing are waits, which `screen` then shows again.
+#[cfg(unix)]
 fn shutdown_signal(screen: Arc<Screen>) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -757,6 +758,24 @@ fn shutdown_signal(screen: Arc<Screen>) -> impl std::future::Future<Output = ()>
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
             _ = hangup.recv() => {}
+        }
+        screen.stopping();
+    }
+}
+
+/// Windows: Ctrl-C or Ctrl-Break, or the console window closing; the
+/// handlers installed at once for the same reason as on Unix.
+#[cfg(windows)]
+fn shutdown_signal(screen: Arc<Screen>) -> impl std::future::Future<Output = ()> {
+    use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close};
+    let mut interrupt = ctrl_c().expect("Ctrl-C handler");
+    let mut break_key = ctrl_break().expect("Ctrl-Break handler");
+    let mut close = ctrl_close().expect("console close handler");
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = break_key.recv() => {}
+            _ = close.recv() => {}
         }
         screen.stopping();
     }
