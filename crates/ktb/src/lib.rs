@@ -10,8 +10,10 @@
 //! renewals, ending), and [`report`] is how they tell the person at the
 //! terminal what is happening, [`refusal`] why a command refused to act;
 //! [`recover`], [`clean`] and [`status`] work on any session from any
-//! machine. The binary only parses flags and prints.
+//! machine; [`agent_image`] writes the agent image for clusters that
+//! cannot pull it. The binary only parses flags and prints.
 
+pub mod agent_image;
 pub mod clean;
 pub mod cluster;
 pub mod connect;

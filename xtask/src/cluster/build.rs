@@ -9,12 +9,12 @@
 //! built by cargo (which has its own cache) for the static musl target and
 //! packed into images.
 
-use super::image::{self, Image};
 use super::{
     process, Layout, AGENT_IMAGE, COREDNS_IMAGE, COREDNS_VERSION, ETCD_VERSION, GRPC_ECHO_IMAGE,
     HTTP_ECHO_IMAGE, K8S_VERSION, PAUSE_IMAGE, TCP_ECHO_IMAGE, UDP_ECHO_IMAGE,
 };
 use anyhow::{bail, Context, Result};
+use ktb_image::Image;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -186,7 +186,7 @@ pub fn images(layout: &Layout, go: &GoBinaries, out: &Path) -> Result<Vec<ImageA
     let mut archives = Vec::new();
     for img in &images {
         let path = out.join(archive_name(img.reference));
-        image::write_archive(img, &path)?;
+        ktb_image::write_archive(img, &path)?;
         archives.push(ImageArchive {
             reference: img.reference,
             archive: Ok(path),
@@ -195,15 +195,7 @@ pub fn images(layout: &Layout, go: &GoBinaries, out: &Path) -> Result<Vec<ImageA
     // The agent may not compile while it is being written: report and go on.
     let agent = cargo_musl(layout, "ktb-agent").and_then(|dir| {
         let path = out.join(archive_name(AGENT_IMAGE));
-        image::write_archive(
-            &Image {
-                reference: AGENT_IMAGE,
-                files: vec![("ktb-agent", dir.join("ktb-agent"))],
-                entrypoint: &["/ktb-agent"],
-                user: 65532,
-            },
-            &path,
-        )?;
+        ktb_image::write_archive(&ktb_image::agent(AGENT_IMAGE, dir.join("ktb-agent")), &path)?;
         Ok(path)
     });
     archives.push(ImageArchive {

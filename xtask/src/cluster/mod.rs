@@ -9,8 +9,9 @@
 //!
 //! - [`admin`]: the admin's kubectl, for benchmarks and the demo;
 //! - [`build`]: the Go components (pinned upstream releases, from
-//!   `tests/cluster/*`) and the Rust images, cached under `~/.cache/ktb/`;
-//! - [`image`]: registry-free OCI images for containerd;
+//!   `tests/cluster/*`), cached under `~/.cache/ktb/`, and the images:
+//!   registry-free OCI archives for containerd, written by the `ktb-image`
+//!   crate, which `ktb agent image export` writes the agent image with too;
 //! - [`pki`]: certificates and kubeconfigs (admin, components, developers);
 //! - [`net`]: the node network, the laptops and the firewall;
 //! - [`config`]: every component's configuration file and the add-on manifests;
@@ -22,7 +23,6 @@
 mod admin;
 mod build;
 mod config;
-mod image;
 mod lifecycle;
 mod net;
 mod pki;

@@ -69,10 +69,19 @@ pub const AGENT_NEEDS: &[Need] = &[
     need("delete", "coordination.k8s.io", "leases"),
 ];
 
+/// The agent image a release of ktb runs unless told otherwise
+/// (`--agent-image`, config key `agent-image`): the one the release
+/// workflow pushes for this version (`.github/workflows/release.yml`).
+/// Clusters that cannot pull it mirror it (`ktb agent image export`).
+pub const DEFAULT_AGENT_IMAGE: &str =
+    concat!("ghcr.io/ktb-dev/ktb-agent:", env!("CARGO_PKG_VERSION"));
+
 /// How to run agent pods, as the developer configured it (`--agent-image`,
 /// `--image-pull-policy`, `--ready-timeout`); the same for every command.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
+    /// The image reference, [`DEFAULT_AGENT_IMAGE`] unless configured
+    /// (a mirror, `ktb.test/ktb-agent:dev` on the test cluster).
     pub image: String,
     /// `Always`, `IfNotPresent` or `Never`, as Kubernetes spells it.
     pub pull_policy: String,

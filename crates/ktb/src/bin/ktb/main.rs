@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use config::Config;
 use config_command::ConfigCommand;
+use ktb::agent_image::ExportOptions;
 use ktb::cluster::{self, Cluster, KubeOptions};
 use ktb::connect;
 use ktb::exchange::{self, ExchangeOptions};
@@ -24,7 +25,7 @@ use ktb::expose::Expose;
 use ktb::expose::ExposeArg;
 use ktb::forward::{ForwardOptions, PortSpec};
 use ktb::report::{Event, Reporter};
-use ktb::session::agent_pod::AgentSettings;
+use ktb::session::agent_pod::{AgentSettings, DEFAULT_AGENT_IMAGE};
 use ktb::session::shadow::TransportKind;
 use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb::{mesh, preview};
@@ -222,6 +223,12 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The agent ktb runs in the cluster: its image, for clusters that
+    /// cannot pull it from ghcr.io.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Attach to an agent by address and serve its callers from local ports
     /// (what `exchange --transport direct` does once the agent exists).
     /// Generates this session's key pair and prints the public key first:
@@ -234,6 +241,38 @@ enum Command {
         /// LOCAL[:REMOTE]: serve agent port REMOTE from 127.0.0.1:LOCAL. Repeatable.
         #[arg(long, required = true)]
         expose: Vec<Expose>,
+    },
+}
+
+/// `ktb agent …`.
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// The agent's container image.
+    Image {
+        #[command(subcommand)]
+        command: AgentImageCommand,
+    },
+}
+
+/// `ktb agent image …`.
+#[derive(Subcommand)]
+enum AgentImageCommand {
+    /// Write the agent image as an OCI image-layout archive (no Docker
+    /// needed), to load into a registry the cluster pulls from
+    /// (`skopeo copy oci-archive:FILE docker://REGISTRY/ktb-agent:VERSION`)
+    /// or into a node's containerd (`ctr -n k8s.io images import FILE`);
+    /// then point --agent-image (config key `agent-image`) at it.
+    Export {
+        /// The archive to write.
+        #[arg(short, long, value_name = "FILE", default_value = concat!("ktb-agent-", env!("CARGO_PKG_VERSION"), ".tar"))]
+        output: PathBuf,
+        /// The static Linux ktb-agent to put in the image; the image's
+        /// architecture is its own [default: ktb-agent beside this ktb].
+        #[arg(long, value_name = "PATH")]
+        agent_binary: Option<PathBuf>,
+        /// The image's name in the archive (what `ctr images import` calls it).
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_AGENT_IMAGE)]
+        tag: String,
     },
 }
 
@@ -325,7 +364,7 @@ enum Dns {
 #[derive(clap::Args)]
 struct AgentArgs {
     /// The agent image.
-    #[arg(long, env = "KTB_AGENT_IMAGE", default_value = concat!("ktb-agent:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "KTB_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
     agent_image: String,
     /// imagePullPolicy of the agent pod.
     #[arg(long, env = "KTB_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
@@ -595,7 +634,43 @@ async fn run(
             Ok(())
         }
         Command::Config { command } => config_command::run(command, config, &Cli::command()),
+        Command::Agent {
+            command:
+                AgentCommand::Image {
+                    command:
+                        AgentImageCommand::Export {
+                            output,
+                            agent_binary,
+                            tag,
+                        },
+                },
+        } => export_agent_image(ExportOptions {
+            binary: agent_binary,
+            reference: tag,
+            output,
+        }),
     }
+}
+
+/// `ktb agent image export`: the archive, and how to put it to use.
+fn export_agent_image(options: ExportOptions) -> anyhow::Result<()> {
+    let written = ktb::agent_image::export(&options)?;
+    let file = options.output.display();
+    println!(
+        "wrote {file}: {} (linux/{}, {})",
+        options.reference,
+        written.architecture.oci_name(),
+        written.manifest_digest
+    );
+    let mirror = if options.reference == DEFAULT_AGENT_IMAGE {
+        concat!("REGISTRY/ktb-agent:", env!("CARGO_PKG_VERSION")).to_owned()
+    } else {
+        options.reference
+    };
+    println!("copy it to a registry the cluster pulls from, and run agents from there:");
+    println!("  skopeo copy oci-archive:{file} docker://{mirror}");
+    println!("  ktb config set agent-image {mirror}");
+    Ok(())
 }
 
 /// `ktb status` as a table, or a sentence when there is nothing.
@@ -688,17 +763,18 @@ fn shutdown_signal(screen: Arc<Screen>) -> impl std::future::Future<Output = ()>
     }
 }
 
-/// Windows: Ctrl-C, Ctrl-Break, or the console window closing.
+/// Windows: Ctrl-C or Ctrl-Break, or the console window closing; the
+/// handlers installed at once for the same reason as on Unix.
 #[cfg(windows)]
 fn shutdown_signal(screen: Arc<Screen>) -> impl std::future::Future<Output = ()> {
     use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close};
     let mut interrupt = ctrl_c().expect("Ctrl-C handler");
-    let mut brk = ctrl_break().expect("Ctrl-Break handler");
+    let mut break_key = ctrl_break().expect("Ctrl-Break handler");
     let mut close = ctrl_close().expect("console close handler");
     async move {
         tokio::select! {
             _ = interrupt.recv() => {}
-            _ = brk.recv() => {}
+            _ = break_key.recv() => {}
             _ = close.recv() => {}
         }
         screen.stopping();
