@@ -10,7 +10,8 @@
 //! renewals, ending), and [`report`] is how they tell the person at the
 //! terminal what is happening, [`refusal`] why a command refused to act;
 //! [`recover`], [`clean`] and [`status`] work on any session from any
-//! machine. The binary only parses flags and prints.
+//! machine, and [`permissions`] lists what each command may do in a
+//! namespace. The binary only parses flags and prints.
 
 pub mod clean;
 pub mod cluster;
@@ -19,6 +20,7 @@ pub mod exchange;
 pub mod expose;
 pub mod forward;
 pub mod mesh;
+pub mod permissions;
 pub mod portforward;
 pub mod preflight;
 pub mod preview;
