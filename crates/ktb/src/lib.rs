@@ -10,12 +10,14 @@
 //! renewals, ending), and [`report`] is how they tell the person at the
 //! terminal what is happening, [`refusal`] why a command refused to act;
 //! [`recover`], [`clean`] and [`status`] work on any session from any
-//! machine, and [`permissions`] lists what each command may do in a
-//! namespace. The binary only parses flags and prints.
+//! machine, [`permissions`] lists what each command may do in a namespace,
+//! and [`doctor`] checks all of that ahead of time. The binary only parses
+//! flags and prints.
 
 pub mod clean;
 pub mod cluster;
 pub mod connect;
+pub mod doctor;
 pub mod exchange;
 pub mod expose;
 pub mod forward;
