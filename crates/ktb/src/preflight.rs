@@ -98,19 +98,12 @@ pub async fn missing(cluster: &Cluster, needs: &[Need]) -> anyhow::Result<Vec<Ne
     Ok(missing)
 }
 
-/// What to tell a developer who lacks `missing` for `command` in
-/// `namespace`: the verbs, and the Roles that grant them.
-pub fn advice(command: Command, namespace: &str, missing: &[Need]) -> String {
-    let list = missing
-        .iter()
-        .map(Need::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+/// How a developer gets `command`'s verbs in `namespace`: the Roles that
+/// grant them.
+pub fn remedy(command: Command, namespace: &str) -> String {
     format!(
-        "missing permission in namespace {namespace} for `ktb {invocation}`: {list}. \
-         Ask a cluster admin to grant you the Role in {file} (Role {role}: this command's verbs), \
+        "Ask a cluster admin to grant you the Role in {file} (Role {role}: this command's verbs), \
          or {all} (Role ktb-developer: every command's), in namespace {namespace}",
-        invocation = command.invocation(),
         file = command.role_file(),
         role = command.role_name(),
         all = DEVELOPER_ROLE_FILE,
@@ -124,9 +117,17 @@ pub async fn check(cluster: &Cluster, command: Command, needs: &[Need]) -> anyho
     if missing.is_empty() {
         return Ok(());
     }
+    let list = missing
+        .iter()
+        .map(Need::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     Err(Refusal::Forbidden(format!(
-        "{}.\nNothing was changed.",
-        advice(command, &cluster.namespace, &missing)
+        "missing permission in namespace {ns} for `ktb {invocation}`: {list}.\n\
+         Nothing was changed. {remedy}.",
+        ns = cluster.namespace,
+        invocation = command.invocation(),
+        remedy = remedy(command, &cluster.namespace),
     ))
     .into())
 }

@@ -120,21 +120,32 @@ pub async fn check(
     )
     .await
     .is_ok();
-    let outcome = outcome?;
+    let Ok(outcome) = outcome else {
+        if !removed {
+            let (left, what_now) = left_behind(&objects);
+            reporter.warn(format!("{left}: {what_now}"));
+        }
+        return Err(Interrupted);
+    };
     Ok(judge(&objects, &settings.image, outcome, removed))
+}
+
+/// What to say when removing the agent did not finish in time.
+fn left_behind(objects: &str) -> (String, String) {
+    (
+        format!("could not remove agent pod {objects} within {REMOVAL_TIMEOUT:?}"),
+        format!(
+            "it removes itself within {GRACE:?} (its Lease is no longer renewed); \
+             `ktb status` shows it until then, `ktb clean` removes it now"
+        ),
+    )
 }
 
 /// What the trial's outcome means.
 fn judge(objects: &str, image: &str, outcome: anyhow::Result<Timing>, removed: bool) -> Check {
     if !removed {
-        return Check::warn(
-            NAME,
-            format!("could not remove agent pod {objects} within {REMOVAL_TIMEOUT:?}"),
-            format!(
-                "it removes itself within {GRACE:?} (its Lease is no longer renewed); \
-                 `ktb status` shows it until then, `ktb clean` removes it now"
-            ),
-        );
+        let (detail, hint) = left_behind(objects);
+        return Check::warn(NAME, detail, hint);
     }
     match outcome {
         Ok(Timing { ready, tunnel }) => {

@@ -121,9 +121,10 @@ pub struct DoctorOptions {
     pub state_dir: PathBuf,
 }
 
-/// Ctrl-C during the checks: what was created is gone, nothing is printed.
+/// Ctrl-C during the checks: nothing is printed, and the throwaway agent,
+/// if it was started, has been removed (or a warning said why not).
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted; ktb doctor left nothing behind")]
+#[error("interrupted before the checks were done")]
 pub struct Interrupted;
 
 /// Runs every check. Fails only when `shutdown` completes first (after
@@ -197,7 +198,7 @@ pub fn verdict(checks: &[Check]) -> anyhow::Result<()> {
         return Ok(());
     }
     anyhow::bail!(
-        "{} check{} failed ({}): see the hints above",
+        "{} check{} failed ({}): see their hints",
         failed.len(),
         if failed.len() == 1 { "" } else { "s" },
         failed.join(", ")
@@ -239,7 +240,7 @@ mod tests {
         let message = verdict(&failed).unwrap_err().to_string();
         assert_eq!(
             message,
-            "2 checks failed (rbac mesh, agent): see the hints above"
+            "2 checks failed (rbac mesh, agent): see their hints"
         );
     }
 }

@@ -4,7 +4,7 @@
 //! commands' own preflights check, and are asked of the apiserver with the
 //! preflight's machinery: each distinct verb once (SelfSubjectAccessReview),
 //! then sorted back to the commands. A command missing verbs is a FAIL that
-//! names them and the Role file granting them ([`preflight::advice`], the
+//! names them and the Role file granting them ([`preflight::remedy`], the
 //! words a refused command uses too).
 
 use super::Check;
@@ -65,7 +65,7 @@ pub fn row(command: Command, namespace: &str, missing: &[Need]) -> Check {
     Check::fail(
         name,
         format!("missing in namespace {namespace}: {list}"),
-        preflight::advice(command, namespace, &lacking),
+        preflight::remedy(command, namespace),
     )
 }
 
