@@ -49,6 +49,7 @@ pub struct Target {
     pub namespace: String,
     /// The apiserver's URL.
     pub server: String,
+    /// How to reach it, as kube builds it from the context.
     config: Config,
 }
 

@@ -65,6 +65,7 @@ pub struct Check {
     /// What was checked: `kubeconfig`, `cluster`, `rbac exchange` (one per
     /// command), `agent`, `sessions`, `tun`, `dns`, `journal`.
     pub name: String,
+    /// `pass`, `warn` or `fail` in JSON; `PASS`, `WARN`, `FAIL` in the table.
     pub status: Status,
     /// What was found, in one line.
     pub detail: String,
