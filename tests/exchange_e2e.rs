@@ -30,6 +30,7 @@ use ktb_tests::cluster::{
     NAMESPACE,
 };
 use ktb_tests::exchange::*;
+use ktb_tests::rbac::developer_role_without;
 
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
@@ -361,94 +362,13 @@ fn recover_force_restores_a_service_left_exchanged() {
     recover_after_sigkill("exh-forced", true);
 }
 
-/// `deploy/rbac/developer.yaml` for `namespace`, bound to user dev-a only,
-/// with its `pods/portforward` rule cut down to `keep_verbs` (the rule is
-/// dropped if none remain). Returns the manifest and the verbs removed.
-fn role_with_portforward(namespace: &str, keep_verbs: &[&str]) -> (String, Vec<String>) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac/developer.yaml");
-    let yaml = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // Rules are blocks starting at `  - apiGroups:`; anything unindented
-    // (`---`, `kind:`, blank lines) ends one.
-    let mut blocks: Vec<Vec<String>> = vec![Vec::new()];
-    let mut in_rule = false;
-    for line in yaml.lines() {
-        if line.starts_with("  - apiGroups:") {
-            blocks.push(Vec::new());
-            in_rule = true;
-        } else if !line.starts_with(' ') && in_rule {
-            blocks.push(Vec::new());
-            in_rule = false;
-        }
-        blocks.last_mut().expect("block").push(line.to_owned());
-    }
-    let mut removed = Vec::new();
-    let mut found = 0;
-    let mut out = Vec::new();
-    for block in blocks {
-        if !block.iter().any(|l| l.contains("\"pods/portforward\"")) {
-            out.extend(block);
-            continue;
-        }
-        found += 1;
-        let verbs_line = block
-            .iter()
-            .find(|l| l.trim_start().starts_with("verbs:"))
-            .unwrap_or_else(|| panic!("{path}: pods/portforward rule without verbs"));
-        let verbs: Vec<String> = verbs_line
-            .split('"')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_owned)
-            .collect();
-        let kept: Vec<&String> = verbs
-            .iter()
-            .filter(|v| keep_verbs.contains(&v.as_str()))
-            .collect();
-        removed = verbs
-            .iter()
-            .filter(|v| !keep_verbs.contains(&v.as_str()))
-            .cloned()
-            .collect();
-        if kept.is_empty() {
-            continue;
-        }
-        let kept = kept
-            .iter()
-            .map(|v| format!("\"{v}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        out.extend(block.into_iter().map(|l| {
-            if l.trim_start().starts_with("verbs:") {
-                format!("    verbs: [{kept}]")
-            } else {
-                l
-            }
-        }));
-    }
-    assert_eq!(found, 1, "{path}: not exactly one pods/portforward rule");
-    assert!(
-        !removed.is_empty(),
-        "{path}: no verb removed from pods/portforward"
-    );
-    let text = out.join("\n") + "\n";
-    let subject = "  - kind: Group\n    name: developers\n";
-    assert!(
-        text.contains(subject),
-        "{path}: no developers Group subject"
-    );
-    let text = text
-        .replace("NAMESPACE", namespace)
-        .replace(subject, "  - kind: User\n    name: dev-a\n");
-    (text, removed)
-}
-
 /// In a namespace `ns` of its own where dev-a holds the developer Role
 /// with `keep_verbs` of pods/portforward, `ktb exchange` must fail before
 /// changing anything, naming each missing `VERB pods/portforward`.
 fn preflight_refuses(ns: &str, keep_verbs: &[&str]) {
     let ns = TempNamespace::named(ns);
     let ns = ns.0.as_str();
-    let (role, removed) = role_with_portforward(ns, keep_verbs);
+    let (role, removed) = developer_role_without(ns, As::DevA, "pods/portforward", keep_verbs);
     eprintln!("Role in {ns} (pods/portforward without {removed:?}):\n{role}");
     apply(As::Admin, &role);
     // The test is only meaningful if dev-a may do the rest but not that.

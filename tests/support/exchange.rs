@@ -216,6 +216,33 @@ pub fn ktb_objects(namespace: &str, mention: Option<&str>) -> Vec<KtbObject> {
     found
 }
 
+/// ktb, having exited, left nothing in `namespace` (whose JSON mentions
+/// `mention`; None for all) it did not at least delete, and what it deleted
+/// is gone within 60 s.
+pub fn assert_ktb_objects_gone(namespace: &str, mention: Option<&str>, what: &str) {
+    let left: Vec<KtbObject> = ktb_objects(namespace, mention)
+        .into_iter()
+        .filter(|o| !o.deleting)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{what}: ktb left objects without deleting them: {left:?}"
+    );
+    wait_until(
+        &format!("{what}: ktb's objects to be gone"),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            let left = ktb_objects(namespace, mention);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    );
+}
+
 /// The test's workload: Deployment and Service `NAME` (2 http-echo pods,
 /// port 80 → 8080, selector app=NAME) and a client pod `NAME-client`, all
 /// created by the admin, with the Service's original state recorded.
@@ -442,31 +469,10 @@ impl Workload {
         );
     }
 
-    /// ktb, having exited, left nothing it did not at least delete, and
-    /// what it deleted is gone within 60 s.
+    /// ktb, having exited, left nothing of this Service's it did not at
+    /// least delete, and what it deleted is gone within 60 s.
     pub fn assert_ktb_objects_gone(&self, what: &str) {
-        let left: Vec<KtbObject> = self
-            .ktb_objects()
-            .into_iter()
-            .filter(|o| !o.deleting)
-            .collect();
-        assert!(
-            left.is_empty(),
-            "{what}: ktb left objects without deleting them: {left:?}"
-        );
-        wait_until(
-            &format!("{what}: ktb's objects to be gone"),
-            Duration::from_secs(60),
-            Duration::from_millis(500),
-            || {
-                let left = self.ktb_objects();
-                if left.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("{left:?}"))
-                }
-            },
-        );
+        assert_ktb_objects_gone(&self.namespace, Some(&self.name), what);
     }
 
     /// The shadow (agent) pods ktb runs for this Service.

@@ -10,6 +10,7 @@ pub mod connect;
 pub mod exchange;
 pub mod harness;
 pub mod proxy;
+pub mod rbac;
 pub mod servers;
 
 use std::time::Duration;

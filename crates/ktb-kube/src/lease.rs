@@ -84,6 +84,9 @@ pub enum Kind {
     MeshRouter,
     /// `ktb preview`: owns the published Service and the agent pod behind it.
     Preview,
+    /// `ktb doctor`'s throwaway agent (`ktb-doctor-<session>`): owns the
+    /// agent pod for the seconds the check takes.
+    Doctor,
 }
 
 impl Kind {
@@ -94,6 +97,7 @@ impl Kind {
             Kind::Mesh => "mesh",
             Kind::MeshRouter => "mesh-router",
             Kind::Preview => "preview",
+            Kind::Doctor => "doctor",
         }
     }
 }

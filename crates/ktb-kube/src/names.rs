@@ -42,6 +42,11 @@ pub fn connect_lease(session: &str) -> String {
     format!("ktb-connect-{session}")
 }
 
+/// The Lease of `ktb doctor`'s throwaway agent, which owns its pod.
+pub fn doctor_lease(session: &str) -> String {
+    format!("ktb-doctor-{session}")
+}
+
 /// Name of the objects (pod, service account, role, role binding) of a session.
 pub fn session_objects(service: &str, session: &str) -> String {
     format!("ktb-{service}-{session}")

@@ -14,16 +14,18 @@
 //! while `clean` runs is never mistaken for an orphan.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
+use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
 
-use ktb_kube::lease::{self, Liveness};
+use ktb_kube::lease::{self, Holder, Liveness};
 use ktb_kube::names::SESSION_LABEL;
 use ktb_kube::service::{self, Restored};
 
-use crate::cluster::{list_managed, Cluster};
+use crate::cluster::{api_error, list_managed, Cluster};
 use crate::report::Reporter;
 use crate::session::agent_pod::AgentPod;
 
@@ -50,7 +52,31 @@ pub fn local(state_dir: &std::path::Path, reporter: &Reporter) -> anyhow::Result
     Ok(())
 }
 
-pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyhow::Result<()> {
+/// What vanished sessions left in a namespace, judged by the apiserver's
+/// clock; what `clean` repairs and `ktb doctor` reports.
+pub struct Survey {
+    /// Sessions whose Lease is renewed: never touched.
+    pub live: Vec<Holder>,
+    /// Leases nobody renewed for their duration, and for how long they
+    /// have been silent.
+    pub expired: Vec<(Lease, Duration)>,
+    /// Services still marked by a session without a live Lease: the
+    /// Service's name and that session.
+    pub marked: Vec<(String, String)>,
+    /// Agent pods of a session that has no Lease at all: the pod's name
+    /// and its session.
+    pub orphans: Vec<(String, String)>,
+}
+
+impl Survey {
+    /// Whether there is anything to repair.
+    pub fn is_clean(&self) -> bool {
+        self.expired.is_empty() && self.marked.is_empty() && self.orphans.is_empty()
+    }
+}
+
+/// Looks at what ktb labelled in the cluster's namespace, changing nothing.
+pub async fn survey(cluster: &Cluster) -> anyhow::Result<Survey> {
     let ns = &cluster.namespace;
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), ns);
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
@@ -60,7 +86,8 @@ pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyho
     let agent_pods = list_managed(&pods).await?;
     let all_leases = list_managed(&leases).await?;
     let server_now = lease::server_now(&leases).await?;
-    let mut live = BTreeSet::new();
+    let mut live = Vec::new();
+    let mut live_sessions = BTreeSet::new();
     let mut expired = Vec::new();
     for lease in all_leases.iter() {
         let Some(session) = lease::session_of(lease) else {
@@ -68,34 +95,67 @@ pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyho
         };
         match lease::liveness(lease, server_now) {
             Liveness::Live => {
-                reporter.progress(format!(
-                    "leaving alone the live session of {}",
-                    lease::holder(lease)
-                ));
-                live.insert(session.to_owned());
+                live.push(lease::holder(lease));
+                live_sessions.insert(session.to_owned());
             }
-            Liveness::Expired { silent } => expired.push((lease, silent)),
+            Liveness::Expired { silent } => expired.push((lease.clone(), silent)),
         }
     }
     let with_lease: BTreeSet<&str> = all_leases.iter().filter_map(lease::session_of).collect();
+    let marked = services
+        .list(&ListParams::default())
+        .await
+        .map_err(api_error)
+        .with_context(|| format!("cannot list the Services of namespace {ns}"))?
+        .items
+        .iter()
+        .filter_map(|svc| {
+            let session = service::session_of(svc)?;
+            (!live_sessions.contains(session)).then(|| {
+                (
+                    svc.metadata.name.clone().unwrap_or_default(),
+                    session.to_owned(),
+                )
+            })
+        })
+        .collect();
+    // Objects whose session has no Lease at all (garbage collection would
+    // get them too, eventually).
+    let orphans = agent_pods
+        .iter()
+        .filter_map(|pod| {
+            let session = pod.metadata.labels.as_ref()?.get(SESSION_LABEL)?;
+            (!with_lease.contains(session.as_str())).then(|| {
+                (
+                    pod.metadata.name.clone().unwrap_or_default(),
+                    session.clone(),
+                )
+            })
+        })
+        .collect();
+    Ok(Survey {
+        live,
+        expired,
+        marked,
+        orphans,
+    })
+}
 
-    let mut cleaned = 0;
-    for svc in services.list(&ListParams::default()).await?.items {
-        let Some(session) = service::session_of(&svc).map(str::to_owned) else {
-            continue;
-        };
-        if live.contains(&session) {
-            continue;
-        }
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        cleaned += 1;
+pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyhow::Result<()> {
+    let ns = &cluster.namespace;
+    let leases = Api::<Lease>::namespaced(cluster.client.clone(), ns);
+    let survey = survey(cluster).await?;
+    for holder in &survey.live {
+        reporter.progress(format!("leaving alone the live session of {holder}"));
+    }
+    for (name, session) in &survey.marked {
         if dry_run {
             reporter.progress(format!(
                 "would restore Service {ns}/{name} (left by session {session})"
             ));
             continue;
         }
-        match service::restore(&cluster.client, ns, &name, &session).await? {
+        match service::restore(&cluster.client, ns, name, session).await? {
             Restored::NotOurs { session: now } => reporter.progress(format!(
                 "left Service {ns}/{name} alone: session {now} took it meanwhile"
             )),
@@ -104,12 +164,10 @@ pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyho
             )),
         }
     }
-
-    for (lease, silent) in expired {
+    for (lease, silent) in &survey.expired {
         let holder = lease::holder(lease);
         let name = lease.metadata.name.clone().unwrap_or_default();
         let silent = silent.as_secs();
-        cleaned += 1;
         if dry_run {
             reporter.progress(format!(
                 "would remove the expired session of {holder} (Lease {name}, silent for {silent}s)"
@@ -124,33 +182,19 @@ pub async fn run(cluster: &Cluster, dry_run: bool, reporter: &Reporter) -> anyho
             ));
         }
     }
-
-    // Objects whose session has no Lease at all (garbage collection would
-    // get them too, eventually; this makes it now).
-    for pod in agent_pods {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let Some(session) = labels.get(SESSION_LABEL) else {
-            continue;
-        };
-        if with_lease.contains(session.as_str()) {
-            continue;
-        }
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        cleaned += 1;
+    for (name, session) in &survey.orphans {
         if dry_run {
             reporter.progress(format!(
                 "would delete the orphaned objects of session {session} ({name})"
             ));
         } else {
-            AgentPod::existing(&cluster.client, ns, &name)
-                .delete()
-                .await;
+            AgentPod::existing(&cluster.client, ns, name).delete().await;
             reporter.progress(format!(
                 "deleted the orphaned objects of session {session} ({name})"
             ));
         }
     }
-    if cleaned == 0 {
+    if survey.is_clean() {
         reporter.progress(format!("nothing to clean in namespace {ns}"));
     }
     Ok(())

@@ -1,11 +1,12 @@
 //! Reaching the cluster as the developer: kubectl's flags and kubeconfig,
 //! and a first request that turns "cannot connect" into advice.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::api::{Api, ListParams, PostParams};
 
 use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE};
@@ -34,42 +35,120 @@ pub struct Cluster {
     pub server: String,
 }
 
-const FIRST_CONTACT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the first request to the apiserver may take.
+pub const FIRST_CONTACT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn connect(args: &KubeOptions) -> anyhow::Result<Cluster> {
-    let options = KubeConfigOptions {
-        context: args.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &options).await?
-        }
-        None => Config::from_kubeconfig(&options)
-            .await
+/// The cluster the flags and the kubeconfig select, read but not yet
+/// contacted.
+pub struct Target {
+    /// The kubeconfig file(s) read: `--kubeconfig`, else every file of
+    /// `$KUBECONFIG` (merged, the first one's settings winning), else
+    /// `~/.kube/config`.
+    pub files: Vec<PathBuf>,
+    /// The context in use: `--context`, else the kubeconfig's current-context.
+    pub context: String,
+    /// The namespace commands work in: `-n`, else the context's, else `default`.
+    pub namespace: String,
+    /// The apiserver's URL.
+    pub server: String,
+    /// How to reach it, as kube builds it from the context.
+    config: Config,
+}
+
+/// The files kubectl reads for `--kubeconfig` (`flag`), `$KUBECONFIG`
+/// (`env`, a path list) and the home directory, in that order of precedence.
+pub fn kubeconfig_files(
+    flag: Option<&Path>,
+    env: Option<&std::ffi::OsStr>,
+    home: Option<&Path>,
+) -> Vec<PathBuf> {
+    if let Some(path) = flag {
+        return vec![path.to_owned()];
+    }
+    let listed: Vec<PathBuf> = env
+        .map(|paths| {
+            std::env::split_paths(paths)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !listed.is_empty() {
+        return listed;
+    }
+    home.map(|h| vec![h.join(".kube").join("config")])
+        .unwrap_or_default()
+}
+
+/// Reads the kubeconfig the flags select, as kubectl would; nothing is
+/// sent to the cluster.
+pub async fn target(args: &KubeOptions) -> anyhow::Result<Target> {
+    let files = kubeconfig_files(
+        args.kubeconfig.as_deref(),
+        std::env::var_os("KUBECONFIG").as_deref(),
+        std::env::home_dir().as_deref(),
+    );
+    let kubeconfig = match &args.kubeconfig {
+        Some(path) => Kubeconfig::read_from(path)
+            .with_context(|| format!("cannot read kubeconfig {}", path.display()))?,
+        None => Kubeconfig::read()
             .context("cannot load a kubeconfig (set KUBECONFIG or pass --kubeconfig)")?,
     };
-    config.connect_timeout = Some(FIRST_CONTACT_TIMEOUT);
-    let server = config.cluster_url.to_string();
-    let namespace = args
-        .namespace
+    let context = args
+        .context
         .clone()
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let client = client_without_nagle(config).context("invalid kubeconfig")?;
-    tokio::time::timeout(FIRST_CONTACT_TIMEOUT, client.apiserver_version())
+        .or_else(|| kubeconfig.current_context.clone())
+        .context("the kubeconfig names no current context: pass --context or run `kubectl config use-context NAME`")?;
+    let options = KubeConfigOptions {
+        context: Some(context.clone()),
+        ..KubeConfigOptions::default()
+    };
+    let config = Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer in {FIRST_CONTACT_TIMEOUT:?}"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| {
-            format!("cannot reach the cluster at {server}: check the kubeconfig context, VPN or network")
-        })?;
-    Ok(Cluster {
-        client,
-        namespace,
-        server,
+        .with_context(|| format!("cannot use context {context} of the kubeconfig"))?;
+    Ok(Target {
+        files,
+        context,
+        namespace: args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone()),
+        server: config.cluster_url.to_string(),
+        config,
     })
+}
+
+impl Target {
+    /// First contact: asks the apiserver its version, within `timeout`.
+    /// Fails with advice when it does not answer.
+    pub async fn reach(self, timeout: Duration) -> anyhow::Result<(Cluster, Info)> {
+        let Target {
+            namespace,
+            server,
+            mut config,
+            ..
+        } = self;
+        config.connect_timeout = Some(timeout);
+        let client = client_without_nagle(config).context("invalid kubeconfig")?;
+        let version = tokio::time::timeout(timeout, client.apiserver_version())
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in {timeout:?}"))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .with_context(|| {
+                format!("cannot reach the cluster at {server}: check the kubeconfig context, VPN or network")
+            })?;
+        let cluster = Cluster {
+            client,
+            namespace,
+            server,
+        };
+        Ok((cluster, version))
+    }
+}
+
+/// Reads the kubeconfig and makes first contact (see [`target`], [`Target::reach`]).
+pub async fn connect(args: &KubeOptions) -> anyhow::Result<Cluster> {
+    let (cluster, _) = target(args).await?.reach(FIRST_CONTACT_TIMEOUT).await?;
+    Ok(cluster)
 }
 
 impl Cluster {
@@ -159,4 +238,29 @@ fn client_without_nagle(config: Config) -> anyhow::Result<Client> {
         .map_err(tower::BoxError::from)
         .service(http);
     Ok(Client::new(service, config.default_namespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubeconfig_flag_wins_then_every_file_of_the_variable_then_home() {
+        let home = Path::new("/home/dev");
+        let env = std::env::join_paths(["/a/config", "", "/b/config"]).unwrap();
+        assert_eq!(
+            kubeconfig_files(Some(Path::new("/x.yaml")), Some(&env), Some(home)),
+            [PathBuf::from("/x.yaml")]
+        );
+        assert_eq!(
+            kubeconfig_files(None, Some(&env), Some(home)),
+            [PathBuf::from("/a/config"), PathBuf::from("/b/config")]
+        );
+        let empty = std::ffi::OsString::new();
+        assert_eq!(
+            kubeconfig_files(None, Some(&empty), Some(home)),
+            [PathBuf::from("/home/dev/.kube/config")]
+        );
+        assert!(kubeconfig_files(None, None, None).is_empty());
+    }
 }

@@ -51,8 +51,9 @@ use tokio::task::JoinSet;
 use ktb_kube::service::{display, selector_of};
 
 use crate::cluster::Cluster;
+use crate::permissions::Command;
 use crate::portforward::PortForward;
-use crate::preflight::{self, need, Need};
+use crate::preflight;
 use crate::report::Reporter;
 use crate::service_ports::{container_port_named, describe, get_service, is_named_by};
 use crate::tunnel::Transport;
@@ -104,26 +105,6 @@ impl FromStr for PortSpec {
     }
 }
 
-/// Verbs `forward` needs, checked before anything: the Service, its pods,
-/// and the port-forward (a WebSocket authorized as `get`; from Kubernetes
-/// 1.35 the apiserver also requires `create`).
-const FORWARD_NEEDS: &[Need] = &[
-    need("get", "", "services"),
-    need("list", "", "pods"),
-    Need {
-        verb: "get",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    Need {
-        verb: "create",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-];
-
 /// How often the Service's pods are listed while all is well; a failed
 /// connection asks for a listing at once.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
@@ -171,7 +152,7 @@ pub async fn run(
         .trim_start_matches("svc/")
         .trim_start_matches("service/")
         .to_owned();
-    preflight::check(cluster, FORWARD_NEEDS).await?;
+    preflight::check(cluster, Command::Forward, &Command::Forward.needs()).await?;
     let services = Api::<Service>::namespaced(cluster.client.clone(), ns);
     let service = get_service(&services, &name, ns).await?;
     let selector = pod_selector(&service, &name)?;

@@ -10,17 +10,21 @@
 //! renewals, ending), and [`report`] is how they tell the person at the
 //! terminal what is happening, [`refusal`] why a command refused to act;
 //! [`recover`], [`clean`] and [`status`] work on any session from any
-//! machine; [`agent_image`] writes the agent image for clusters that
-//! cannot pull it. The binary only parses flags and prints.
+//! machine, [`permissions`] lists what each command may do in a namespace,
+//! and [`doctor`] checks all of that ahead of time; [`agent_image`] writes
+//! the agent image for clusters that cannot pull it. The binary only parses
+//! flags and prints.
 
 pub mod agent_image;
 pub mod clean;
 pub mod cluster;
 pub mod connect;
+pub mod doctor;
 pub mod exchange;
 pub mod expose;
 pub mod forward;
 pub mod mesh;
+pub mod permissions;
 pub mod portforward;
 pub mod preflight;
 pub mod preview;

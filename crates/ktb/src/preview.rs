@@ -28,12 +28,13 @@ use ktb_proto::auth::ClientKey;
 
 use crate::cluster::Cluster;
 use crate::expose::Expose;
-use crate::preflight::{self, need, Need};
+use crate::permissions::Command;
+use crate::preflight;
 use crate::refusal::Refusal;
 use crate::report::Reporter;
 use crate::session as sessions;
 use crate::session::agent_pod::{
-    self, session_labels, session_meta, AgentPodSpec, AgentRole, AgentSettings,
+    session_labels, session_meta, AgentPodSpec, AgentRole, AgentSettings,
 };
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock};
@@ -52,13 +53,6 @@ pub struct PreviewOptions {
     pub agent: AgentSettings,
 }
 
-const PREVIEW_NEEDS: &[Need] = &[
-    need("get", "", "services"),
-    need("create", "", "services"),
-    need("delete", "", "services"),
-    need("get", "coordination.k8s.io", "leases"),
-];
-
 /// Runs a preview until `shutdown` completes; nothing of it is left
 /// whether this returns `Ok` or `Err`.
 pub async fn run(
@@ -73,7 +67,7 @@ pub async fn run(
     check_name(&name)?;
     let qualified = format!("{ns}/{name}");
     let routes = routes(&options.exposes)?;
-    preflight::check(cluster, &[PREVIEW_NEEDS, agent_pod::AGENT_NEEDS].concat()).await?;
+    preflight::check(cluster, Command::Preview, &Command::Preview.needs()).await?;
     let services = Api::<Service>::namespaced(cluster.client.clone(), &ns);
 
     let owner = sessions::owner(cluster).await?;

@@ -38,13 +38,12 @@ use ktb_proto::auth::ClientKey;
 use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
+use crate::permissions::{self, Command};
 use crate::portforward::PortForward;
-use crate::preflight::{self, need};
+use crate::preflight;
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{
-    self, session_labels, AgentPod, AgentPodSpec, AgentRole, AgentSettings,
-};
+use crate::session::agent_pod::{session_labels, AgentPod, AgentPodSpec, AgentRole, AgentSettings};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::tunnel::{RunningTunnel, TunnelConfig};
@@ -107,14 +106,11 @@ pub async fn run(
     );
     let started = Instant::now();
     let ns = cluster.namespace.clone();
-    let mut needs = agent_pod::AGENT_NEEDS.to_vec();
-    if options.cidrs.is_empty() && options.mode == Mode::Tun {
-        needs.extend([need("list", "", "services"), need("list", "", "pods")]);
-    }
-    if options.dns == DnsMode::Hosts {
-        needs.push(need("list", "", "services"));
-    }
-    preflight::check(cluster, &needs).await?;
+    let needs = permissions::connect(
+        options.cidrs.is_empty() && options.mode == Mode::Tun,
+        options.dns == DnsMode::Hosts,
+    );
+    preflight::check(cluster, Command::Connect, &needs).await?;
     let ranges = match options.mode {
         Mode::Tun => {
             // Refused before the cluster is touched, not after the agent is up.

@@ -19,7 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -307,11 +307,14 @@ pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
     ktb_proto::handshake::Resolver::parse_resolv_conf(resolv_conf).nameservers
 }
 
+/// What starts the comment of ktb's `nameserver` line, before the session.
+pub const RESOLV_MARK: &str = "# ktb connect ";
+
 /// ktb's `nameserver` line for a session. Resolvers read the address and
 /// ignore the rest of the line (glibc and musl alike), so the comment can
 /// mark the line as ktb's and name the session: undo removes exactly it.
 pub fn resolv_line(server: IpAddr, session: &str) -> String {
-    format!("nameserver {server} # ktb connect {session}: removed when it exits")
+    format!("nameserver {server} {RESOLV_MARK}{session}: removed when it exits")
 }
 
 /// Puts `line` ahead of the existing nameservers, touching no other byte
@@ -338,6 +341,14 @@ pub fn with_line_first(resolv_conf: &str, line: &str) -> String {
     out
 }
 
+/// Where `path` links to, when that is one of systemd-resolved's files,
+/// which it rewrites: [`switch_resolv_conf`] refuses to edit those.
+pub fn managed_by_resolved(path: &Path) -> Option<PathBuf> {
+    std::fs::read_link(path)
+        .ok()
+        .filter(|target| target.to_string_lossy().contains("systemd"))
+}
+
 /// Points `resolv.conf` at ktb's DNS server; returns the upstream servers
 /// it listed. Refuses a file managed by systemd-resolved, which would
 /// overwrite it (and whose stub already sits in front of every lookup).
@@ -347,14 +358,12 @@ pub fn switch_resolv_conf(
     server: IpAddr,
     session: &str,
 ) -> anyhow::Result<Vec<SocketAddr>> {
-    if let Ok(target) = std::fs::read_link(path) {
-        if target.to_string_lossy().contains("systemd") {
-            anyhow::bail!(
-                "{} is managed by systemd-resolved ({}); use `--dns hosts`, which writes cluster Services into /etc/hosts",
-                path.display(),
-                target.display()
-            );
-        }
+    if let Some(target) = managed_by_resolved(path) {
+        anyhow::bail!(
+            "{} is managed by systemd-resolved ({}); use `--dns hosts`, which writes cluster Services into /etc/hosts",
+            path.display(),
+            target.display()
+        );
     }
     let original =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -629,7 +638,6 @@ fn write_in_place(path: &Path, content: &str) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use std::path::PathBuf;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ktb-system-{name}-{}", std::process::id()));

@@ -24,16 +24,17 @@ use kube::api::Api;
 use ktb_kube::lease::{self, Holder, Kind as LeaseKind, Owner};
 use ktb_kube::names::{exchange_lease, mesh_lease, session_objects};
 use ktb_kube::service::{self, display, selector_of, Restored};
-use ktb_kube::workload::{self, Found, Kind};
+use ktb_kube::workload::{self, Found};
 use ktb_proto::auth::ClientKey;
 
 use crate::cluster::Cluster;
 use crate::expose::ExposeArg;
-use crate::preflight::{self, need, Need};
+use crate::permissions::{self, Command};
+use crate::preflight;
 use crate::refusal::Refusal;
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
+use crate::session::agent_pod::{session_labels, AgentPodSpec, AgentRole, AgentSettings};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock};
 use crate::session::shadow::Shadow;
@@ -67,38 +68,6 @@ pub enum Mode {
 /// comes back.
 const WORKLOAD_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Verbs every mode needs on top of the agent's, checked before anything
-/// changes: the Service, its pods (what a named target port means, which
-/// workload is behind it), and reading the holder of the Service's Lease.
-const EXCHANGE_NEEDS: &[Need] = &[
-    need("get", "", "services"),
-    need("patch", "", "services"),
-    need("list", "", "pods"),
-    need("get", "coordination.k8s.io", "leases"),
-    // Who meshes the Service, to refuse naming them.
-    need("list", "coordination.k8s.io", "leases"),
-];
-
-/// What scale mode needs on top, for the kind of workload found.
-fn scale_needs(kind: Kind) -> [Need; 3] {
-    let (resource, group) = (kind.resource(), "apps");
-    [
-        need("get", group, resource),
-        Need {
-            verb: "get",
-            group,
-            resource,
-            subresource: "scale",
-        },
-        Need {
-            verb: "patch",
-            group,
-            resource,
-            subresource: "scale",
-        },
-    ]
-}
-
 /// Runs an exchange until `shutdown` completes; the cluster is left as it
 /// was found whether this returns `Ok` or `Err`.
 pub async fn run(
@@ -117,18 +86,20 @@ pub async fn run(
     let original = target::exchangeable_service(&services, &name, &ns).await?;
     let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
     let declared = target::declared_ports(&pods, &original).await;
-    let mut needs = [EXCHANGE_NEEDS, agent_pod::AGENT_NEEDS].concat();
     let workload = match options.mode {
         Mode::Selector => None,
         Mode::Scale => {
-            needs.push(need("get", "apps", "replicasets"));
-            let found =
-                workload::behind_service(&cluster.client, &ns, &selector_of(&original)).await?;
-            needs.extend(scale_needs(found.replicas.kind));
-            Some(found)
+            Some(workload::behind_service(&cluster.client, &ns, &selector_of(&original)).await?)
         }
     };
-    preflight::check(cluster, &needs).await?;
+    let (command, needs) = match &workload {
+        None => (Command::Exchange, permissions::exchange(None)),
+        Some(found) => (
+            Command::ExchangeScale,
+            permissions::exchange(Some(found.replicas.kind)),
+        ),
+    };
+    preflight::check(cluster, command, &needs).await?;
     warn_about_closed_local_ports(&routes, reporter).await;
 
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);

@@ -39,11 +39,12 @@ use ktb_proto::auth::ClientKey;
 
 use crate::cluster::Cluster;
 use crate::expose::ExposeArg;
-use crate::preflight::{self, need, Need};
+use crate::permissions::Command;
+use crate::preflight;
 use crate::refusal::Refusal;
 use crate::report::Reporter;
 use crate::session as sessions;
-use crate::session::agent_pod::{self, session_labels, AgentPodSpec, AgentRole, AgentSettings};
+use crate::session::agent_pod::{session_labels, AgentPodSpec, AgentRole, AgentSettings};
 use crate::session::keep_alive::keep_alive;
 use crate::session::lock::{self, Lock, Taken};
 use crate::session::shadow::{Shadow, TransportKind};
@@ -63,20 +64,6 @@ pub struct MeshOptions {
 
 /// The header of a generated mark.
 pub const DEFAULT_MARK_HEADER: &str = "x-ktb-mark";
-
-/// Verbs on top of the agent's: the Service (read; patched when this
-/// member creates the router), the Service selecting the original pods,
-/// the pods (named target ports), the Leases of other members and of the
-/// exchange lock.
-const MESH_NEEDS: &[Need] = &[
-    need("get", "", "services"),
-    need("patch", "", "services"),
-    need("create", "", "services"),
-    need("delete", "", "services"),
-    need("list", "", "pods"),
-    need("get", "coordination.k8s.io", "leases"),
-    need("list", "coordination.k8s.io", "leases"),
-];
 
 /// A mark that is a valid header name and value, and that the agent's
 /// probe accepts: letters, digits, `.`, `_`, `-`.
@@ -128,7 +115,7 @@ pub async fn run(
     let original = target::exchangeable_service(&services, &name, &ns).await?;
     let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
     let declared = target::declared_ports(&pods, &original).await;
-    preflight::check(cluster, &[MESH_NEEDS, agent_pod::AGENT_NEEDS].concat()).await?;
+    preflight::check(cluster, Command::Mesh, &Command::Mesh.needs()).await?;
     refuse_if_exchanged(&leases, &name, &qualified).await?;
 
     let owner = sessions::owner(cluster).await?;

@@ -35,39 +35,7 @@ use ktb_kube::names::{
 };
 use ktb_kube::workload::Kind;
 
-use crate::preflight::{need, Need};
 use crate::target::DeclaredPort;
-
-/// Verbs to start an agent pod for a session and reach it: the pod, its
-/// ServiceAccount and RBAC, the session Lease.
-pub const AGENT_NEEDS: &[Need] = &[
-    need("create", "", "pods"),
-    need("get", "", "pods"),
-    need("delete", "", "pods"),
-    // kube's port-forward is a WebSocket, authorized as `get`; from
-    // Kubernetes 1.35 the apiserver also requires `create` for it.
-    Need {
-        verb: "get",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    Need {
-        verb: "create",
-        group: "",
-        resource: "pods",
-        subresource: "portforward",
-    },
-    need("create", "", "serviceaccounts"),
-    need("delete", "", "serviceaccounts"),
-    need("create", "rbac.authorization.k8s.io", "roles"),
-    need("delete", "rbac.authorization.k8s.io", "roles"),
-    need("create", "rbac.authorization.k8s.io", "rolebindings"),
-    need("delete", "rbac.authorization.k8s.io", "rolebindings"),
-    need("create", "coordination.k8s.io", "leases"),
-    need("patch", "coordination.k8s.io", "leases"),
-    need("delete", "coordination.k8s.io", "leases"),
-];
 
 /// The agent image a release of ktb runs unless told otherwise
 /// (`--agent-image`, config key `agent-image`): the one the release
@@ -608,4 +576,84 @@ where
         .delete(name, dp)
         .await
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::permissions::{self, Command};
+
+    /// Kubernetes lets nobody create a Role granting what they do not hold
+    /// (escalation prevention): every verb of an agent's Role must be among
+    /// the verbs its command checks and its Role file grants.
+    #[test]
+    fn an_agents_role_never_grants_more_than_its_creator_is_checked_for() {
+        let settings = AgentSettings {
+            image: "ktb-agent".into(),
+            pull_policy: "Never".into(),
+            ready_timeout: Duration::from_secs(1),
+        };
+        let shadow = || AgentRole::Shadow {
+            service: "web",
+            listen_ports: vec![8080],
+            key: "00".repeat(32),
+        };
+        let router = || AgentRole::MeshRouter {
+            service: "web",
+            routes: Vec::new(),
+        };
+        let connect = || AgentRole::Connect {
+            key: "00".repeat(32),
+        };
+        let cases: [(AgentRole, Option<Kind>, Vec<crate::preflight::Need>); 7] = [
+            (shadow(), None, permissions::exchange(None)),
+            (
+                shadow(),
+                Some(Kind::Deployment),
+                permissions::exchange(Some(Kind::Deployment)),
+            ),
+            (
+                shadow(),
+                Some(Kind::StatefulSet),
+                permissions::exchange(Some(Kind::StatefulSet)),
+            ),
+            (shadow(), None, Command::Mesh.needs()),
+            (router(), None, Command::Mesh.needs()),
+            (shadow(), None, Command::Preview.needs()),
+            (connect(), None, permissions::connect(false, false)),
+        ];
+        for (role, scaled, needs) in cases {
+            let spec = AgentPodSpec {
+                name: "ktb-web-1",
+                session: "1",
+                role,
+                lease: "ktb-exchange-web".into(),
+                tunnel_on_pod_network: false,
+                declared_ports: Vec::new(),
+                settings: &settings,
+                grace: Duration::from_secs(30),
+                owner: OwnerReference::default(),
+                labels: session_labels("1"),
+                scaled: scaled.map(|kind| (kind, "web".to_owned())),
+            };
+            for rule in spec.role().rules.unwrap_or_default() {
+                for group in rule.api_groups.iter().flatten() {
+                    for resource in rule.resources.iter().flatten() {
+                        for verb in &rule.verbs {
+                            let (resource, sub) =
+                                resource.split_once('/').unwrap_or((resource, ""));
+                            assert!(
+                                needs.iter().any(|n| n.verb == verb
+                                    && n.group == group
+                                    && n.resource == resource
+                                    && n.subresource == sub),
+                                "the agent's Role grants {verb} {resource}/{sub} ({group}), \
+                                 which its creator is not checked for: {needs:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

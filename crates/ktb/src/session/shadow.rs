@@ -6,7 +6,8 @@
 //! callers; they differ only in what points callers at it (the exchanged
 //! Service's selector, the shared mesh router, a new Service), which stays
 //! in each command's module. The transport is decided once, so the tunnel
-//! and the proof always take the same path.
+//! and the proof always take the same path. `ktb doctor` starts one too,
+//! in connect role with no Service, to time the way to it and remove it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

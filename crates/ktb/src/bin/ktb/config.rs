@@ -46,6 +46,10 @@ pub struct Key {
 }
 
 const AGENT_COMMANDS: &[&str] = &["exchange", "mesh", "preview", "connect"];
+/// The commands that start an agent pod, for its image, pull policy and
+/// ready timeout: the session commands and `doctor`, whose throwaway agent
+/// has no grace to configure.
+const AGENT_POD_COMMANDS: &[&str] = &["exchange", "mesh", "preview", "connect", "doctor"];
 
 /// Every key the file may set, in the order `ktb config show` lists them.
 pub const KEYS: &[Key] = &[
@@ -58,19 +62,19 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "agent-image",
         arg: "agent_image",
-        commands: AGENT_COMMANDS,
+        commands: AGENT_POD_COMMANDS,
         integer: false,
     },
     Key {
         name: "image-pull-policy",
         arg: "image_pull_policy",
-        commands: AGENT_COMMANDS,
+        commands: AGENT_POD_COMMANDS,
         integer: false,
     },
     Key {
         name: "ready-timeout",
         arg: "ready_timeout",
-        commands: AGENT_COMMANDS,
+        commands: AGENT_POD_COMMANDS,
         integer: false,
     },
     Key {

@@ -210,6 +210,25 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check what ktb needs, one row each (PASS, WARN, FAIL, with what to
+    /// do): the kubeconfig, the cluster, every command's permissions, a
+    /// throwaway agent reached through a port-forward, leftovers of
+    /// crashed sessions, and this machine's TUN device and DNS. Exits 1 if
+    /// a check fails.
+    Doctor {
+        /// `table` for people, `json` for scripts.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Leave out the agent check, which creates a session Lease, an
+        /// agent pod and its RBAC for a few seconds (then removes them).
+        #[arg(long)]
+        no_agent: bool,
+        /// Where `ktb connect` keeps its journal.
+        #[arg(long, env = "KTB_STATE_DIR", default_value = "/var/lib/ktb")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
     /// Print a completion script for SHELL to standard output, e.g.
     /// `ktb completion bash > /etc/bash_completion.d/ktb` or
     /// `ktb completion zsh > "${fpath[1]}/_ktb"`.
@@ -613,6 +632,26 @@ async fn run(
             let service = service.trim_start_matches("svc/");
             ktb::recover::run(&cluster, service, force, &reporter).await
         }
+        Command::Doctor {
+            output,
+            no_agent,
+            state_dir,
+            agent,
+        } => {
+            let shutdown = shutdown_signal(Arc::clone(&screen));
+            let options = ktb::doctor::DoctorOptions {
+                kube,
+                agent: (!no_agent).then(|| agent.into()),
+                state_dir,
+            };
+            let checks = ktb::doctor::run(&options, &reporter, shutdown).await?;
+            screen.finish();
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
+                Output::Table => print_checks(&checks),
+            }
+            ktb::doctor::verdict(&checks)
+        }
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "ktb", &mut std::io::stdout());
             Ok(())
@@ -715,6 +754,22 @@ fn print_sessions(rows: &[ktb::status::SessionRow], namespace: &str, all: bool) 
         })
         .collect();
     print_table(&header, &cells);
+}
+
+/// `ktb doctor` as a table: a row per check, its hint on a line of its own.
+fn print_checks(checks: &[ktb::doctor::Check]) {
+    let mut cells = Vec::new();
+    for check in checks {
+        cells.push(vec![
+            check.status.to_string(),
+            check.name.clone(),
+            check.detail.clone(),
+        ]);
+        if let Some(hint) = &check.hint {
+            cells.push(vec![String::new(), String::new(), format!("→ {hint}")]);
+        }
+    }
+    print_table(&["STATUS", "CHECK", "DETAIL"], &cells);
 }
 
 /// `header` and `rows` in aligned columns.
