@@ -26,8 +26,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, free_port, get_json, kubectl, local_echo, try_kubectl, wait_until, As, TempNamespace,
-    NAMESPACE,
+    apply, command_as, free_port, get_json, kubectl, local_echo, try_kubectl, wait_until, As,
+    Spawned, TempNamespace, NAMESPACE,
 };
 use ktb_tests::exchange::*;
 use ktb_tests::rbac::developer_role_without;
@@ -63,6 +63,76 @@ fn selector_exchange_reaches_laptop_and_restores_on_sigint() {
     );
 
     w.stop_and_check_restored(&mut ktb, "after SIGINT");
+}
+
+/// Progress is for a person at a terminal. Under a pseudo-terminal
+/// (util-linux `script`), exchange's waits draw a spinner that names the
+/// phase and counts its seconds; piped, as in every other test here, stderr
+/// holds `ktb: ` lines and not one escape sequence or spinner frame.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn progress_spins_on_a_terminal_and_never_in_a_pipe() {
+    const FRAMES: &[char] = &['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let w = Workload::deploy(NAMESPACE, "exh-progress");
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    let args = exchange_args(&w.name, NAMESPACE, port, "5s");
+
+    let mut piped = start_ktb(As::DevA, &args);
+    wait_ready_line(&mut piped);
+    stop_ktb(&mut piped, libc::SIGINT, NAMESPACE, &w.name);
+    let stderr = piped.stderr();
+    assert!(
+        !stderr.contains('\x1b') && !stderr.contains(FRAMES),
+        "progress escaped into a pipe:\n{stderr:?}"
+    );
+    w.assert_restored("after the piped exchange");
+
+    // `script` runs the line in a shell on a new pseudo-terminal and copies
+    // what it shows to stdout; the shell execs ktb, script's one child.
+    let line = format!("exec {} {}", ktb_bin().display(), args.join(" "));
+    let mut script = command_as(As::DevA, "script");
+    script
+        .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+        .env("KUBECONFIG", As::DevA.kubeconfig())
+        .env("TERM", "xterm-256color")
+        .env_remove("KTB_NO_PROGRESS");
+    let mut terminal = Spawned::start("ktb under script", script);
+    terminal
+        .wait_for_stdout(READY, READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ktb exchange under a terminal never became ready: {e}"));
+    w.wait_reaches_local(LOCAL_A);
+    let pid = terminal.pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("script's children");
+    let ktb: Vec<i32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(ktb.len(), 1, "script has one child, ktb: {children:?}");
+    // SAFETY: kill(2) on ktb, started by this test under script, which has
+    // not exited: script is running, and its child's PID is not reaped.
+    assert_eq!(unsafe { libc::kill(ktb[0], libc::SIGINT) }, 0);
+    let status = terminal.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "ktb under script did not exit 0 after SIGINT:\n{:?}",
+        terminal.stdout()
+    );
+    let screen = terminal.stdout();
+    let restored = format!("restored Service {NAMESPACE}/{}", w.name);
+    assert!(
+        screen.contains(&restored),
+        "ktb under a terminal did not say {restored:?}:\n{screen:?}"
+    );
+    assert!(
+        screen.contains(FRAMES) && screen.contains("\x1b[") && screen.contains("[0s]"),
+        "no spinner (frame, escape, seconds) on the terminal:\n{screen:?}"
+    );
+    w.assert_restored("after the exchange under a terminal");
+    w.wait_reaches_original("after the exchange under a terminal");
+    w.assert_ktb_objects_gone("after the exchange under a terminal");
 }
 
 #[test]

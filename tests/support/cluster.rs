@@ -587,27 +587,42 @@ impl Spawned {
     /// Waits (at most `timeout`) until stderr contains `needle`. Err with
     /// the reason if the process exited first or the time ran out.
     pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        self.wait_for(Spawned::stderr, "stderr", needle, timeout)
+    }
+
+    /// [`Spawned::wait_for_stderr`] for stdout.
+    pub fn wait_for_stdout(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        self.wait_for(Spawned::stdout, "stdout", needle, timeout)
+    }
+
+    fn wait_for(
+        &mut self,
+        text: fn(&Spawned) -> String,
+        stream: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.stderr().contains(needle) {
+            if text(self).contains(needle) {
                 return Ok(());
             }
             if let Some(status) = self.try_status() {
                 self.join_readers();
-                if self.stderr().contains(needle) {
+                if text(self).contains(needle) {
                     return Ok(());
                 }
                 return Err(format!(
-                    "{} exited ({status}) before writing {needle:?}; stderr:\n{}",
+                    "{} exited ({status}) before writing {needle:?}; {stream}:\n{}",
                     self.label,
-                    self.stderr()
+                    text(self)
                 ));
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "{} did not write {needle:?} within {timeout:?}; stderr so far:\n{}",
+                    "{} did not write {needle:?} within {timeout:?}; {stream} so far:\n{}",
                     self.label,
-                    self.stderr()
+                    text(self)
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));

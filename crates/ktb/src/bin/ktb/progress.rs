@@ -99,20 +99,20 @@ impl Screen {
     pub fn show(&self, event: &Event) {
         let line = format!("ktb: {event}");
         let Some(mut spinner) = self.lock() else {
-            eprintln!("{line}");
+            print_line(&line);
             return;
         };
         let (effect, course) = effect(spinner.course, event);
         spinner.course = course;
         match effect {
-            Effect::Keep => spinner.above(|| eprintln!("{line}")),
+            Effect::Keep => spinner.above(|| print_line(&line)),
             Effect::Stop => {
                 spinner.clear();
-                eprintln!("{line}");
+                print_line(&line);
             }
             Effect::Spin(phase) => {
                 spinner.clear();
-                eprintln!("{line}");
+                print_line(&line);
                 spinner.spin(phase);
             }
         }
@@ -211,6 +211,13 @@ impl Write for LogWriter {
     fn flush(&mut self) -> io::Result<()> {
         io::stderr().flush()
     }
+}
+
+/// Writes `line` to stderr, ignoring a failure: a terminal that hung up
+/// (an SSH session dropped, a closed window) must not stop ktb from
+/// restoring what it changed, as `eprintln!`'s panic would.
+fn print_line(line: &str) {
+    let _ = writeln!(io::stderr(), "{line}");
 }
 
 /// Whether to draw progress: only on a terminal that takes escape sequences
