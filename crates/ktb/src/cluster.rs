@@ -185,15 +185,33 @@ impl Cluster {
 
 /// A failed API call as a sentence: the apiserver's own message (`pods is
 /// forbidden: User "dev-b" cannot list …`), not kube's debug dump of it; a
-/// 403 stays a missing permission for the exit code.
+/// 403 stays a missing permission for the exit code, unless it is the
+/// namespace being deleted, which no Role would fix.
 pub fn api_error(error: kube::Error) -> anyhow::Error {
     match error {
+        kube::Error::Api(status) if namespace_terminating(&status) => anyhow::anyhow!(
+            "{}: the namespace is being deleted and takes no new objects; \
+             wait until it is gone (kubectl get namespace) or use another (-n)",
+            status.message
+        ),
         kube::Error::Api(status) if status.code == 403 => {
             Refusal::Forbidden(format!("{} ({})", status.message, status.reason)).into()
         }
         kube::Error::Api(status) => anyhow::anyhow!("{} ({})", status.message, status.reason),
         other => other.into(),
     }
+}
+
+/// The apiserver's refusal to create in a namespace being deleted: a 403
+/// whose cause is `NamespaceTerminating`.
+fn namespace_terminating(status: &kube::core::Status) -> bool {
+    status.code == 403
+        && status.details.as_ref().is_some_and(|details| {
+            details
+                .causes
+                .iter()
+                .any(|cause| cause.reason == "NamespaceTerminating")
+        })
 }
 
 /// Every object of kind `K` that ktb created (label
@@ -208,10 +226,14 @@ where
 
 /// The name of this machine, for telling other developers who holds what.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
+    #[cfg(unix)]
+    let name = nix::unistd::gethostname()
         .ok()
-        .filter(|h| !h.is_empty())
+        .and_then(|name| name.into_string().ok());
+    #[cfg(windows)]
+    let name = std::env::var("COMPUTERNAME").ok();
+    name.map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "unknown-host".into())
 }
 
@@ -262,5 +284,38 @@ mod tests {
             [PathBuf::from("/home/dev/.kube/config")]
         );
         assert!(kubeconfig_files(None, None, None).is_empty());
+    }
+
+    /// What the apiserver answers a create in a namespace being deleted
+    /// (Kubernetes 1.3x, trimmed), and a plain 403.
+    #[test]
+    fn a_namespace_being_deleted_is_said_so_and_is_no_missing_permission() {
+        let terminating: kube::core::Status = serde_json::from_str(
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure",
+            "message":"pods \"ktb-x\" is forbidden: unable to create new content in namespace team-z because it is being terminated",
+            "reason":"Forbidden","code":403,
+            "details":{"name":"ktb-x","kind":"pods","causes":[{"reason":"NamespaceTerminating",
+            "message":"namespace team-z is being terminated","field":"metadata.namespace"}]}}"#,
+        )
+        .unwrap();
+        let error = api_error(kube::Error::Api(Box::new(terminating)));
+        assert!(error.downcast_ref::<Refusal>().is_none());
+        let said = format!("{error:#}");
+        assert!(
+            said.contains("team-z because it is being terminated"),
+            "{said}"
+        );
+        assert!(said.contains("wait until it is gone"), "{said}");
+
+        let forbidden: kube::core::Status = serde_json::from_str(
+            r#"{"message":"pods is forbidden: User \"dev-b\" cannot list resource \"pods\"",
+            "reason":"Forbidden","code":403}"#,
+        )
+        .unwrap();
+        let error = api_error(kube::Error::Api(Box::new(forbidden)));
+        assert!(matches!(
+            error.downcast_ref::<Refusal>(),
+            Some(Refusal::Forbidden(_))
+        ));
     }
 }
