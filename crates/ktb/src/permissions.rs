@@ -15,7 +15,40 @@
 
 use ktb_kube::workload::Kind;
 
-use crate::preflight::{need, Need};
+/// One permission: a verb on a resource (and subresource) in the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// `get`, `list`, `create`, `patch`, `delete`.
+    pub verb: &'static str,
+    /// The API group: `""` (core), `apps`, `coordination.k8s.io`, …
+    pub group: &'static str,
+    /// `pods`, `services`, `leases`, …
+    pub resource: &'static str,
+    /// `portforward`, `scale`, or `""` for the resource itself.
+    pub subresource: &'static str,
+}
+
+pub const fn need(verb: &'static str, group: &'static str, resource: &'static str) -> Need {
+    Need {
+        verb,
+        group,
+        resource,
+        subresource: "",
+    }
+}
+
+impl std::fmt::Display for Need {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb, self.resource)?;
+        if !self.subresource.is_empty() {
+            write!(f, "/{}", self.subresource)?;
+        }
+        if !self.group.is_empty() {
+            write!(f, ".{}", self.group)?;
+        }
+        Ok(())
+    }
+}
 
 /// The file with the Role that grants every command's verbs at once.
 pub const DEVELOPER_ROLE_FILE: &str = "deploy/rbac/developer.yaml";

@@ -15,43 +15,8 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 
 use crate::cluster::Cluster;
-use crate::permissions::{Command, DEVELOPER_ROLE_FILE};
+use crate::permissions::{Command, Need, DEVELOPER_ROLE_FILE};
 use crate::refusal::Refusal;
-
-/// One permission: a verb on a resource (and subresource) in the namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Need {
-    /// `get`, `list`, `create`, `patch`, `delete`.
-    pub verb: &'static str,
-    /// The API group: `""` (core), `apps`, `coordination.k8s.io`, …
-    pub group: &'static str,
-    /// `pods`, `services`, `leases`, …
-    pub resource: &'static str,
-    /// `portforward`, `scale`, or `""` for the resource itself.
-    pub subresource: &'static str,
-}
-
-pub const fn need(verb: &'static str, group: &'static str, resource: &'static str) -> Need {
-    Need {
-        verb,
-        group,
-        resource,
-        subresource: "",
-    }
-}
-
-impl std::fmt::Display for Need {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.verb, self.resource)?;
-        if !self.subresource.is_empty() {
-            write!(f, "/{}", self.subresource)?;
-        }
-        if !self.group.is_empty() {
-            write!(f, ".{}", self.group)?;
-        }
-        Ok(())
-    }
-}
 
 /// The longest the apiserver may take to answer every review together.
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(15);

@@ -25,7 +25,7 @@ use ktb_proto::auth::ClientKey;
 
 use super::{bounded, interruptible, Check, Interrupted};
 use crate::cluster::Cluster;
-use crate::preflight::Need;
+use crate::permissions::Need;
 use crate::report::{Event, Reporter};
 use crate::session::agent_pod::{session_labels, AgentPodSpec, AgentRole, AgentSettings};
 use crate::session::lock::{self, Lock, Taken};
@@ -239,7 +239,7 @@ async fn trial(
 mod tests {
     use super::*;
     use crate::doctor::Status;
-    use crate::preflight::need;
+    use crate::permissions::need;
 
     const OK: Timing = Timing {
         ready: Duration::from_millis(2300),

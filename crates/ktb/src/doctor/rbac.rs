@@ -10,7 +10,8 @@
 use super::Check;
 use crate::cluster::Cluster;
 use crate::permissions::Command;
-use crate::preflight::{self, Need};
+use crate::permissions::Need;
+use crate::preflight;
 
 /// Adds a row per command. Returns every verb found missing, or `None`
 /// when the apiserver could not be asked (the rows then say why).
@@ -73,7 +74,7 @@ pub fn row(command: Command, namespace: &str, missing: &[Need]) -> Check {
 mod tests {
     use super::*;
     use crate::doctor::Status;
-    use crate::preflight::need;
+    use crate::permissions::need;
 
     #[test]
     fn a_command_fails_naming_only_its_own_missing_verbs_and_its_role_file() {

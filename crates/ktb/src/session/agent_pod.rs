@@ -605,7 +605,7 @@ mod tests {
         let connect = || AgentRole::Connect {
             key: "00".repeat(32),
         };
-        let cases: [(AgentRole, Option<Kind>, Vec<crate::preflight::Need>); 7] = [
+        let cases: [(AgentRole, Option<Kind>, Vec<crate::permissions::Need>); 7] = [
             (shadow(), None, permissions::exchange(None)),
             (
                 shadow(),
