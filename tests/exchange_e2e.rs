@@ -26,11 +26,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ktb_tests::cluster::{
-    apply, command_as, free_port, get_json, kubectl, local_echo, try_kubectl, wait_until, As,
-    Spawned, TempNamespace, NAMESPACE,
+    apply, command_as, free_port, get_json, kubectl, local_echo, service_manifest, try_kubectl,
+    wait_until, As, Spawned, TempNamespace, NAMESPACE,
 };
 use ktb_tests::exchange::*;
-use ktb_tests::rbac::developer_role_without;
+use ktb_tests::rbac::{developer_role_without, role_file};
 
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
@@ -557,4 +557,120 @@ fn unknown_service_is_not_found_and_nothing_is_created() {
         !svc.status.success(),
         "a Service {name} exists after the failed exchange"
     );
+}
+
+/// A namespace being deleted takes no new objects, and no Role would change
+/// that: exchange says the namespace is being deleted (not a missing
+/// permission), exits 1 and creates nothing. Finalizers hold the Service,
+/// the developer's Role and RoleBinding, and the namespace itself in place
+/// while it terminates; dropping [`Held`] lets them all go.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn a_namespace_being_deleted_is_named_and_nothing_is_created() {
+    let ns = TempNamespace::new("exh-terminating");
+    apply(As::Admin, &role_file("exchange.yaml", &ns.0, As::DevA));
+    apply(
+        As::Admin,
+        &service_manifest("doomed", &ns.0, "doomed", 80, 8080),
+    );
+    let held = Held::new(&ns.0);
+    kubectl(As::Admin, &["delete", "namespace", &ns.0, "--wait=false"]);
+    wait_until(
+        "the namespace to be terminating",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let phase = kubectl(
+                As::Admin,
+                &["get", "namespace", &ns.0, "-o", "jsonpath={.status.phase}"],
+            );
+            (phase == "Terminating").then_some(()).ok_or(phase)
+        },
+    );
+
+    let out = run_ktb(
+        As::DevA,
+        &exchange_args("doomed", &ns.0, free_port(&["laptop-a"]), "5s"),
+    );
+    expect_exit(&out, 1, "exchange in a namespace being deleted");
+    expect_stderr(
+        &out,
+        "the namespace is being deleted and takes no new objects",
+        "exchange in a namespace being deleted",
+    );
+    let left = ktb_objects(&ns.0, None);
+    assert!(left.is_empty(), "ktb created objects: {left:?}");
+    let service = kubectl(
+        As::Admin,
+        &[
+            "-n",
+            &ns.0,
+            "get",
+            "service",
+            "doomed",
+            "-o",
+            "jsonpath={.spec.selector}",
+        ],
+    );
+    assert_eq!(service, r#"{"app":"doomed"}"#, "the Service was changed");
+    drop(held);
+}
+
+/// What a test holds in its namespace with a finalizer of its own: every
+/// Role, RoleBinding and Service there. Dropped, the finalizers go, and the
+/// namespace's deletion completes.
+struct Held {
+    namespace: String,
+    objects: Vec<String>,
+}
+
+const HOLD: &str = r#"{"metadata":{"finalizers":["ktb.test/hold"]}}"#;
+const RELEASE: &str = r#"{"metadata":{"finalizers":null}}"#;
+
+impl Held {
+    fn new(namespace: &str) -> Held {
+        let names = kubectl(
+            As::Admin,
+            &[
+                "-n",
+                namespace,
+                "get",
+                "roles,rolebindings,services",
+                "-o",
+                "name",
+            ],
+        );
+        let objects: Vec<String> = names.lines().map(str::to_owned).collect();
+        assert!(objects.len() >= 3, "nothing to hold: {objects:?}");
+        let held = Held {
+            namespace: namespace.to_owned(),
+            objects,
+        };
+        for object in &held.objects {
+            kubectl(
+                As::Admin,
+                &["-n", namespace, "patch", object, "--type=merge", "-p", HOLD],
+            );
+        }
+        held
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for object in &self.objects {
+            let _ = try_kubectl(
+                As::Admin,
+                &[
+                    "-n",
+                    &self.namespace,
+                    "patch",
+                    object,
+                    "--type=merge",
+                    "-p",
+                    RELEASE,
+                ],
+            );
+        }
+    }
 }
