@@ -13,7 +13,7 @@ use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use crate::refusal::Refusal;
+use crate::refusal::{namespace_terminating, Refusal};
 
 /// Which cluster and namespace, as kubectl's flags say it; `None` takes
 /// kubectl's defaults.
@@ -189,29 +189,46 @@ impl Cluster {
 /// namespace being deleted, which no Role would fix.
 pub fn api_error(error: kube::Error) -> anyhow::Error {
     match error {
-        kube::Error::Api(status) if namespace_terminating(&status) => anyhow::anyhow!(
-            "{}: the namespace is being deleted and takes no new objects; \
-             wait until it is gone (kubectl get namespace) or use another (-n)",
-            status.message
-        ),
-        kube::Error::Api(status) if status.code == 403 => {
-            Refusal::Forbidden(format!("{} ({})", status.message, status.reason)).into()
+        kube::Error::Api(status) if namespace_terminating(&status) => {
+            anyhow::anyhow!("{}", status_sentence(&status))
         }
-        kube::Error::Api(status) => anyhow::anyhow!("{} ({})", status.message, status.reason),
+        kube::Error::Api(status) if status.code == 403 => {
+            Refusal::Forbidden(status_sentence(&status)).into()
+        }
+        kube::Error::Api(status) => anyhow::anyhow!("{}", status_sentence(&status)),
         other => other.into(),
     }
 }
 
-/// The apiserver's refusal to create in a namespace being deleted: a 403
-/// whose cause is `NamespaceTerminating`.
-fn namespace_terminating(status: &kube::core::Status) -> bool {
-    status.code == 403
-        && status.details.as_ref().is_some_and(|details| {
-            details
-                .causes
-                .iter()
-                .any(|cause| cause.reason == "NamespaceTerminating")
-        })
+/// An apiserver's answer as a person reads it: its message and reason, and
+/// what to do when the namespace is being deleted.
+fn status_sentence(status: &kube::core::Status) -> String {
+    if namespace_terminating(status) {
+        format!(
+            "{}: the namespace is being deleted and takes no new objects; \
+             wait until it is gone (kubectl get namespace) or use another (-n)",
+            status.message
+        )
+    } else {
+        format!("{} ({})", status.message, status.reason)
+    }
+}
+
+/// `error` in one line, its causes joined by `: ` as `{:#}` joins them, but
+/// an apiserver's answer said as [`api_error`] says it, wherever in the
+/// chain a caller wrapped it with context (kube's own Display appends a
+/// debug dump of the whole Status).
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in error.chain() {
+        if let Some(kube::Error::Api(status)) = cause.downcast_ref::<kube::Error>() {
+            // The rest of the chain is the Status itself.
+            parts.push(status_sentence(status));
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    parts.join(": ")
 }
 
 /// Every object of kind `K` that ktb created (label
@@ -298,7 +315,7 @@ mod tests {
             "message":"namespace team-z is being terminated","field":"metadata.namespace"}]}}"#,
         )
         .unwrap();
-        let error = api_error(kube::Error::Api(Box::new(terminating)));
+        let error = api_error(kube::Error::Api(Box::new(terminating.clone())));
         assert!(error.downcast_ref::<Refusal>().is_none());
         let said = format!("{error:#}");
         assert!(
@@ -306,6 +323,21 @@ mod tests {
             "{said}"
         );
         assert!(said.contains("wait until it is gone"), "{said}");
+        // Wrapped as it comes, with a caller's context: the same sentence,
+        // no debug dump, and no missing permission.
+        let wrapped = anyhow::Error::from(kube::Error::Api(Box::new(terminating)))
+            .context("cannot create Lease ktb-exchange-x");
+        let said = one_line(&wrapped);
+        assert!(
+            said.starts_with("cannot create Lease ktb-exchange-x: pods \"ktb-x\" is forbidden")
+                && said.ends_with("or use another (-n)")
+                && !said.contains("Status {"),
+            "{said}"
+        );
+        assert_eq!(
+            crate::refusal::kind_of(&wrapped),
+            crate::refusal::Kind::Failed
+        );
 
         let forbidden: kube::core::Status = serde_json::from_str(
             r#"{"message":"pods is forbidden: User \"dev-b\" cannot list resource \"pods\"",

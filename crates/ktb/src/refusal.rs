@@ -7,8 +7,9 @@
 //! Commands raise a [`Refusal`] where they decide to refuse; a `403
 //! Forbidden` from the apiserver anywhere in an error's chain counts as a
 //! missing permission too, so a verb the preflight did not foresee is
-//! classified the same way. [`kind_of`] sorts any error, and the binary maps
-//! each [`Kind`] to its exit code.
+//! classified the same way, except the apiserver's refusal to create in a
+//! namespace being deleted, which no Role would fix. [`kind_of`] sorts any
+//! error, and the binary maps each [`Kind`] to its exit code.
 
 /// A refusal raised by a command; its message is the whole explanation
 /// (what, who, what to do), so it displays as is.
@@ -48,11 +49,27 @@ pub fn kind_of(error: &anyhow::Error) -> Kind {
                 });
             }
             match cause.downcast_ref::<kube::Error>() {
-                Some(kube::Error::Api(status)) if status.code == 403 => Some(Kind::Forbidden),
+                Some(kube::Error::Api(status))
+                    if status.code == 403 && !namespace_terminating(status) =>
+                {
+                    Some(Kind::Forbidden)
+                }
                 _ => None,
             }
         })
         .unwrap_or(Kind::Failed)
+}
+
+/// The apiserver's refusal to create in a namespace being deleted: a 403
+/// whose cause is `NamespaceTerminating`.
+pub fn namespace_terminating(status: &kube::core::Status) -> bool {
+    status.code == 403
+        && status.details.as_ref().is_some_and(|details| {
+            details
+                .causes
+                .iter()
+                .any(|cause| cause.reason == "NamespaceTerminating")
+        })
 }
 
 #[cfg(test)]

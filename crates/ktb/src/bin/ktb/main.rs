@@ -452,7 +452,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::from(exit::SUCCESS),
         Err(e) => {
-            eprintln!("ktb: error: {e:#}");
+            eprintln!("ktb: error: {}", ktb::cluster::one_line(&e));
             exit::of(&e)
         }
     }
