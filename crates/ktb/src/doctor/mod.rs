@@ -89,12 +89,7 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Check {
-        Check {
-            name: name.into(),
-            status: Status::Warn,
-            detail: detail.into(),
-            hint: Some(hint.into()),
-        }
+        Check::hinted(Status::Warn, name.into(), detail.into(), hint.into())
     }
 
     pub fn fail(
@@ -102,11 +97,15 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Check {
+        Check::hinted(Status::Fail, name.into(), detail.into(), hint.into())
+    }
+
+    fn hinted(status: Status, name: String, detail: String, hint: String) -> Check {
         Check {
-            name: name.into(),
-            status: Status::Fail,
-            detail: detail.into(),
-            hint: Some(hint.into()),
+            name,
+            status,
+            detail,
+            hint: Some(hint),
         }
     }
 }
