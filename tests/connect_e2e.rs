@@ -680,7 +680,12 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
         .env("KTB_STATE_DIR", &state.0);
     let mut ktb = Spawned::start("ktb connect (resolved)", cmd);
     ktb.wait_for_stderr(READY, READY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("ktb connect never became ready: {e}\nresolved:\n{}", sandbox.log()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "ktb connect never became ready: {e}\nresolved:\n{}",
+                sandbox.log()
+            )
+        });
     let summary = ktb.stderr();
     assert!(
         summary.contains("registered with systemd-resolved on ktb0"),
@@ -701,7 +706,13 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
     );
     let out = sandbox.run(
         "curl",
-        &["--silent", "--show-error", "--max-time", "5", &format!("http://{WEB}/")],
+        &[
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "5",
+            &format!("http://{WEB}/"),
+        ],
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(WEB_POD),
@@ -715,7 +726,11 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
         .lines()
         .filter(|l| l.contains("cluster.local"))
         .collect();
-    assert_eq!(holding.len(), 1, "cluster domains on one link only:\n{domains}");
+    assert_eq!(
+        holding.len(),
+        1,
+        "cluster domains on one link only:\n{domains}"
+    );
     assert!(
         holding[0].contains("(ktb0)") && holding[0].contains("~cluster.local"),
         "{domains}"
@@ -723,7 +738,10 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
     let outside = sandbox.getent(OUTSIDE).expect("a name outside the cluster");
     assert!(outside.starts_with("192.0.2.99"), "{OUTSIDE} is {outside}");
     let asked = upstream.asked();
-    assert!(asked.iter().any(|n| n == OUTSIDE), "the laptop's server got {asked:?}");
+    assert!(
+        asked.iter().any(|n| n == OUTSIDE),
+        "the laptop's server got {asked:?}"
+    );
     assert!(
         !asked.iter().any(|n| n.contains("cluster.local")),
         "a cluster name went to the laptop's own server: {asked:?}"
@@ -745,7 +763,8 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
 
     stop(&mut ktb, libc::SIGINT);
     assert!(
-        ktb.stderr().contains("restored this machine's network and DNS settings"),
+        ktb.stderr()
+            .contains("restored this machine's network and DNS settings"),
         "{}",
         ktb.stderr()
     );
@@ -758,7 +777,10 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
         !sandbox.resolvectl_ok(&["dns"]).contains("127.0.0.153"),
         "resolved still has ktb's server"
     );
-    assert!(sandbox.getent(&fqdn).is_err(), "{fqdn} resolves after disconnect");
+    assert!(
+        sandbox.getent(&fqdn).is_err(),
+        "{fqdn} resolves after disconnect"
+    );
     assert_eq!(
         sandbox.run("ip", &["-o", "link", "show"]).stdout,
         links_before,

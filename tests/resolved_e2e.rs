@@ -78,7 +78,10 @@ fn resolved_routes_the_cluster_domains_to_ktb_only_and_forgets_them_after() {
     );
     // The laptop's own server got the outside name and none of the cluster's.
     let asked = upstream.asked();
-    assert!(asked.iter().any(|n| n == OUTSIDE), "upstream asked {asked:?}");
+    assert!(
+        asked.iter().any(|n| n == OUTSIDE),
+        "upstream asked {asked:?}"
+    );
     assert!(
         !asked.iter().any(|n| n.ends_with("cluster.local")),
         "a cluster name went to the laptop's own server: {asked:?}"
@@ -162,7 +165,11 @@ fn inside_the_sandbox() {
         .lines()
         .filter(|l| l.contains("cluster.local"))
         .collect();
-    assert_eq!(holding.len(), 1, "the domains are on one link only: {every}");
+    assert_eq!(
+        holding.len(),
+        1,
+        "the domains are on one link only: {every}"
+    );
     assert!(holding[0].contains("(ktb0)"), "{every}");
     assert!(
         resolvectl(&["status", "ktb0"]).contains("-DefaultRoute"),
@@ -177,7 +184,10 @@ fn inside_the_sandbox() {
     let outside = getent(OUTSIDE).expect("a name outside the cluster, by the laptop's server");
     assert!(outside.starts_with(&OUTSIDE_IP.to_string()), "{outside}");
     let asked = ktb_dns.asked();
-    assert!(asked.iter().any(|n| n == SERVICE), "ktb was asked {asked:?}");
+    assert!(
+        asked.iter().any(|n| n == SERVICE),
+        "ktb was asked {asked:?}"
+    );
     assert!(
         asked.iter().all(|n| n.ends_with("cluster.local")),
         "ktb's server was asked a name outside the cluster's domains: {asked:?}"
@@ -220,7 +230,9 @@ fn inside_the_sandbox() {
     .unwrap();
     drop(journal);
     drop(tun);
-    let left = Journal::load(&journal_path(&state)).unwrap().expect("journal");
+    let left = Journal::load(&journal_path(&state))
+        .unwrap()
+        .expect("journal");
     left.undo().unwrap();
     assert!(!resolvectl(&["domain"]).contains("cluster.local"));
     let _ = std::fs::remove_dir_all(&state);

@@ -66,7 +66,10 @@ pub fn unpacked() -> PathBuf {
     }
     let mut query = Command::new("dpkg-query");
     query.args(["-W", "-f=${Version}", "libsystemd-shared"]);
-    let version = run_ok(query, "dpkg-query libsystemd-shared (is this Debian or Ubuntu?)");
+    let version = run_ok(
+        query,
+        "dpkg-query libsystemd-shared (is this Debian or Ubuntu?)",
+    );
     std::fs::create_dir_all(&dir).expect("create target/systemd-resolved");
     let mut download = Command::new("apt-get");
     download
@@ -153,7 +156,14 @@ impl Sandbox {
         std::fs::write(dir.join("bus.conf"), bus_config(&dir, &root)).expect("bus.conf");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{netns}"))
-            .args(["unshare", "--mount", "--propagation", "private", "bash", "-c"])
+            .args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+            ])
             .arg(SETUP)
             .env("DIR", &dir)
             .env("ROOT", &root)
@@ -163,7 +173,10 @@ impl Sandbox {
             .env("HOSTS_FILE", setup.hosts.unwrap_or_default())
             .env(
                 "GLOBAL_DNS",
-                setup.global_dns.map(|ip| ip.to_string()).unwrap_or_default(),
+                setup
+                    .global_dns
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
             );
         let mut holder = Spawned::start(&format!("resolved sandbox {netns}"), cmd);
         let ready = holder.wait_for_stdout("ready", Duration::from_secs(20));
@@ -173,7 +186,10 @@ impl Sandbox {
             holder,
             daemons: Vec::new(),
         };
-        for (file, binary) in [("dbus.pid", "dbus-daemon"), ("resolved.pid", "systemd-resolved")] {
+        for (file, binary) in [
+            ("dbus.pid", "dbus-daemon"),
+            ("resolved.pid", "systemd-resolved"),
+        ] {
             if let Ok(pid) = std::fs::read_to_string(sandbox.dir.join(file)) {
                 if let Ok(pid) = pid.trim().parse() {
                     sandbox.daemons.push((pid, binary));
@@ -345,7 +361,10 @@ impl OwnNetns {
         let name = format!("{prefix}-{}", std::process::id());
         let _ = run_bounded(ip(&["netns", "del", &name]), COMMAND_TIMEOUT);
         run_ok(ip(&["netns", "add", &name]), "ip netns add");
-        run_ok(ip(&["-n", &name, "link", "set", "lo", "up"]), "ip link set lo up");
+        run_ok(
+            ip(&["-n", &name, "link", "set", "lo", "up"]),
+            "ip link set lo up",
+        );
         OwnNetns(name)
     }
 }
@@ -383,7 +402,11 @@ impl FakeUpstream {
         FakeUpstream::start_in(None, addr, names)
     }
 
-    fn start_in(netns: Option<String>, addr: SocketAddr, names: &[(&str, Ipv4Addr)]) -> FakeUpstream {
+    fn start_in(
+        netns: Option<String>,
+        addr: SocketAddr,
+        names: &[(&str, Ipv4Addr)],
+    ) -> FakeUpstream {
         let names: Vec<(String, Ipv4Addr)> = names
             .iter()
             .map(|(n, ip)| (n.to_ascii_lowercase(), *ip))

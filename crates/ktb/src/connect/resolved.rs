@@ -362,7 +362,10 @@ mod tests {
         );
         // No cluster domain: nothing to register, and it says so.
         let none = link_domains(&resolver(&["lan"])).unwrap_err();
-        assert!(format!("{none:#}").contains("no cluster domain"), "{none:#}");
+        assert!(
+            format!("{none:#}").contains("no cluster domain"),
+            "{none:#}"
+        );
         // A domain that is no DNS name is never handed to resolved.
         assert!(link_domains(&resolver(&["svc.cluster local"])).is_err());
     }

@@ -820,7 +820,11 @@ mod tests {
         let resolve = dir.join("run/systemd/resolve");
         std::fs::create_dir_all(&resolve).unwrap();
         let stub = resolve.join("stub-resolv.conf");
-        std::fs::write(&stub, "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n").unwrap();
+        std::fs::write(
+            &stub,
+            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n",
+        )
+        .unwrap();
         let uplink = resolve.join("resolv.conf");
         std::fs::write(&uplink, "nameserver 192.0.2.1\n").unwrap();
         let empty = resolve.join("empty.conf");

@@ -204,7 +204,8 @@ mod tests {
         );
         assert_eq!(stub.status, Status::Pass);
         assert!(
-            stub.detail.contains("registers the cluster's domains with systemd-resolved"),
+            stub.detail
+                .contains("registers the cluster's domains with systemd-resolved"),
             "{}",
             stub.detail
         );
