@@ -720,6 +720,16 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A name the cluster does not have: its "no such name", from ktb.
+    let missing = format!("no-such-service.{NAMESPACE}.svc.cluster.local");
+    let out = sandbox.resolvectl(&["query", "--cache=no", &missing]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{missing}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The domains are ktb0's alone, and other names never reach ktb.
     let domains = sandbox.resolvectl_ok(&["domain"]);
     let holding: Vec<&str> = domains

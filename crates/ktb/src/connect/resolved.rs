@@ -175,7 +175,10 @@ fn error_name(error: &zbus::Error) -> Option<String> {
 
 /// A failed call: its [`Refusal`] and the error to report.
 struct Failed {
+    /// What kind of failure, to decide whether it matters (an unknown
+    /// refinement does not; resolved not running does not on revert).
     refusal: Refusal,
+    /// One sentence for the user: what failed and what to do.
     error: anyhow::Error,
 }
 
