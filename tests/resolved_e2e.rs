@@ -183,6 +183,16 @@ fn inside_the_sandbox() {
     assert!(short.starts_with(&SERVICE_IP.to_string()), "{short}");
     let outside = getent(OUTSIDE).expect("a name outside the cluster, by the laptop's server");
     assert!(outside.starts_with(&OUTSIDE_IP.to_string()), "{outside}");
+    // ktb's "no such name" reaches the program as resolved's NXDOMAIN.
+    let missing = "missing.team-a.svc.cluster.local";
+    let mut query = std::process::Command::new(root.join("usr/bin/resolvectl"));
+    query.args(["query", "--cache=no", missing]);
+    let out = run_bounded(query, Duration::from_secs(30));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("not found"),
+        "{missing}: {said}"
+    );
     let asked = ktb_dns.asked();
     assert!(
         asked.iter().any(|n| n == SERVICE),
