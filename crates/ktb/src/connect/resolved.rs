@@ -57,6 +57,8 @@ const PATH: &str = "/org/freedesktop/resolve1";
 const MANAGER: &str = "org.freedesktop.resolve1.Manager";
 /// The longest connecting to the bus or one call to resolved may take.
 const BUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long resolved may take to see a device ktb just created.
+const LINK_APPEARS: Duration = Duration::from_secs(3);
 /// Linux's address family numbers, as `SetLinkDNS` takes them.
 const AF_INET: i32 = 2;
 const AF_INET6: i32 = 10;
@@ -144,6 +146,10 @@ enum Refusal {
     Denied,
     /// This resolved has no such method (one older than the call).
     UnknownMethod,
+    /// resolved does not know the interface: it has not seen a device
+    /// that was just created yet, or has already forgotten one that is
+    /// going away (with its settings).
+    NoSuchLink,
     /// Anything else: no answer in time, a bad argument, a broken bus.
     Other,
 }
@@ -161,6 +167,7 @@ fn refusal(error_name: Option<&str>) -> Refusal {
             | "org.freedesktop.DBus.Error.AuthFailed",
         ) => Refusal::Denied,
         Some("org.freedesktop.DBus.Error.UnknownMethod") => Refusal::UnknownMethod,
+        Some("org.freedesktop.resolve1.NoSuchLink") => Refusal::NoSuchLink,
         _ => Refusal::Other,
     }
 }
@@ -215,6 +222,10 @@ where
             "systemd-resolved refused to let ktb set the DNS of {device} ({error}; polkit grants \
              it to root): run ktb as root (sudo), or connect with `--dns hosts`"
         ),
+        Refusal::NoSuchLink => anyhow::anyhow!(
+            "systemd-resolved does not know {device} ({error}), though ktb created it: check \
+             `resolvectl status`, or connect with `--dns hosts`"
+        ),
         Refusal::UnknownMethod | Refusal::Other => anyhow::anyhow!(
             "systemd-resolved refused {method} for {device} ({error}): connect with `--dns hosts` \
              meanwhile, and report this with `resolvectl --version`"
@@ -243,9 +254,21 @@ pub async fn register(
         .map(|d| (d.name.clone(), d.routing_only))
         .collect();
     let fail = |failed: Failed| failed.error;
-    call(&bus, "SetLinkDNS", name, &(index, records))
-        .await
-        .map_err(fail)?;
+    // resolved learns of new devices from the kernel, a moment after ktb
+    // created its own: until then it knows no such link.
+    let deadline = tokio::time::Instant::now() + LINK_APPEARS;
+    loop {
+        match call(&bus, "SetLinkDNS", name, &(index, records.clone())).await {
+            Ok(()) => break,
+            Err(Failed {
+                refusal: Refusal::NoSuchLink,
+                ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(failed) => return Err(failed.error),
+        }
+    }
     call(&bus, "SetLinkDomains", name, &(index, wanted))
         .await
         .map_err(fail)?;
@@ -316,8 +339,10 @@ async fn revert_link(device: &OwnDevice) -> anyhow::Result<()> {
     };
     match call(&bus, "RevertLink", &device.name, &(index,)).await {
         Ok(()) => Ok(()),
+        // Not running, or the link already gone (the device is being
+        // unregistered as its last handle closed): no settings are left.
         Err(Failed {
-            refusal: Refusal::NotRunning,
+            refusal: Refusal::NotRunning | Refusal::NoSuchLink,
             ..
         }) => Ok(()),
         Err(failed) => Err(failed.error.context(format!(
@@ -416,7 +441,8 @@ mod tests {
                 "org.freedesktop.DBus.Error.UnknownMethod",
                 Refusal::UnknownMethod,
             ),
-            ("org.freedesktop.resolve1.NoSuchLink", Refusal::Other),
+            ("org.freedesktop.resolve1.NoSuchLink", Refusal::NoSuchLink),
+            ("org.freedesktop.resolve1.LinkBusy", Refusal::Other),
         ] {
             assert_eq!(refusal(Some(name)), expected, "{name}");
         }
