@@ -24,7 +24,11 @@
 //!   complete as they do in a pod (and as `--dns resolv` completes them
 //!   elsewhere), and the cluster domain as a routing-only domain
 //!   (`~cluster.local`), so every name under it goes to ktb and nothing
-//!   else is completed with it;
+//!   else is completed with it. Search domains are in resolved's stub file
+//!   too, so as in a pod a lookup that fails elsewhere (`example.org`'s
+//!   missing AAAA) is retried by the C library as
+//!   `example.org.team-a.svc.cluster.local`: a cluster name, sent to ktb;
+//!   the name itself never is;
 //! - the link is no default route for names, and LLMNR, multicast DNS,
 //!   DNSSEC and DNS-over-TLS are off on it: the cluster's DNS signs
 //!   nothing, ktb's resolver speaks plain DNS, and multicast queries into
