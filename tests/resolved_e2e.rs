@@ -24,6 +24,10 @@ use ktb_tests::resolved::{FakeUpstream, OwnNetns, Sandbox, Setup};
 
 /// Set (to the unpacked package's root) for the inner test only.
 const INSIDE: &str = "KTB_RESOLVED_SANDBOX_ROOT";
+/// Set for the refused-registration test only: `NAME:INDEX` of the device
+/// to register, and a part of the error expected.
+const REFUSED_DEVICE: &str = "KTB_RESOLVED_REFUSED_DEVICE";
+const REFUSED_SAYING: &str = "KTB_RESOLVED_REFUSED_SAYING";
 /// Where the laptop's own servers stand in this namespace.
 const LAPTOP_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const OUTSIDE: &str = "outside.test";
@@ -203,6 +207,53 @@ fn inside_the_sandbox() {
         "ktb's server was asked a name outside the cluster's domains: {asked:?}"
     );
 
+    // Refused: as a user polkit does not let through (no polkit here, so
+    // nobody but root), and with no system bus. Each says what to do, and
+    // the link keeps what root registered.
+    let exe = std::env::current_exe().unwrap();
+    let refused = |program: &str, before: &[&str], bus: Option<&str>, saying: &str| {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(before)
+            .arg(&exe)
+            .args([
+                "--exact",
+                "refused_registration",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(REFUSED_DEVICE, format!("{}:{}", device.name, device.index))
+            .env(REFUSED_SAYING, saying);
+        if let Some(bus) = bus {
+            cmd.env("DBUS_SYSTEM_BUS_ADDRESS", bus);
+        }
+        let out = run_bounded(cmd, Duration::from_secs(60));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.contains("refused as expected"),
+            "{said}"
+        );
+        if let Some(line) = said.lines().find(|l| l.contains("refused as expected")) {
+            println!("{line}");
+        }
+    };
+    refused(
+        "setpriv",
+        &["--reuid=65534", "--regid=65534", "--clear-groups", "--"],
+        None,
+        "run ktb as root",
+    );
+    refused(
+        "env",
+        &[],
+        Some("unix:path=/nonexistent/ktb-test-bus"),
+        "system bus cannot be reached",
+    );
+    assert!(resolvectl(&["status", "ktb0"]).contains("127.0.0.153"));
+
     // RevertLink itself, with the device still there.
     resolved::revert(&device).unwrap();
     let reverted = resolvectl(&["status", "ktb0"]);
@@ -247,4 +298,44 @@ fn inside_the_sandbox() {
     assert!(!resolvectl(&["domain"]).contains("cluster.local"));
     let _ = std::fs::remove_dir_all(&state);
     println!("inside the sandbox: all checked");
+}
+
+/// Registration that must be refused (started by the inner test, as
+/// another user or with another bus): the error says what to do.
+#[test]
+#[ignore = "run by resolved_routes_the_cluster_domains_to_ktb_only_and_forgets_them_after"]
+fn refused_registration() {
+    let Some(device) = std::env::var_os(REFUSED_DEVICE) else {
+        return;
+    };
+    let device = device.to_string_lossy().into_owned();
+    let (name, index) = device.split_once(':').expect("NAME:INDEX");
+    let device = system::OwnDevice {
+        name: name.to_owned(),
+        index: index.parse().expect("index"),
+    };
+    let saying = std::env::var(REFUSED_SAYING).expect("what to expect");
+    let state = std::env::temp_dir().join(format!("ktb-resolved-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let mut journal = Journal::start(&state).unwrap();
+    let domains = resolved::link_domains(&Resolver {
+        nameservers: Vec::new(),
+        search: vec!["svc.cluster.local".into()],
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let error = rt
+        .block_on(resolved::register(
+            &mut journal,
+            &device,
+            dns::LISTEN,
+            &domains,
+        ))
+        .expect_err("registration was not refused");
+    let message = format!("{error:#}");
+    assert!(message.contains(&saying), "{message}");
+    assert!(message.contains("--dns hosts"), "{message}");
+    drop(journal);
+    let _ = std::fs::remove_dir_all(&state);
+    println!("refused as expected: {message}");
 }
