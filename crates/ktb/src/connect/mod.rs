@@ -65,7 +65,10 @@ pub enum Mode {
 /// How cluster names reach this machine's resolver (tun mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsMode {
-    /// ktb's DNS server first in /etc/resolv.conf, the original servers after it.
+    /// ktb's DNS server first in /etc/resolv.conf, the original servers
+    /// after it; where resolv.conf links to systemd-resolved's stub, the
+    /// cluster's domains registered with resolved on ktb's device instead
+    /// (`connect::resolved`, Linux).
     Resolv,
     /// The namespace's Services written into a marked block of /etc/hosts.
     Hosts,
