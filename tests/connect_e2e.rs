@@ -719,7 +719,8 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
     );
 
     // Cluster names, through resolved's stub as programs ask, and its API.
-    for name in [fqdn.as_str(), WEB] {
+    let in_namespace = format!("{WEB}.{NAMESPACE}");
+    for name in [fqdn.as_str(), WEB, in_namespace.as_str()] {
         let answer = sandbox
             .getent(name)
             .unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
