@@ -24,9 +24,10 @@ use ktb_tests::cluster::{
     As, Spawned, AGENT_IMAGE, HTTP_ECHO_IMAGE, NAMESPACE,
 };
 use ktb_tests::connect::{
-    connect_args, in_laptop_cmd, ktb_cmd, laptop, laptop_state, start_connect, stop, StateDir,
-    COMMAND_TIMEOUT, READY, READY_TIMEOUT,
+    connect_args, in_laptop_cmd, ktb_cmd, laptop, laptop_file, laptop_state, start_connect, stop,
+    StateDir, COMMAND_TIMEOUT, READY, READY_TIMEOUT,
 };
+use ktb_tests::resolved::{FakeUpstream, Sandbox, Setup};
 
 const WEB: &str = "cweb";
 const WEB_POD: &str = "cweb-0";
@@ -635,5 +636,208 @@ fn connect_answers_a_repeated_cluster_name_from_its_cache() {
             "the laptop is not as it was before connect"
         );
     }
+    wait_for_no_connect_agent("the connect agent to be deleted", Duration::from_secs(30));
+}
+
+/// The names of ktb's "a DNS query arrived" debug lines, colours removed.
+fn queries_arrived(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("a DNS query arrived"))
+        .filter_map(|l| {
+            let mut plain = String::new();
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    // An escape sequence runs to its final letter.
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    plain.push(c);
+                }
+            }
+            plain
+                .split_once("name=")
+                .map(|(_, name)| name.trim().to_owned())
+        })
+        .collect()
+}
+
+/// On a laptop whose `/etc/resolv.conf` is systemd-resolved's stub, connect
+/// leaves the file alone and registers the cluster's domains with resolved
+/// on ktb0: cluster names resolve through resolved, every other name stays
+/// with the laptop's own server, and Ctrl-C takes it all back. resolved is
+/// a real one, in laptop-a's network namespace and a private mount
+/// namespace ([`Sandbox`]); ktb runs there too, so the laptop's own files
+/// are never touched.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
+    const OUTSIDE: &str = "outside.test";
+    let fx = deploy();
+    let before = laptop_state(As::DevA);
+    // The laptop's own DNS server, for every name outside the cluster.
+    let laptop_dns = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let upstream = FakeUpstream::start(
+        laptop(As::DevA),
+        SocketAddr::from((laptop_dns, 53)),
+        &[(OUTSIDE, std::net::Ipv4Addr::new(192, 0, 2, 99))],
+    );
+    let sandbox = Sandbox::start(
+        laptop(As::DevA),
+        Setup {
+            hosts: Some(laptop_file(As::DevA, "hosts")),
+            global_dns: Some(laptop_dns),
+        },
+    );
+    let fqdn = format!("{WEB}.{NAMESPACE}.svc.cluster.local");
+    assert!(
+        sandbox.getent(&fqdn).is_err(),
+        "{fqdn} resolves before connect"
+    );
+    let links_before = sandbox.run("ip", &["-o", "link", "show"]).stdout;
+
+    let state = StateDir::new("resolved");
+    let mut cmd = sandbox.command(workspace_bin("ktb", "ktb"));
+    cmd.args(connect_args(NAMESPACE, &["-vv"]))
+        .env("KUBECONFIG", As::DevA.kubeconfig())
+        .env("KTB_STATE_DIR", &state.0);
+    let mut ktb = Spawned::start("ktb connect (resolved)", cmd);
+    ktb.wait_for_stderr(READY, READY_TIMEOUT)
+        .unwrap_or_else(|e| {
+            panic!(
+                "ktb connect never became ready: {e}\nresolved:\n{}",
+                sandbox.log()
+            )
+        });
+    let summary = ktb.stderr();
+    assert!(
+        summary.contains("registered with systemd-resolved on ktb0"),
+        "the summary does not name resolved:\n{summary}"
+    );
+
+    // Cluster names, through resolved's stub as programs ask, and its API.
+    let in_namespace = format!("{WEB}.{NAMESPACE}");
+    for name in [fqdn.as_str(), WEB, in_namespace.as_str()] {
+        let answer = sandbox
+            .getent(name)
+            .unwrap_or_else(|e| panic!("{e}\nktb:\n{}", ktb.stderr()));
+        assert!(answer.starts_with(&fx.web_ip), "{name} is {answer}");
+    }
+    // Asked on ktb0 alone (`-i`): the answer is the link's.
+    let query = sandbox.resolvectl_ok(&["query", "--cache=no", "-i", "ktb0", &fqdn]);
+    assert!(
+        query.contains(&fx.web_ip),
+        "resolved did not answer {fqdn} through ktb0:\n{query}"
+    );
+    let out = sandbox.run(
+        "curl",
+        &[
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "5",
+            &format!("http://{WEB}/"),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(WEB_POD),
+        "curl http://{WEB}/ through resolved: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A name the cluster does not have: its "no such name", from ktb.
+    let missing = format!("no-such-service.{NAMESPACE}.svc.cluster.local");
+    let out = sandbox.resolvectl(&["query", "--cache=no", &missing]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{missing}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The domains are ktb0's alone, and other names never reach ktb.
+    let domains = sandbox.resolvectl_ok(&["domain"]);
+    let holding: Vec<&str> = domains
+        .lines()
+        .filter(|l| l.contains("cluster.local"))
+        .collect();
+    assert_eq!(
+        holding.len(),
+        1,
+        "cluster domains on one link only:\n{domains}"
+    );
+    assert!(
+        holding[0].contains("(ktb0)") && holding[0].contains("~cluster.local"),
+        "{domains}"
+    );
+    let outside = sandbox.getent(OUTSIDE).expect("a name outside the cluster");
+    assert!(outside.starts_with("192.0.2.99"), "{OUTSIDE} is {outside}");
+    let asked = upstream.asked();
+    assert!(
+        asked.iter().any(|n| n == OUTSIDE),
+        "the laptop's server got {asked:?}"
+    );
+    assert!(
+        !asked.iter().any(|n| n.contains("cluster.local")),
+        "a cluster name went to the laptop's own server: {asked:?}"
+    );
+    // What reached ktb: names in the cluster's domains only. A failed
+    // lookup may come back completed with the link's search domains
+    // (`outside.test.team-a.svc.cluster.local`, as in a pod), which is a
+    // cluster name; the laptop's own name never arrives.
+    let arrived = queries_arrived(&ktb.stderr());
+    assert!(
+        arrived.contains(&format!("{fqdn}.")),
+        "ktb's log names no query for {fqdn}: {arrived:?}"
+    );
+    assert!(
+        arrived.iter().all(|n| n.ends_with(".cluster.local.")),
+        "ktb was sent a name outside the cluster's domains: {arrived:?}"
+    );
+
+    stop(&mut ktb, libc::SIGINT);
+    assert!(
+        ktb.stderr()
+            .contains("restored this machine's network and DNS settings"),
+        "{}",
+        ktb.stderr()
+    );
+    let after = sandbox.resolvectl_ok(&["domain"]);
+    assert!(
+        !after.contains("cluster.local") && !after.contains("ktb0"),
+        "resolved still has ktb's link:\n{after}"
+    );
+    assert!(
+        !sandbox.resolvectl_ok(&["dns"]).contains("127.0.0.153"),
+        "resolved still has ktb's server"
+    );
+    assert!(
+        sandbox.getent(&fqdn).is_err(),
+        "{fqdn} resolves after disconnect"
+    );
+    assert_eq!(
+        sandbox.run("ip", &["-o", "link", "show"]).stdout,
+        links_before,
+        "the sandbox's links differ after disconnect"
+    );
+    let link = sandbox.run("readlink", &["/etc/resolv.conf"]);
+    assert_eq!(
+        String::from_utf8_lossy(&link.stdout).trim(),
+        "../run/systemd/resolve/stub-resolv.conf",
+        "resolv.conf is no longer resolved's link"
+    );
+    assert!(
+        !ktb::connect::journal::journal_path(&state.0).exists(),
+        "the journal is left"
+    );
+    drop(sandbox);
+    assert_eq!(
+        laptop_state(As::DevA),
+        before,
+        "the laptop is not as it was before connect"
+    );
     wait_for_no_connect_agent("the connect agent to be deleted", Duration::from_secs(30));
 }

@@ -11,6 +11,7 @@ pub mod exchange;
 pub mod harness;
 pub mod proxy;
 pub mod rbac;
+pub mod resolved;
 pub mod servers;
 
 use std::time::Duration;

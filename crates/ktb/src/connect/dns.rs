@@ -12,6 +12,10 @@
 //! `resolv.conf` listed before ktb, which are asked at the same time so that
 //! a miss in the cluster costs no extra wait.
 //!
+//! Where systemd-resolved is the machine's resolver ([`super::resolved`]),
+//! it sends this server only names of the cluster's domains and there are
+//! no upstream servers: the cluster's "no such name" is then the answer.
+//!
 //! Every program on the machine trusts these answers, so a reply is taken
 //! only from the server asked, with the query's id and question; anything
 //! else on the socket is dropped, as a stub resolver would. The cluster is
@@ -104,7 +108,12 @@ impl Answerer {
             }
         };
         let candidates = match message.queries.first() {
-            Some(question) => cluster_candidates(question.name(), &self.outbound.resolver()),
+            Some(question) => {
+                // Which names reach ktb at all, countable from outside
+                // (`KTB_LOG=ktb::connect::dns=debug`).
+                tracing::debug!(name = %question.name(), "a DNS query arrived");
+                cluster_candidates(question.name(), &self.outbound.resolver())
+            }
             None => Vec::new(),
         };
         if candidates.is_empty() {
@@ -114,12 +123,30 @@ impl Answerer {
         if let Some(reply) = self.cached(&message, &candidates) {
             return Some(reply);
         }
+        if self.upstream.is_empty() {
+            // Only the cluster answers (systemd-resolved sends ktb nothing
+            // but the cluster's domains): its "no such name" is the answer.
+            let mut no_such_name = true;
+            for candidate in candidates {
+                match self.ask_cluster(&message, &candidate).await {
+                    Asked::Answer(reply) => return Some(reply),
+                    Asked::NoSuchName => {}
+                    Asked::NoAnswer => no_such_name = false,
+                }
+            }
+            let code = if no_such_name {
+                ResponseCode::NXDomain
+            } else {
+                ResponseCode::ServFail
+            };
+            return reply_code(&message, code);
+        }
         let this = Arc::clone(self);
         let (upstream_query, upstream_message) = (query.clone(), message.clone());
         let upstream =
             tokio::spawn(async move { this.upstream(&upstream_query, &upstream_message).await });
         for candidate in candidates {
-            if let Some(reply) = self.ask_cluster(&message, &candidate).await {
+            if let Asked::Answer(reply) = self.ask_cluster(&message, &candidate).await {
                 upstream.abort();
                 return Some(reply);
             }
@@ -155,11 +182,21 @@ impl Answerer {
     }
 
     /// The cluster's answer for `candidate`, rewritten for the question
-    /// asked; `None` if the cluster does not know the name.
-    async fn ask_cluster(&self, question: &Message, candidate: &Name) -> Option<Vec<u8>> {
-        if let Some(answer) = self.cached_answer(question, candidate) {
-            return answer;
+    /// asked, or why there is none.
+    async fn ask_cluster(&self, question: &Message, candidate: &Name) -> Asked {
+        match self.cached_answer(question, candidate) {
+            Some(Some(reply)) => return Asked::Answer(reply),
+            Some(None) => return Asked::NoSuchName,
+            None => {}
         }
+        self.ask_cluster_now(question, candidate)
+            .await
+            .unwrap_or(Asked::NoAnswer)
+    }
+
+    /// [`Answerer::ask_cluster`] through the tunnel; `None` when nothing
+    /// usable came back.
+    async fn ask_cluster_now(&self, question: &Message, candidate: &Name) -> Option<Asked> {
         let server = *self.outbound.resolver().nameservers.first()?;
         let key = Key::new(candidate, question.queries.first()?);
         let tunnel = self.outbound.tunnels();
@@ -171,10 +208,11 @@ impl Answerer {
         // longer costs, countable from outside (`KTB_LOG=ktb::connect::dns=debug`).
         tracing::debug!(name = %candidate, code = %reply.metadata.response_code, "asked the cluster's DNS");
         self.cache.keep(key, &reply, tunnel, Instant::now());
-        if reply.metadata.response_code != ResponseCode::NoError {
-            return None;
+        match reply.metadata.response_code {
+            ResponseCode::NoError => for_question(reply, question, candidate).map(Asked::Answer),
+            ResponseCode::NXDomain => Some(Asked::NoSuchName),
+            _ => None,
         }
-        for_question(reply, question, candidate)
     }
 
     /// Forwards the query unchanged to the machine's own servers in turn;
@@ -206,8 +244,18 @@ impl Answerer {
                 }
             }
         }
-        servfail(message)
+        reply_code(message, ResponseCode::ServFail)
     }
+}
+
+/// What asking the cluster about one candidate name came to.
+enum Asked {
+    /// Its reply, rewritten for the question asked.
+    Answer(Vec<u8>),
+    /// NXDOMAIN: the cluster has no such name.
+    NoSuchName,
+    /// No usable reply: none in time, or an error other than NXDOMAIN.
+    NoAnswer,
 }
 
 /// The cluster's `reply` about `candidate` as the answer to `question`:
@@ -323,12 +371,14 @@ pub async fn check_cluster_dns(outbound: &Outbound) -> anyhow::Result<()> {
     }
 }
 
-/// An answer that says "try elsewhere" rather than leaving the client to
-/// time out.
-fn servfail(query: &Message) -> Option<Vec<u8>> {
+/// An answer of no records with `code`: SERVFAIL says "try elsewhere"
+/// rather than leaving the client to time out, NXDOMAIN that the name is
+/// not there.
+fn reply_code(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     let mut message = query.clone();
     message.metadata.message_type = MessageType::Response;
-    message.metadata.response_code = ResponseCode::ServFail;
+    message.metadata.response_code = code;
+    message.metadata.recursion_available = true;
     message.to_vec().ok()
 }
 
@@ -389,7 +439,7 @@ pub fn cluster_domain(resolver: &Resolver) -> anyhow::Result<String> {
 
 /// The agent's namespace's domain (`<namespace>.svc.<domain>`), which
 /// completes bare names, checked like the cluster domain.
-fn namespace_domain(resolver: &Resolver, domain: &str) -> anyhow::Result<Option<String>> {
+pub fn namespace_domain(resolver: &Resolver, domain: &str) -> anyhow::Result<Option<String>> {
     let suffix = format!(".svc.{domain}");
     let Some(namespace) = resolver
         .search

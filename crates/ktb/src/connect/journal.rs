@@ -1,6 +1,7 @@
 //! The journal of what `ktb connect` changed on this machine.
 //!
-//! Every local change (route, DNS line, hosts block) is written here
+//! Every local change (route, DNS line, hosts block, systemd-resolved link
+//! settings) is written here
 //! *before* it is made, so whatever moment ktb dies at, the journal holds at
 //! least what was done; undoing an entry whose change never happened is
 //! harmless (a missing route is ignored, a line or block that is not in the
@@ -51,6 +52,11 @@ pub enum Change {
         begin: String,
         end: String,
     },
+    /// ktb's DNS server and the cluster's domains registered with
+    /// systemd-resolved on ktb's `device` (`connect::resolved`); reverted
+    /// on undo (`RevertLink`) only while the device is still ktb's, since
+    /// resolved forgets a link's settings when the link goes.
+    ResolvedLink { device: OwnDevice },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -204,6 +210,12 @@ fn undo(change: &Change) -> anyhow::Result<()> {
         Change::Route { net, device } => system::remove_route(net, device),
         Change::Line { path, line } => system::remove_line(path, line),
         Change::Block { path, begin, end } => system::remove_block(path, begin, end),
+        #[cfg(target_os = "linux")]
+        Change::ResolvedLink { device } => super::resolved::revert(device),
+        // Only Linux registers with systemd-resolved; a journal that says
+        // otherwise was carried here from another machine.
+        #[cfg(not(target_os = "linux"))]
+        Change::ResolvedLink { .. } => Ok(()),
     }
 }
 
@@ -289,12 +301,17 @@ mod tests {
             Change::Device(device.clone()),
             Change::Route {
                 net: "10.96.0.0/16".into(),
-                device,
+                device: device.clone(),
             },
+            Change::ResolvedLink { device },
         ];
         let text = serde_json::to_string(&changes).unwrap();
         assert!(
             text.contains(r#"{"change":"device","name":"ktb0","index":7}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"{"change":"resolved-link","device":{"name":"ktb0","index":7}}"#),
             "{text}"
         );
         assert_eq!(serde_json::from_str::<Vec<Change>>(&text).unwrap(), changes);

@@ -16,6 +16,8 @@ pub mod journal;
 pub mod netstack;
 pub mod outbound;
 pub mod ranges;
+#[cfg(target_os = "linux")]
+pub mod resolved;
 pub mod socks;
 pub mod system;
 pub mod tun;
@@ -63,7 +65,10 @@ pub enum Mode {
 /// How cluster names reach this machine's resolver (tun mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsMode {
-    /// ktb's DNS server first in /etc/resolv.conf, the original servers after it.
+    /// ktb's DNS server first in /etc/resolv.conf, the original servers
+    /// after it; where resolv.conf links to systemd-resolved's stub, the
+    /// cluster's domains registered with resolved on ktb's device instead
+    /// (`connect::resolved`, Linux).
     Resolv,
     /// The namespace's Services written into a marked block of /etc/hosts.
     Hosts,
@@ -350,26 +355,43 @@ async fn start_local(
             let tcp = tokio::net::TcpListener::bind(dns::LISTEN)
                 .await
                 .with_context(listen_error)?;
-            let upstream = system::switch_resolv_conf(
-                journal,
-                Path::new(system::RESOLV_CONF),
-                dns::LISTEN.ip(),
-                session,
-            )?;
-            let others = upstream
-                .iter()
-                .map(|s| s.ip().to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
+            let resolv_conf = Path::new(system::RESOLV_CONF);
+            let (upstream, summary) = match system::resolv_conf_kind(resolv_conf) {
+                system::ResolvConf::ResolvedStub(_) => {
+                    let domains = register_with_resolved(journal, &device, &outbound).await?;
+                    let summary = format!(
+                        "DNS: {domains} answered at {} (registered with systemd-resolved on {}), \
+                         other names by the laptop's own servers",
+                        dns::LISTEN.ip(),
+                        device.name
+                    );
+                    (Vec::new(), summary)
+                }
+                system::ResolvConf::ResolvedUplink(_) | system::ResolvConf::File => {
+                    let upstream = system::switch_resolv_conf(
+                        journal,
+                        resolv_conf,
+                        dns::LISTEN.ip(),
+                        session,
+                    )?;
+                    let others = upstream
+                        .iter()
+                        .map(|s| s.ip().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let summary = format!(
+                        "DNS: cluster names answered at {} (resolv.conf), other names by {others}",
+                        dns::LISTEN.ip()
+                    );
+                    (upstream, summary)
+                }
+            };
             tasks.spawn(dns::serve(
                 dns::Answerer::new(outbound, upstream, options.dns_cache_ttl),
                 udp,
                 tcp,
             ));
-            format!(
-                "DNS: cluster names answered at {} (resolv.conf), other names by {others}",
-                dns::LISTEN.ip()
-            )
+            summary
         }
         DnsMode::Hosts => {
             let entries = hosts_lines(cluster, &outbound.resolver(), reporter).await?;
@@ -380,6 +402,33 @@ async fn start_local(
         DnsMode::Off => "DNS: off".to_owned(),
     };
     Ok(format!("{routed} routed through {}; {dns}", device.name))
+}
+
+/// Registers the cluster's domains with systemd-resolved on ktb's device;
+/// returns them as `resolvectl` shows them, for the summary.
+#[cfg(target_os = "linux")]
+async fn register_with_resolved(
+    journal: &mut Journal,
+    device: &system::OwnDevice,
+    outbound: &Outbound,
+) -> anyhow::Result<String> {
+    let domains = resolved::link_domains(&outbound.resolver())?;
+    resolved::register(journal, device, dns::LISTEN, &domains).await?;
+    Ok(domains
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// Tun mode is Linux-only (see [`run`]), and so is systemd-resolved.
+#[cfg(not(target_os = "linux"))]
+async fn register_with_resolved(
+    _journal: &mut Journal,
+    _device: &system::OwnDevice,
+    _outbound: &Outbound,
+) -> anyhow::Result<String> {
+    anyhow::bail!("systemd-resolved is Linux's: use --dns hosts")
 }
 
 /// `/etc/hosts` lines for the namespace's Services: every spelling a pod

@@ -99,7 +99,7 @@ pub fn device_undo(device: &OwnDevice, now: Option<Interface>) -> DeviceUndo {
 }
 
 /// The interface called `name` in this network namespace, if there is one.
-fn interface(name: &str) -> anyhow::Result<Option<Interface>> {
+pub(super) fn interface(name: &str) -> anyhow::Result<Option<Interface>> {
     interface_in(Path::new(SYS_CLASS_NET), name)
 }
 
@@ -349,9 +349,45 @@ pub fn managed_by_resolved(path: &Path) -> Option<PathBuf> {
         .filter(|target| target.to_string_lossy().contains("systemd"))
 }
 
+/// systemd-resolved's stub resolver, the one server its stub file lists.
+pub const RESOLVED_STUB: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 53));
+
+/// How `resolv.conf` is set up, as far as `connect --dns resolv` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolvConf {
+    /// A link into systemd-resolved's files (the link's target) listing
+    /// only resolved's stub, 127.0.0.53: every lookup goes through
+    /// resolved, so connect registers the cluster's domains with it
+    /// (`connect::resolved`) and leaves the file alone.
+    ResolvedStub(PathBuf),
+    /// A link into systemd-resolved's files (the link's target) listing
+    /// other servers (resolved's `resolv.conf` of uplink servers):
+    /// programs ask those directly, past resolved, and resolved rewrites
+    /// the file, so connect refuses it.
+    ResolvedUplink(PathBuf),
+    /// Any other file, plain or written by another manager: connect puts
+    /// its line first ([`switch_resolv_conf`]).
+    File,
+}
+
+/// Which [`ResolvConf`] the file at `path` is.
+pub fn resolv_conf_kind(path: &Path) -> ResolvConf {
+    let Some(target) = managed_by_resolved(path) else {
+        return ResolvConf::File;
+    };
+    let servers = std::fs::read_to_string(path)
+        .map(|text| nameservers(&text))
+        .unwrap_or_default();
+    if !servers.is_empty() && servers.iter().all(|s| s.ip() == RESOLVED_STUB) {
+        ResolvConf::ResolvedStub(target)
+    } else {
+        ResolvConf::ResolvedUplink(target)
+    }
+}
+
 /// Points `resolv.conf` at ktb's DNS server; returns the upstream servers
 /// it listed. Refuses a file managed by systemd-resolved, which would
-/// overwrite it (and whose stub already sits in front of every lookup).
+/// overwrite it: its stub file is for `connect::resolved` instead.
 pub fn switch_resolv_conf(
     journal: &mut Journal,
     path: &Path,
@@ -360,7 +396,9 @@ pub fn switch_resolv_conf(
 ) -> anyhow::Result<Vec<SocketAddr>> {
     if let Some(target) = managed_by_resolved(path) {
         anyhow::bail!(
-            "{} is managed by systemd-resolved ({}); use `--dns hosts`, which writes cluster Services into /etc/hosts",
+            "{} links to systemd-resolved's {}, which lists no stub (127.0.0.53) and which resolved \
+             rewrites: link it to /run/systemd/resolve/stub-resolv.conf (then connect registers \
+             with resolved), or use `--dns hosts`, which writes cluster Services into /etc/hosts",
             path.display(),
             target.display()
         );
@@ -773,6 +811,38 @@ mod tests {
             format!("search corp.example\nnameserver 192.0.2.1\n{other}\nnameserver 10.8.0.1 # added by the VPN meanwhile\n")
         );
         remove_line(&dir.join("gone"), &line).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn resolved_s_stub_file_is_told_from_its_uplink_file_and_from_plain_files() {
+        let dir = temp_dir("resolved-kind");
+        let resolve = dir.join("run/systemd/resolve");
+        std::fs::create_dir_all(&resolve).unwrap();
+        let stub = resolve.join("stub-resolv.conf");
+        std::fs::write(
+            &stub,
+            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n",
+        )
+        .unwrap();
+        let uplink = resolve.join("resolv.conf");
+        std::fs::write(&uplink, "nameserver 192.0.2.1\n").unwrap();
+        let empty = resolve.join("empty.conf");
+        std::fs::write(&empty, "# nothing yet\n").unwrap();
+        let link = dir.join("resolv.conf");
+        for (target, kind) in [
+            (&stub, ResolvConf::ResolvedStub(stub.clone())),
+            (&uplink, ResolvConf::ResolvedUplink(uplink.clone())),
+            (&empty, ResolvConf::ResolvedUplink(empty.clone())),
+        ] {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(target, &link).unwrap();
+            assert_eq!(resolv_conf_kind(&link), kind);
+        }
+        // The stub's address in a plain file: edited as any file is.
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, "nameserver 127.0.0.53\n").unwrap();
+        assert_eq!(resolv_conf_kind(&link), ResolvConf::File);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -64,6 +64,9 @@ fn describe(changes: &[Change]) -> String {
             Change::Route { net, .. } => format!("route {net}"),
             Change::Line { path, .. } => format!("a line in {}", path.display()),
             Change::Block { path, .. } => format!("a block in {}", path.display()),
+            Change::ResolvedLink { device } => {
+                format!("systemd-resolved DNS settings on {}", device.name)
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")

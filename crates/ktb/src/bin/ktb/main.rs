@@ -371,7 +371,9 @@ enum ConnectMode {
 /// `connect --dns`.
 #[derive(Clone, Copy, ValueEnum)]
 enum Dns {
-    /// ktb's DNS server first in /etc/resolv.conf, the original servers after it.
+    /// ktb's DNS server first in /etc/resolv.conf, the original servers after it;
+    /// where resolv.conf links to systemd-resolved's stub, the cluster's domains
+    /// registered with resolved on ktb's device instead.
     Resolv,
     /// The namespace's Services written into a marked block of /etc/hosts.
     Hosts,
