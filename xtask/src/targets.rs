@@ -15,6 +15,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::cluster::on_path;
+
 /// A target to check and what it needs.
 struct Target {
     triple: &'static str,
@@ -132,11 +134,4 @@ pub fn run(workspace: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(failed.is_empty(), "clippy failed for {}", failed.join(", "));
     println!("\nEvery target is clippy-clean.");
     Ok(())
-}
-
-fn on_path(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|out| out.status.success())
 }

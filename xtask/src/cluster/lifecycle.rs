@@ -55,7 +55,7 @@ fn check_tools() -> Result<()> {
     ];
     let mut missing = Vec::new();
     for (tool, package) in needed {
-        if process::run("sh", &["-c", &format!("command -v {tool}")]).is_err() {
+        if !process::on_path(tool) {
             missing.push(format!("{tool} (from {package})"));
         }
     }

@@ -32,6 +32,7 @@ mod snapshot;
 pub use admin::Admin;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+pub use process::on_path;
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]

@@ -236,6 +236,11 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     stdout_of(program, args, out)
 }
 
+/// Whether `program` is on PATH, as the shell would find it.
+pub fn on_path(program: &str) -> bool {
+    run("sh", &["-c", &format!("command -v {program}")]).is_ok()
+}
+
 /// Like [`run`], feeding `input` on stdin.
 pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<String> {
     use std::io::Write;
