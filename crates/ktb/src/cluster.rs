@@ -13,7 +13,7 @@ use ktb_kube::names::{MANAGED_LABEL, MANAGED_VALUE};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use crate::refusal::{namespace_terminating, Refusal};
+use crate::refusal::{missing_permission, namespace_terminating, Refusal};
 
 /// Which cluster and namespace, as kubectl's flags say it; `None` takes
 /// kubectl's defaults.
@@ -189,10 +189,7 @@ impl Cluster {
 /// namespace being deleted, which no Role would fix.
 pub fn api_error(error: kube::Error) -> anyhow::Error {
     match error {
-        kube::Error::Api(status) if namespace_terminating(&status) => {
-            anyhow::anyhow!("{}", status_sentence(&status))
-        }
-        kube::Error::Api(status) if status.code == 403 => {
+        kube::Error::Api(status) if missing_permission(&status) => {
             Refusal::Forbidden(status_sentence(&status)).into()
         }
         kube::Error::Api(status) => anyhow::anyhow!("{}", status_sentence(&status)),

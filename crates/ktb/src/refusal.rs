@@ -49,15 +49,19 @@ pub fn kind_of(error: &anyhow::Error) -> Kind {
                 });
             }
             match cause.downcast_ref::<kube::Error>() {
-                Some(kube::Error::Api(status))
-                    if status.code == 403 && !namespace_terminating(status) =>
-                {
+                Some(kube::Error::Api(status)) if missing_permission(status) => {
                     Some(Kind::Forbidden)
                 }
                 _ => None,
             }
         })
         .unwrap_or(Kind::Failed)
+}
+
+/// Whether the apiserver's answer is a permission the caller lacks: a 403,
+/// but not the namespace being deleted.
+pub fn missing_permission(status: &kube::core::Status) -> bool {
+    status.code == 403 && !namespace_terminating(status)
 }
 
 /// The apiserver's refusal to create in a namespace being deleted: a 403
