@@ -145,18 +145,22 @@ fn inside_the_sandbox() {
     let _ = std::fs::remove_dir_all(&state);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
+    // ktb's device, and its link registered with resolved, as connect does.
+    let register = |journal: &mut Journal, device: &system::OwnDevice| {
+        rt.block_on(resolved::register(journal, device, dns::LISTEN, &domains))
+            .unwrap()
+    };
+    let up = |journal: &mut Journal| {
+        let (tun, device) = rt
+            .block_on(async { system::create_device(journal, "ktb0") })
+            .unwrap();
+        register(journal, &device);
+        (tun, device)
+    };
+
     // Registered: the link has ktb's server and the domains, no other does.
     let mut journal = Journal::start(&state).unwrap();
-    let (tun, device) = rt
-        .block_on(async { system::create_device(&mut journal, "ktb0") })
-        .unwrap();
-    rt.block_on(resolved::register(
-        &mut journal,
-        &device,
-        dns::LISTEN,
-        &domains,
-    ))
-    .unwrap();
+    let (tun, device) = up(&mut journal);
     let link = resolvectl(&["status", "ktb0"]);
     assert!(link.contains("127.0.0.153"), "{link}");
     let on_link = resolvectl(&["domain", "ktb0"]);
@@ -261,13 +265,7 @@ fn inside_the_sandbox() {
     assert!(!resolvectl(&["domain"]).contains("cluster.local"));
 
     // On exit: the journal undoes the registration, the routes, the device.
-    rt.block_on(resolved::register(
-        &mut journal,
-        &device,
-        dns::LISTEN,
-        &domains,
-    ))
-    .unwrap();
+    register(&mut journal, &device);
     assert!(resolvectl(&["domain"]).contains("~cluster.local"));
     journal.undo().unwrap();
     drop(tun);
@@ -279,16 +277,7 @@ fn inside_the_sandbox() {
     // A crash: ktb dies, its device with it; `clean --local` finds the
     // journal and has nothing of resolved's left to take back.
     let mut journal = Journal::start(&state).unwrap();
-    let (tun, device) = rt
-        .block_on(async { system::create_device(&mut journal, "ktb0") })
-        .unwrap();
-    rt.block_on(resolved::register(
-        &mut journal,
-        &device,
-        dns::LISTEN,
-        &domains,
-    ))
-    .unwrap();
+    let (tun, _device) = up(&mut journal);
     drop(journal);
     drop(tun);
     let left = Journal::load(&journal_path(&state))
