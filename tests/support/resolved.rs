@@ -36,6 +36,13 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const USER: &str = "systemd-resolve";
 const USER_ID: u32 = 991;
 
+/// The names of `tests/resolved_e2e.rs` and its probe (`tests/bin/`): the
+/// laptop's own server answers [`OUTSIDE`], ktb's resolver [`SERVICE`].
+pub const OUTSIDE: &str = "outside.test";
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+pub const SERVICE: &str = "web.team-a.svc.cluster.local";
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
+
 /// The repository's `target/systemd-resolved/`, where the package is unpacked.
 fn unpack_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
