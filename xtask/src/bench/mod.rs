@@ -7,6 +7,10 @@
 //! server). Rounds are interleaved so that noise from the shared machine
 //! hits every path alike, and medians are reported. Results go to the
 //! terminal and to `target/bench/tunnel.json`.
+//!
+//! The run is also the tunnel's regression guard: it fails (after writing
+//! its figures) when ktb's throughput falls below [`GUARD_VS_DIRECT`] of
+//! direct TCP or [`GUARD_VS_SSH`] of `ssh -R` measured in the same run.
 
 mod connect;
 mod exchange;
@@ -34,6 +38,12 @@ const THROUGHPUT_BYTES: u64 = 1 << 30;
 const LATENCY_ROUND_TRIPS: usize = 3000;
 const CONCURRENT_CONNECTIONS: usize = 1000;
 const CONCURRENT_BYTES: usize = 64 * 1024;
+/// The least share of direct loopback throughput the tunnel must keep: a
+/// forwarded byte crosses three loopback connections where direct crosses
+/// one, so about a third is the ceiling of any relay here.
+const GUARD_VS_DIRECT: f64 = 0.3;
+/// The least multiple of `ssh -R`'s throughput (kt-connect's transport).
+const GUARD_VS_SSH: f64 = 1.5;
 
 pub fn tunnel(workspace: &Path) -> anyhow::Result<()> {
     paths::build_release(workspace)?;
@@ -137,7 +147,31 @@ async fn run(workspace: &Path) -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok(())
+    guard(
+        ratio(ktb.throughput_gbps, direct.throughput_gbps),
+        ratio(ktb.throughput_gbps, ssh.throughput_gbps),
+    )
+}
+
+/// Fails the run when the tunnel's throughput has fallen below its guard.
+fn guard(vs_direct: f64, vs_ssh: f64) -> anyhow::Result<()> {
+    let missed: Vec<String> = [
+        (vs_direct, GUARD_VS_DIRECT, "direct"),
+        (vs_ssh, GUARD_VS_SSH, "ssh -R"),
+    ]
+    .into_iter()
+    // NaN (a path that moved nothing) misses too.
+    .filter(|(ratio, least, _)| ratio.is_nan() || ratio < least)
+    .map(|(ratio, least, path)| format!("{ratio:.2}x {path} (guard {least}x)"))
+    .collect();
+    if missed.is_empty() {
+        println!("guard kept: ktb throughput {vs_direct:.2}x direct, {vs_ssh:.2}x ssh -R");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the tunnel's throughput fell below its guard: {}",
+        missed.join(", ")
+    )
 }
 
 fn print_table(names: &[&str], figures: &[Figures]) {

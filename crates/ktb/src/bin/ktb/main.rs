@@ -670,6 +670,9 @@ async fn run(
                 session: SessionConfig::default(),
             };
             let shutdown = shutdown_signal(Arc::clone(&screen));
+            // attach has no ready line of its own: the tunnel's coming up is it.
+            let shown = Arc::clone(&screen);
+            let reporter = Reporter::new(move |event| shown.show(&event));
             attach(Direct { addr: agent }, options, reporter, shutdown).await?;
             eprintln!("ktb: detached");
             Ok(())
