@@ -472,6 +472,8 @@ fn preflight_refuses(ns: &str, keep_verbs: &[&str]) {
     for verb in &removed {
         expect_stderr(&out, &format!("{verb} pods/portforward"), &what);
     }
+    // …and which Role grants them.
+    expect_stderr(&out, "deploy/rbac/exchange.yaml", &what);
 
     w.assert_untouched("after the refused exchange");
     let objects = ktb_objects(ns, None);
@@ -557,6 +559,123 @@ fn unknown_service_is_not_found_and_nothing_is_created() {
         !svc.status.success(),
         "a Service {name} exists after the failed exchange"
     );
+
+    // A namespace that does not exist answers as one dev-a may not read.
+    let nowhere = "exh-no-such-namespace";
+    let out = run_ktb(
+        As::DevA,
+        &exchange_args(name, nowhere, free_port(&["laptop-a"]), "5s"),
+    );
+    let what = "exchange in a namespace that does not exist";
+    expect_exit(&out, 4, what);
+    expect_stderr(
+        &out,
+        "or namespace exh-no-such-namespace does not exist",
+        what,
+    );
+    expect_stderr(&out, "is -n right?", what);
+    let ns = try_kubectl(As::Admin, &["get", "namespace", nowhere]);
+    assert!(!ns.status.success(), "ktb created namespace {nowhere}");
+}
+
+/// Services ktb cannot stand in for, and ports they do not have: each
+/// refusal names the Service and the cause, exits 1 and leaves nothing; a
+/// malformed flag is a usage error (exit 2) before the cluster is asked.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn services_ktb_cannot_exchange_are_named_and_nothing_is_created() {
+    let spec = |name: &str, spec: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"{NAMESPACE}"}},"spec":{spec}}}"#
+        )
+    };
+    let port = r#"[{"name":"http","port":80,"targetPort":8080}]"#;
+    let unfit = [
+        (
+            "exh-noselector",
+            spec("exh-noselector", &format!(r#"{{"ports":{port}}}"#)),
+            "Service exh-noselector has no selector",
+        ),
+        (
+            "exh-headless",
+            spec(
+                "exh-headless",
+                &format!(
+                    r#"{{"clusterIP":"None","selector":{{"app":"exh-headless"}},"ports":{port}}}"#
+                ),
+            ),
+            "Service exh-headless is headless (clusterIP: None)",
+        ),
+        (
+            "exh-alias",
+            spec(
+                "exh-alias",
+                r#"{"type":"ExternalName","externalName":"db.example.internal"}"#,
+            ),
+            "Service exh-alias is an ExternalName alias",
+        ),
+    ];
+    let local_port = free_port(&["laptop-a"]);
+    for (name, manifest, saying) in &unfit {
+        apply(As::Admin, manifest);
+        let out = run_ktb(As::DevA, &exchange_args(name, NAMESPACE, local_port, "5s"));
+        expect_exit(&out, 1, name);
+        expect_stderr(&out, saying, name);
+        let left = ktb_objects(NAMESPACE, Some(name));
+        assert!(left.is_empty(), "{name}: ktb left {left:?}");
+        let service = get_json(NAMESPACE, &["service", name]);
+        assert!(
+            ktb_annotations(&service).is_empty(),
+            "{name}: ktb annotated the Service it refused"
+        );
+        kubectl(As::Admin, &["-n", NAMESPACE, "delete", "service", name]);
+    }
+
+    // A port the Service does not have; the listing says which it has.
+    let w = Workload::deploy(NAMESPACE, "exh-noport");
+    let mut args = exchange_args(&w.name, NAMESPACE, local_port, "5s");
+    let expose = args.iter().position(|a| a == "--expose").expect("--expose") + 1;
+    args[expose] = format!("{local_port}:81");
+    let out = run_ktb(As::DevA, &args);
+    expect_exit(&out, 1, "--expose to port 81");
+    expect_stderr(&out, "no port 81 on the Service", "--expose to port 81");
+    expect_stderr(
+        &out,
+        "Service exh-noport has ports: http",
+        "--expose to port 81",
+    );
+    w.assert_untouched("after --expose to a port it does not have");
+    w.assert_ktb_objects_gone("after --expose to a port it does not have");
+
+    // Malformed: clap's usage error, the flag named.
+    args[expose] = "a:b:c".to_owned();
+    let out = run_ktb(As::DevA, &args);
+    expect_exit(&out, 2, "--expose a:b:c");
+    expect_stderr(&out, "--expose", "--expose a:b:c");
+    w.assert_untouched("after a usage error");
+}
+
+/// Nothing listens on the local port yet: exchange still starts (the
+/// developer may start the process after ktb), warns once, saying where,
+/// and restores on Ctrl-C as always.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn a_closed_local_port_is_a_warning_and_the_exchange_still_restores() {
+    let w = Workload::deploy(NAMESPACE, "exh-closed");
+    let local_port = free_port(&["laptop-a"]);
+    let mut ktb = start_ktb(
+        As::DevA,
+        &exchange_args(&w.name, NAMESPACE, local_port, "5s"),
+    );
+    wait_ready_line(&mut ktb);
+    ktb.wait_for_stderr(
+        &format!("nothing listens on 127.0.0.1:{local_port}"),
+        Duration::from_secs(5),
+    )
+    .expect("the warning about the closed local port");
+    stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
+    w.assert_restored("after the exchange to a closed port");
+    w.wait_reaches_original("after the exchange to a closed port");
 }
 
 /// A namespace being deleted takes no new objects, and no Role would change

@@ -24,6 +24,16 @@ pub async fn get_service(
             "Service {name} not found in namespace {namespace} (`kubectl get services -n {namespace}` lists them; \
              is the namespace right?)"
         ),
+        // The apiserver refuses a namespace that does not exist as it
+        // refuses one the developer may not read, so both are said.
+        Err(kube::Error::Api(status)) if crate::refusal::missing_permission(&status) => {
+            Err(kube::Error::Api(status)).with_context(|| {
+                format!(
+                    "cannot read Service {name} in namespace {namespace}: you may not read \
+                     Services there, or namespace {namespace} does not exist (is -n right?)"
+                )
+            })
+        }
         Err(e) => Err(e).with_context(|| format!("cannot read Service {name} in namespace {namespace}")),
     }
 }
