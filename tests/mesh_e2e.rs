@@ -3,10 +3,12 @@
 //! are routed one by one on a keep-alive connection (headers and W3C
 //! baggage), steady unmarked load sees no failure while they join and
 //! leave, `exchange` and `mesh` refuse each other naming who holds the
-//! Service, `status` lists every session, killed laptops are ended by the
-//! dead-man rule; `preview` publishes a local process by name and removes
-//! it. Every test ends asserting the Service byte-equal and nothing of ktb
-//! left. Ignored by default (they need the cluster); `cargo xtask test`
+//! Service, `recover` refuses a live mesh without `--force`, a malformed
+//! mark is refused before anything is written, `status` lists every
+//! session, killed laptops are ended by the dead-man rule; `preview`
+//! publishes a local process by name, refuses a name someone previews, and
+//! removes it. Refusals are asserted by message and exit code. Every test
+//! ends asserting the Service byte-equal and nothing of ktb left. Ignored by default (they need the cluster); `cargo xtask test`
 //! runs them.
 
 use std::process::Output;
@@ -153,6 +155,23 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     let port_b = free_port(&["laptop-b"]);
     let _local_a = local_echo("laptop-a", port_a, LOCAL_A);
     let _local_b = local_echo("laptop-b", port_b, LOCAL_B);
+
+    // A malformed mark is a usage error, refused before the cluster is asked.
+    for bad in ["bad header", "x-mark"] {
+        let what = format!("mesh with --header {bad:?}");
+        let refused = run_ktb(As::DevA, &mesh_args(&w.name, port_a, bad, "30s"));
+        expect_exit(&refused, 2, &what);
+        expect_stderr(&refused, "expected NAME=VALUE", &what);
+        expect_stderr(
+            &refused,
+            &format!("invalid value '{bad}' for '--header"),
+            &what,
+        );
+        w.assert_untouched(&what);
+        let left = w.ktb_objects();
+        assert!(left.is_empty(), "{what}: ktb created {left:?}");
+    }
+
     let load_started = Instant::now();
     let load = steady_load(&w);
 
@@ -239,6 +258,26 @@ fn two_developers_mesh_one_service_each_request_goes_by_its_mark() {
     let twice = run_ktb(As::DevA, &mesh_args(&w.name, port_c, "x-dev=b", "30s"));
     expect_exit(&twice, 3, "a second member with a taken mark");
     expect_stderr(&twice, "already used", "a second member with a taken mark");
+    // Nor recovered without --force while its router is live, by anyone:
+    // not even by dev-a, whose own session the router is.
+    for who in [As::DevB, As::DevA] {
+        let what = format!("recover of a meshed Service by {}", who.user());
+        let refused = run_ktb(who, &strings(&["recover", &w.name, "-n", NAMESPACE]));
+        expect_exit(&refused, 3, &what);
+        expect_stderr(&refused, "meshed through a live router", &what);
+        expect_stderr(&refused, "dev-a on", &what);
+        expect_stderr(&refused, "dev-b on", &what);
+        expect_stderr(
+            &refused,
+            &format!("`ktb recover --force {}`", w.name),
+            &what,
+        );
+    }
+    assert_eq!(
+        answers(&w, &["x-dev: a", "x-dev: b"]),
+        [LOCAL_A, LOCAL_B],
+        "the marks after the refused recovers"
+    );
 
     // A member leaves its routes before its agent goes: once it has
     // exited, its mark reaches the original pods, and never fails.
@@ -346,8 +385,9 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
     let _client = Cleanup(vec![format!("pod/{client}")]);
     let port = free_port(&["laptop-a"]);
     let _local = local_echo("laptop-a", port, LOCAL_A);
+    let port_b = free_port(&["laptop-b"]);
     let name = "pv-orders";
-    let args = |grace: &str| {
+    let args_on = |port: u16, grace: &str| {
         let mut args = strings(&[
             "preview",
             name,
@@ -359,6 +399,7 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
         args.extend(agent_args(grace));
         args
     };
+    let args = |grace: &str| args_on(port, grace);
 
     // A name that exists is refused, and nothing is created.
     let w = Workload::deploy(NAMESPACE, "pv-existing");
@@ -375,12 +416,23 @@ fn preview_publishes_a_local_process_by_name_and_removes_it() {
         probe_ok(NAMESPACE, client, &["http", &target]).trim(),
         LOCAL_A
     );
+    let only_dev_a = vec![("preview".into(), "dev-a".into(), "-".into(), "live".into())];
     let rows = status_rows(As::DevB, name);
+    assert_eq!(row_summary(&rows), only_dev_a, "{rows:?}");
+
+    // A name someone previews is refused, naming them; theirs still serves.
+    let what = "a preview of a name dev-a previews";
+    let refused = run_ktb(As::DevB, &args_on(port_b, "5s"));
+    expect_exit(&refused, 3, what);
+    expect_stderr(&refused, "is previewed by dev-a on", what);
+    expect_stderr(&refused, "choose another name", what);
     assert_eq!(
-        row_summary(&rows),
-        vec![("preview".into(), "dev-a".into(), "-".into(), "live".into())],
-        "{rows:?}"
+        probe_ok(NAMESPACE, client, &["http", &target]).trim(),
+        LOCAL_A,
+        "{what}: dev-a's preview"
     );
+    let rows = status_rows(As::DevA, name);
+    assert_eq!(row_summary(&rows), only_dev_a, "{what}: {rows:?}");
     stop(&mut ktb, &format!("removed Service {NAMESPACE}/{name}"));
     assert_preview_gone(name);
 

@@ -55,8 +55,8 @@ use crate::tunnel::RunningTunnel;
 pub struct MeshOptions {
     pub service: String,
     pub exposes: Vec<ExposeArg>,
-    /// `NAME=VALUE`; `None` generates one.
-    pub mark: Option<String>,
+    /// The developer's own mark; `None` generates one.
+    pub mark: Option<Mark>,
     pub transport: TransportKind,
     pub grace: Duration,
     pub agent: AgentSettings,
@@ -65,32 +65,56 @@ pub struct MeshOptions {
 /// The header of a generated mark.
 pub const DEFAULT_MARK_HEADER: &str = "x-ktb-mark";
 
-/// A mark that is a valid header name and value, and that the agent's
-/// probe accepts: letters, digits, `.`, `_`, `-`.
-fn parse_mark(text: &str) -> anyhow::Result<(String, String)> {
-    match ktb_kube::mesh::split_mark(text) {
-        Some((name, value)) => Ok((name.to_ascii_lowercase(), value.to_owned())),
-        None => anyhow::bail!(
-            "--header {text:?}: expected NAME=VALUE, each of letters, digits, '.', '_' or '-' \
-             (e.g. --header {DEFAULT_MARK_HEADER}=alice)"
-        ),
+/// A request's mark, `NAME=VALUE`: a valid header name (kept lowercase)
+/// and value that the agent's probe accepts, each of letters, digits, `.`,
+/// `_` and `-`. Parsed where the command line is, so a malformed one is a
+/// usage error before anything reaches the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub header: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Mark {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Mark, String> {
+        match ktb_kube::mesh::split_mark(text) {
+            Some((header, value)) => Ok(Mark {
+                header: header.to_ascii_lowercase(),
+                value: value.to_owned(),
+            }),
+            None => Err(format!(
+                "expected NAME=VALUE, each of letters, digits, '.', '_' or '-' \
+                 (e.g. --header {DEFAULT_MARK_HEADER}=alice)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.header, self.value)
     }
 }
 
 /// A mark of this developer's own: their user name (made header-safe) and
 /// a random suffix, so two sessions of one developer do not collide.
-fn generated_mark(owner: &Owner) -> String {
+fn generated_mark(owner: &Owner) -> Mark {
     let user: String = owner
         .user
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(40)
         .collect();
-    format!(
-        "{DEFAULT_MARK_HEADER}={}-{:04x}",
-        user.trim_matches('-'),
-        rand::rng().random::<u16>()
-    )
+    Mark {
+        header: DEFAULT_MARK_HEADER.to_owned(),
+        value: format!(
+            "{}-{:04x}",
+            user.trim_matches('-'),
+            rand::rng().random::<u16>()
+        ),
+    }
 }
 
 /// Runs a membership until `shutdown` completes; what it changed is undone
@@ -108,9 +132,6 @@ pub async fn run(
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
     let name = target::service_name(&options.service);
     let qualified = format!("{ns}/{name}");
-    if let Some(mark) = &options.mark {
-        parse_mark(mark)?;
-    }
 
     let original = target::exchangeable_service(&services, &name, &ns).await?;
     let routes = target::resolve_ports(&pods, &original, &options.exposes).await?;
@@ -122,9 +143,8 @@ pub async fn run(
     let mark = options
         .mark
         .clone()
-        .unwrap_or_else(|| generated_mark(&owner));
-    let (header, value) = parse_mark(&mark)?;
-    let mark = format!("{header}={value}");
+        .unwrap_or_else(|| generated_mark(&owner))
+        .to_string();
     refuse_if_mark_taken(&leases, &name, &mark).await?;
     let lock = take_membership(&leases, &name, &owner, &mark, options.grace).await?;
 
@@ -338,4 +358,21 @@ fn announce(cluster: &Cluster, member: &Member<'_>, reporter: &Reporter) {
         "  try: curl -H '{header}: {value}' http://{}.{}.svc:{first}/ . Ctrl-C leaves the mesh",
         member.name, cluster.namespace
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mark;
+
+    #[test]
+    fn a_mark_is_name_equals_value_with_the_name_in_lower_case() {
+        let mark: Mark = "X-Dev=alice.1".parse().unwrap();
+        assert_eq!(mark.header, "x-dev");
+        assert_eq!(mark.value, "alice.1");
+        assert_eq!(mark.to_string(), "x-dev=alice.1");
+        for bad in ["bad header", "x-mark", "=a", "a=", "a=b=c", "a=b c"] {
+            let refused = bad.parse::<Mark>().expect_err(bad);
+            assert!(refused.contains("expected NAME=VALUE"), "{bad}: {refused}");
+        }
+    }
 }

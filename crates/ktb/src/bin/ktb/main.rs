@@ -90,7 +90,7 @@ enum Command {
         expose: Vec<ExposeArg>,
         /// Your mark, NAME=VALUE (default: x-ktb-mark=<you>-<random>).
         #[arg(long)]
-        header: Option<String>,
+        header: Option<mesh::Mark>,
         /// How this machine reaches the agent.
         #[arg(long, value_enum, default_value_t = Transport::PortForward)]
         transport: Transport,
