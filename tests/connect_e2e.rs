@@ -15,6 +15,7 @@
 //! by its PID.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ktb_workloads::half_close;
@@ -25,7 +26,7 @@ use ktb_tests::cluster::{
 };
 use ktb_tests::connect::{
     connect_args, in_laptop_cmd, ktb_cmd, laptop, laptop_file, laptop_state, start_connect, stop,
-    StateDir, COMMAND_TIMEOUT, READY, READY_TIMEOUT,
+    StateDir, COMMAND_TIMEOUT, EXIT_TIMEOUT, READY, READY_TIMEOUT,
 };
 use ktb_tests::resolved::{FakeUpstream, Sandbox, Setup};
 
@@ -317,12 +318,12 @@ fn connect_after_sigkill_clean_local_restores_the_laptop_and_the_agent_leaves_af
     );
 }
 
-#[test]
-#[ignore = "needs the project cluster: cargo xtask test"]
-fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
-    deploy();
-    // The unprivileged user needs its own readable copies of ktb and the kubeconfig.
-    let dir = StateDir::new("socks");
+/// `ktb connect` with `extra` flags as an unprivileged user (nobody, uid
+/// 65534) on laptop-a. The user gets its own readable copies of ktb and of
+/// dev-a's kubeconfig in `dir`, and a state directory there it may write.
+fn connect_as_nobody(dir: &StateDir, extra: &[&str]) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
     std::fs::create_dir_all(&dir.0).expect("dir");
     let ktb_copy = dir.0.join("ktb");
     std::fs::copy(workspace_bin("ktb", "ktb"), &ktb_copy).expect("copy ktb");
@@ -330,21 +331,30 @@ fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
     let kubeconfig = dir.0.join("kubeconfig");
     let flat = kubectl(As::DevA, &["config", "view", "--raw", "--flatten"]);
     std::fs::write(&kubeconfig, flat).expect("write kubeconfig");
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&kubeconfig, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let state = dir.0.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).expect("chown state dir");
 
-    let port = ktb_tests::cluster::free_port(&[laptop(As::DevA)]);
-    let listen = format!("127.0.0.1:{port}");
     let mut cmd = netns_command(laptop(As::DevA), "setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&ktb_copy)
-        .args(connect_args(
-            NAMESPACE,
-            &["--mode", "socks5", "--socks", &listen],
-        ))
+        .args(connect_args(NAMESPACE, extra))
         .env("KUBECONFIG", &kubeconfig)
+        .env("KTB_STATE_DIR", &state)
         .env("HOME", &dir.0);
+    cmd
+}
+
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_socks5_as_a_non_root_user_reaches_a_service_by_name() {
+    deploy();
+    let dir = StateDir::new("socks");
+    let port = ktb_tests::cluster::free_port(&[laptop(As::DevA)]);
+    let listen = format!("127.0.0.1:{port}");
+    let cmd = connect_as_nobody(&dir, &["--mode", "socks5", "--socks", &listen]);
     let mut ktb = Spawned::start("ktb connect socks5", cmd);
     ktb.wait_for_stderr(READY, READY_TIMEOUT)
         .unwrap_or_else(|e| panic!("ktb connect --mode socks5 never became ready: {e}"));
@@ -403,6 +413,194 @@ fn connect_refuses_a_range_that_overlaps_a_laptop_route_and_changes_nothing() {
         connect_pods(NAMESPACE),
         pods_before,
         "a refused connect changed the cluster"
+    );
+}
+
+/// The connect Leases of a namespace (`ktb-connect-*`).
+fn connect_leases(namespace: &str) -> Vec<String> {
+    kubectl(As::Admin, &["-n", namespace, "get", "leases", "-o", "name"])
+        .lines()
+        .filter(|l| l.contains("ktb-connect-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `cmd`, a `ktb connect` that must be refused: it exits 1 (failure)
+/// with a message holding each of `says`. Returns the message. One that
+/// connects instead is stopped with Ctrl-C, so it restores what it changed,
+/// and fails the test.
+fn expect_refusal(what: &str, cmd: Command, says: &[&str]) -> String {
+    eprintln!("+ {what}: {cmd:?}");
+    let mut ktb = Spawned::start(what, cmd);
+    if ktb.wait_for_stderr(READY, READY_TIMEOUT).is_ok() {
+        stop(&mut ktb, libc::SIGINT);
+        panic!("{what} connected instead of refusing:\n{}", ktb.stderr());
+    }
+    let status = ktb
+        .wait_exit(EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("{what} neither connected nor exited:\n{}", ktb.stderr()));
+    let stderr = ktb.stderr();
+    assert_eq!(status.code(), Some(1), "{what} exited {status}:\n{stderr}");
+    for part in says {
+        assert!(
+            stderr.contains(part),
+            "{what}: the refusal does not say {part:?}:\n{stderr}"
+        );
+    }
+    stderr
+}
+
+/// While `ktb connect` runs, a second one on the same machine (the same
+/// state directory) is refused with exit 1 and told which process to stop
+/// first: as typed again, and with another device and `--force-routes`,
+/// which pass the device and route checks. Neither changes the laptop or
+/// the cluster, the first keeps working, and its Ctrl-C still restores
+/// everything.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_refuses_a_second_connect_on_the_same_machine_and_the_first_keeps_going() {
+    deploy();
+    let before = laptop_state(As::DevA);
+    let state = StateDir::new("second");
+    let mut first = start_connect(As::DevA, NAMESPACE, &[], &state);
+    let connected = laptop_state(As::DevA);
+    let (pods, leases) = (connect_pods(NAMESPACE), connect_leases(NAMESPACE));
+    assert_eq!(pods.len(), 1, "one connect agent while connected: {pods:?}");
+
+    let pid = format!("pid {}", first.pid());
+    for extra in [&["--device", "ktb1", "--force-routes"][..], &[]] {
+        let what = format!("a second ktb connect {}", extra.join(" "))
+            .trim_end()
+            .to_owned();
+        expect_refusal(
+            &what,
+            ktb_cmd(As::DevA, &connect_args(NAMESPACE, extra), &state.0),
+            &["already runs on this machine", &pid, "stop it first"],
+        );
+        assert_eq!(
+            laptop_state(As::DevA),
+            connected,
+            "{what} changed the laptop"
+        );
+        assert_eq!(
+            (connect_pods(NAMESPACE), connect_leases(NAMESPACE)),
+            (pods.clone(), leases.clone()),
+            "{what} changed the cluster"
+        );
+    }
+    let body = curl(As::DevA, &[&format!("http://{WEB}/")])
+        .unwrap_or_else(|e| panic!("{e}\nthe first ktb:\n{}", first.stderr()));
+    assert!(
+        body.contains(WEB_POD),
+        "after the refusal {WEB} answered {body:?}"
+    );
+
+    stop(&mut first, libc::SIGINT);
+    assert_eq!(
+        laptop_state(As::DevA),
+        before,
+        "the laptop is not as it was before connect"
+    );
+    wait_for_no_connect_agent("the connect agent to be deleted", Duration::from_secs(30));
+}
+
+/// `ktb connect` refuses with exit 1 and a message saying what to do, and
+/// leaves the laptop and the cluster as they were, when `--device` names an
+/// interface the laptop has (`eth0`), when tun mode runs without root or
+/// CAP_NET_ADMIN, and when there is no `/dev/net/tun`. Each is refused
+/// before the agent pod is started, and its journal is taken back.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn connect_refusals_say_what_to_do_and_change_nothing() {
+    deploy();
+    wait_for_no_connect_agent(
+        "earlier tests' connect agents to leave",
+        Duration::from_secs(60),
+    );
+    let before = laptop_state(As::DevA);
+    let leases_before = connect_leases(NAMESPACE);
+    let refused = |what: &str, cmd: Command, says: &[&str], state: &std::path::Path| {
+        let stderr = expect_refusal(what, cmd, says);
+        let agent_started = stderr.contains("starting agent pod");
+        eprintln!(
+            "{what}: refused {} the agent pod was started",
+            if agent_started { "after" } else { "before" }
+        );
+        assert_eq!(
+            connect_leases(NAMESPACE),
+            leases_before,
+            "{what} left its Lease"
+        );
+        assert!(
+            !ktb::connect::journal::journal_path(state).exists(),
+            "{what} left its journal"
+        );
+        assert_eq!(laptop_state(As::DevA), before, "{what} changed the laptop");
+        wait_for_no_connect_agent(
+            &format!("the connect agent to be taken back after {what}"),
+            Duration::from_secs(30),
+        );
+        agent_started
+    };
+
+    // An interface of the laptop's own: refused before the cluster is touched.
+    let state = StateDir::new("device");
+    let taken = refused(
+        "--device eth0",
+        ktb_cmd(
+            As::DevA,
+            &connect_args(NAMESPACE, &["--device", "eth0"]),
+            &state.0,
+        ),
+        &["eth0 already exists on this machine", "--device"],
+        &state.0,
+    );
+    assert!(
+        !taken,
+        "--device eth0 was refused only after the agent pod started"
+    );
+
+    // Tun mode as an unprivileged user: it is told about socks5 mode.
+    let dir = StateDir::new("nobody-tun");
+    let started = refused(
+        "tun mode as a non-root user",
+        connect_as_nobody(&dir, &[]),
+        &["needs root or CAP_NET_ADMIN", "--mode socks5"],
+        &dir.0.join("state"),
+    );
+    assert!(
+        !started,
+        "tun mode as nobody was refused only after the agent pod started"
+    );
+
+    // No TUN device node: /dev/net hidden under an empty tmpfs, in a mount
+    // namespace of ktb's own (private, so the mount goes with it). Read-only,
+    // as where ktb may not make the node: the TUN library makes a missing
+    // one itself when it can.
+    let state = StateDir::new("no-tun");
+    let mut cmd = netns_command(laptop(As::DevA), "unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        r#"mount -t tmpfs -o ro none /dev/net && exec "$0" "$@""#,
+    ])
+    .arg(workspace_bin("ktb", "ktb"))
+    .args(connect_args(NAMESPACE, &[]))
+    .env("KUBECONFIG", As::DevA.kubeconfig())
+    .env("KTB_STATE_DIR", &state.0);
+    let started = refused(
+        "tun mode without /dev/net/tun",
+        cmd,
+        &["/dev/net/tun", "modprobe tun"],
+        &state.0,
+    );
+    assert!(
+        !started,
+        "a missing /dev/net/tun was refused only after the agent pod started"
     );
 }
 

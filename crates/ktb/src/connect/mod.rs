@@ -116,34 +116,50 @@ pub async fn run(
         options.dns == DnsMode::Hosts,
     );
     preflight::check(cluster, Command::Connect, &needs).await?;
-    let ranges = match options.mode {
-        Mode::Tun => {
-            // Refused before the cluster is touched, not after the agent is up.
-            system::check_device_free(&options.device)?;
-            plan_ranges(cluster, &options, reporter).await?
-        }
-        Mode::Socks5 => Vec::new(),
-    };
-    let socks = match options.mode {
-        Mode::Socks5 => Some(tokio::net::TcpListener::bind(options.socks).await.with_context(|| {
-            format!("cannot listen on {} for SOCKS5 (is another proxy there? pick one with --socks)", options.socks)
-        })?),
-        Mode::Tun => None,
-    };
 
-    // Before the cluster is touched: another connect on this machine is
-    // refused here, and a crashed one's leftovers are undone.
+    // Before anything is created: another connect on this machine is
+    // refused here, and a crashed one's leftovers (its device among them)
+    // are undone, so the checks below see this machine as it is.
     let mut journal = match options.mode {
         Mode::Tun => Some(Journal::start(&options.state_dir)?),
         Mode::Socks5 => None,
     };
-    let owner = sessions::owner(cluster).await?;
+    let prepared = async {
+        let ranges = match options.mode {
+            Mode::Tun => {
+                system::check_may_create_device(&options.device)?;
+                system::check_device_free(&options.device)?;
+                plan_ranges(cluster, &options, reporter).await?
+            }
+            Mode::Socks5 => Vec::new(),
+        };
+        let socks = match options.mode {
+            Mode::Socks5 => Some(tokio::net::TcpListener::bind(options.socks).await.with_context(|| {
+                format!("cannot listen on {} for SOCKS5 (is another proxy there? pick one with --socks)", options.socks)
+            })?),
+            Mode::Tun => None,
+        };
+        let owner = sessions::owner(cluster).await?;
+        anyhow::Ok((ranges, socks, owner))
+    };
+    let (ranges, socks, owner) = match prepared.await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            undo_local(journal, reporter);
+            return Err(e);
+        }
+    };
     let session = owner.session.clone();
     let leases = Api::<Lease>::namespaced(cluster.client.clone(), &ns);
     let objects = connect_lease(&session);
     let wanted = lease::new_lease(&objects, LeaseKind::Connect, &owner, options.grace);
-    let Taken::Fresh(lease) = lock::take(&leases, &wanted).await? else {
-        anyhow::bail!("a Lease named after this new session already exists; try again");
+    let lease = match lock::take(&leases, &wanted).await {
+        Ok(Taken::Fresh(lease)) => lease,
+        taken => {
+            undo_local(journal, reporter);
+            taken?;
+            anyhow::bail!("a Lease named after this new session already exists; try again");
+        }
     };
     let outcome = tokio::select! {
         outcome = start_agent(cluster, &options, &session, &objects, &lease, reporter) => outcome,

@@ -200,6 +200,77 @@ pub fn check_device_free(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether this process may create TUN devices: the device file opens
+/// (opening it alone creates nothing), and its effective capabilities
+/// (`/proc/self/status`) hold CAP_NET_ADMIN, which creating an interface
+/// and its routes takes.
+#[derive(Debug)]
+pub struct TunAccess {
+    /// Opening `/dev/net/tun` read-write: `Ok`, or why not (NotFound: no
+    /// node; PermissionDenied: not this user's).
+    pub opened: io::Result<()>,
+    /// `Some(true)`/`Some(false)`: CAP_NET_ADMIN held or not; `None`: the
+    /// capabilities could not be read (no CapEff line).
+    pub net_admin: Option<bool>,
+}
+
+/// The device file every TUN device is made through.
+pub const TUN_NODE: &str = "/dev/net/tun";
+
+/// Linux's number for CAP_NET_ADMIN (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+
+/// This process's [`TunAccess`]; read-only.
+pub fn tun_access() -> TunAccess {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(TUN_NODE)
+        .map(drop);
+    let net_admin = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| holds_net_admin(&status));
+    TunAccess { opened, net_admin }
+}
+
+/// Whether the `CapEff` line of a `/proc/PID/status` holds CAP_NET_ADMIN;
+/// `None` if there is no such line.
+pub fn holds_net_admin(status: &str) -> Option<bool> {
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?
+        .trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    Some(caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// Refuses, before anything changes, to go on where creating the device
+/// `name` would fail: no `/dev/net/tun` to open, or no CAP_NET_ADMIN. An
+/// unknown capability is let through; creating the device will tell.
+pub fn check_may_create_device(name: &str) -> anyhow::Result<()> {
+    let access = tun_access();
+    match access.opened {
+        Err(e) => Err(cannot_create(name, e)),
+        Ok(()) if access.net_admin == Some(false) => {
+            Err(cannot_create(name, io::ErrorKind::PermissionDenied.into()))
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Why the device `name` cannot be created, and what to do.
+fn cannot_create(name: &str, e: io::Error) -> anyhow::Error {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "creating the TUN device {name} needs root or CAP_NET_ADMIN: run ktb with sudo, \
+             or use `--mode socks5`, which needs neither"
+        ),
+        _ => anyhow::anyhow!(
+            "cannot create the TUN device {name}: {e} (is {TUN_NODE} there? `modprobe tun` loads it)"
+        ),
+    }
+}
+
 /// Creates the TUN device `name` and records it, once it is known to be
 /// the one ktb created.
 pub fn create_device(
@@ -207,15 +278,7 @@ pub fn create_device(
     name: &str,
 ) -> anyhow::Result<(AsyncDevice, OwnDevice)> {
     check_device_free(name)?;
-    let tun = tun::create(name).map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => anyhow::anyhow!(
-            "creating the TUN device {name} needs root or CAP_NET_ADMIN: run ktb with sudo, \
-             or use `--mode socks5`, which needs neither"
-        ),
-        _ => anyhow::anyhow!(
-            "cannot create the TUN device {name}: {e} (is /dev/net/tun there? `modprobe tun` loads it)"
-        ),
-    })?;
+    let tun = tun::create(name).map_err(|e| cannot_create(name, e))?;
     let created = interface(name)?;
     let device = match created {
         Some(i) if i.tun && !i.persistent => OwnDevice {
@@ -676,6 +739,16 @@ fn write_in_place(path: &Path, content: &str) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn the_capability_is_read_from_the_effective_set() {
+        let root = "Name:\tktb\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(holds_net_admin(root), Some(true));
+        let user = "CapPrm:\t0000000000001000\nCapEff:\t0000000000000000\n";
+        assert_eq!(holds_net_admin(user), Some(false));
+        assert_eq!(holds_net_admin("CapEff:\t0000000000001000\n"), Some(true));
+        assert_eq!(holds_net_admin("Name:\tktb\n"), None);
+    }
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ktb-system-{name}-{}", std::process::id()));

@@ -15,15 +15,8 @@ const NAME: &str = "tun";
 /// The row for this machine.
 #[cfg(target_os = "linux")]
 pub fn check() -> Check {
-    const DEVICE: &str = "/dev/net/tun";
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(DEVICE);
-    let net_admin = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| holds_net_admin(&status));
-    judge(opened.map(drop), net_admin)
+    let access = crate::connect::system::tun_access();
+    judge(access.opened, access.net_admin)
 }
 
 /// Elsewhere `connect` has no tun mode.
@@ -34,22 +27,6 @@ pub fn check() -> Check {
         "`ktb connect` creates its TUN device on Linux only",
         "use `ktb connect --mode socks5` on this machine",
     )
-}
-
-/// Linux's number for CAP_NET_ADMIN (linux/capability.h).
-#[cfg(target_os = "linux")]
-const CAP_NET_ADMIN: u32 = 12;
-
-/// Whether the `CapEff` line of a `/proc/PID/status` holds CAP_NET_ADMIN;
-/// `None` if there is no such line.
-#[cfg(target_os = "linux")]
-fn holds_net_admin(status: &str) -> Option<bool> {
-    let hex = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))?
-        .trim();
-    let caps = u64::from_str_radix(hex, 16).ok()?;
-    Some(caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
 /// What opening the device (`opened`) and the capability (`net_admin`,
@@ -95,16 +72,6 @@ fn judge(opened: std::io::Result<()>, net_admin: Option<bool>) -> Check {
 mod tests {
     use super::*;
     use crate::doctor::Status;
-
-    #[test]
-    fn the_capability_is_read_from_the_effective_set() {
-        let root = "Name:\tktb\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(holds_net_admin(root), Some(true));
-        let user = "CapPrm:\t0000000000001000\nCapEff:\t0000000000000000\n";
-        assert_eq!(holds_net_admin(user), Some(false));
-        assert_eq!(holds_net_admin("CapEff:\t0000000000001000\n"), Some(true));
-        assert_eq!(holds_net_admin("Name:\tktb\n"), None);
-    }
 
     #[test]
     fn only_an_open_device_and_the_capability_pass() {
