@@ -1,8 +1,13 @@
 //! `cargo xtask bench exchange`: what `ktb exchange` costs on the project's
 //! cluster, against raw `kubectl port-forward` over the same apiserver.
 //!
-//! Both paths cross the apiserver → kubelet → containerd port-forward
-//! chain; ktb adds its agent, its tunnel framing and the Service hop.
+//! Three paths cross the apiserver → kubelet → containerd port-forward
+//! chain: raw `kubectl port-forward` to an echo pod; ktb, which adds its
+//! agent, its tunnel framing and the Service hop; and kt-connect's data
+//! path ([`kt_connect`]: `ssh -R` over a port-forward to an sshd pod),
+//! the tool ktb replaces. ktb and kt-connect carry callers to the same
+//! local server, so they are also measured one stream at a time in each
+//! direction: uploads (cluster → laptop) and downloads (laptop → cluster).
 //! Callers are on the node itself (it reaches ClusterIPs), and ktb runs
 //! there as the cluster admin: the bytes take the same path as from a
 //! laptop, and the load generator needs no network namespace. Also timed:
@@ -19,6 +24,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::kt_connect::KtConnectPath;
 use super::load::{self, LocalServer};
 use super::paths::{free_port, Process};
 use super::wait_until_listening;
@@ -204,11 +210,16 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
     )?;
     let forwarded: SocketAddr = ([127, 0, 0, 1], forwarded_port).into();
     wait_until_listening(forwarded, "kubectl port-forward").await?;
+    let kt_connect = KtConnectPath::start(cluster, NAMESPACE, &scratch, local.addr)
+        .await
+        .context("setting up kt-connect's path (sshd pod, port-forward, ssh -R)")?;
 
     let ktb = workspace.join("target/release/ktb");
     let mut ready = Vec::new();
     let mut restore = Vec::new();
-    let mut figures: [Vec<Figures>; 2] = Default::default();
+    let mut figures: [Vec<Figures>; 3] = Default::default();
+    // [ktb, kt-connect] × [upload, download], MiB/s per round.
+    let mut one_way: [[Vec<f64>; 2]; 2] = Default::default();
     for round in 1..=ROUNDS {
         eprintln!("round {round}/{ROUNDS}: starting ktb exchange");
         let started = Instant::now();
@@ -234,13 +245,24 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         wait_until_served_locally(service).await?;
         ready.push(started.elapsed().as_secs_f64());
 
-        eprintln!("round {round}/{ROUNDS}: measuring ktb exchange and kubectl port-forward");
+        eprintln!(
+            "round {round}/{ROUNDS}: measuring kubectl port-forward, ktb exchange, kt-connect"
+        );
         figures[0].push(
             measure(forwarded, None)
                 .await
                 .context("kubectl port-forward")?,
         );
         figures[1].push(measure(service, Some(b'E')).await.context("ktb exchange")?);
+        figures[2].push(
+            measure(kt_connect.entry, Some(b'E'))
+                .await
+                .context("kt-connect")?,
+        );
+        for (path, addr) in [service, kt_connect.entry].into_iter().enumerate() {
+            one_way[path][0].push(load::upload(addr, BULK_BYTES as u64).await?);
+            one_way[path][1].push(load::download(addr, BULK_BYTES as u64).await?);
+        }
 
         let interrupted = Instant::now();
         Command::new("kill")
@@ -258,10 +280,25 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         exchange.wait_exit(Duration::from_secs(30))?;
     }
 
-    let (raw, ktb) = (Figures::median(&figures[0]), Figures::median(&figures[1]));
+    let [raw, ktb, kt] = figures.map(|rounds| Figures::median(&rounds));
+    let [[ktb_up, ktb_down], [kt_up, kt_down]] = one_way.map(|path| path.map(median));
     let (ready_s, restore_s) = (median(ready), median(restore));
     println!();
-    print_table(&[("kubectl port-forward", &raw), ("ktb exchange", &ktb)]);
+    print_table(&[
+        ("kubectl port-forward", &raw),
+        ("ktb exchange", &ktb),
+        ("kt-connect (ssh -R)", &kt),
+    ]);
+    println!();
+    println!(
+        "{:<22} {:>16} {:>16}",
+        "one stream, MiB/s", "cluster → laptop", "laptop → cluster"
+    );
+    println!("{:<22} {ktb_up:>16.0} {ktb_down:>16.0}", "ktb exchange");
+    println!(
+        "{:<22} {kt_up:>16.0} {kt_down:>16.0}",
+        "kt-connect (ssh -R)"
+    );
     let ratio = |a: f64, b: f64| a / b;
     println!();
     println!(
@@ -271,11 +308,23 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         ratio(ktb.connect_p50_us, raw.connect_p50_us),
         ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib)
     );
+    println!(
+        "ktb vs kt-connect: echo throughput {:.2}x, upload {:.2}x, download {:.2}x, RR p99 {:.2}x",
+        ratio(ktb.mib_per_s, kt.mib_per_s),
+        ratio(ktb_up, kt_up),
+        ratio(ktb_down, kt_down),
+        ratio(ktb.rr_p99_us, kt.rr_p99_us)
+    );
     println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
     let report = json!({
         "rounds": ROUNDS,
         "port_forward": raw.to_json(),
         "ktb": ktb.to_json(),
+        "kt_connect": kt.to_json(),
+        "one_stream_mib_per_s": {
+            "ktb": {"upload": ktb_up, "download": ktb_down},
+            "kt_connect": {"upload": kt_up, "download": kt_down},
+        },
         "ready_s": ready_s,
         "restore_s": restore_s,
         "ratio_vs_port_forward": {
@@ -283,6 +332,12 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
             "rr_p50": ratio(ktb.rr_p50_us, raw.rr_p50_us),
             "connect_p50": ratio(ktb.connect_p50_us, raw.connect_p50_us),
             "cpu_per_gib": ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib),
+        },
+        "ratio_vs_kt_connect": {
+            "throughput": ratio(ktb.mib_per_s, kt.mib_per_s),
+            "upload": ratio(ktb_up, kt_up),
+            "download": ratio(ktb_down, kt_down),
+            "rr_p99": ratio(ktb.rr_p99_us, kt.rr_p99_us),
         },
     });
     let out = workspace.join("target/bench/exchange.json");

@@ -1,8 +1,10 @@
 //! The load: a local server with two modes and the three measurements.
 //!
 //! The first byte of a connection picks the mode: `S` (sink: count bytes
-//! until FIN, answer the count) for throughput, `E` (echo) for latency and
-//! concurrency. The same server stands behind every path.
+//! until FIN, answer the count) for throughput towards the server, `D`
+//! (source: read a count, send that many bytes, FIN) for throughput from
+//! it, `E` (echo) for latency and concurrency. The same server stands
+//! behind every path.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,6 +89,15 @@ async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
             }
             tcp.write_u64(total).await?;
         }
+        b'D' => {
+            let mut left = tcp.read_u64().await?;
+            buf.fill(0xa5);
+            while left > 0 {
+                let n = buf.len().min(left as usize);
+                tcp.write_all(&buf[..n]).await?;
+                left -= n as u64;
+            }
+        }
         _ => {
             let (mut r, mut w) = tcp.split();
             tokio::io::copy(&mut r, &mut w).await?;
@@ -140,8 +151,16 @@ async fn limited<T>(
         .map_err(|_| anyhow::anyhow!("{what} took longer than {STEP_LIMIT:?}"))?
 }
 
-/// One stream: `bytes` to the sink, timed until the sink confirms the count.
+/// One stream: `bytes` to the sink, timed until the sink confirms the
+/// count, in Gb/s.
 async fn throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
+    let mib_per_s = upload(addr, bytes).await?;
+    Ok(mib_per_s * 1024.0 * 1024.0 * 8.0 / 1e9)
+}
+
+/// MiB/s of one stream carrying `bytes` to this module's server (its sink),
+/// timed until the sink confirms the count.
+pub async fn upload(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
     let mut tcp = connect(addr, Some(b'S')).await?;
     let chunk = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
@@ -158,7 +177,29 @@ async fn throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
         counted == bytes,
         "the sink counted {counted} of {bytes} bytes"
     );
-    Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
+    Ok(bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64())
+}
+
+/// MiB/s of one stream carrying `bytes` from this module's server (its
+/// source), timed from the request to the stream's end.
+pub async fn download(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
+    let mut tcp = connect(addr, Some(b'D')).await?;
+    let start = Instant::now();
+    tcp.write_u64(bytes).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    loop {
+        match tcp.read(&mut buf).await? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        received == bytes,
+        "the source sent {received} of {bytes} bytes"
+    );
+    Ok(bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64())
 }
 
 /// 1 KiB request, 1 KiB response, one at a time on one connection.

@@ -14,6 +14,7 @@
 
 mod connect;
 mod exchange;
+mod kt_connect;
 mod load;
 mod mesh;
 mod paths;

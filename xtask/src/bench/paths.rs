@@ -97,20 +97,13 @@ pub struct SshPath {
     _server: Process,
 }
 
-const SSHD: &str = "/usr/sbin/sshd";
+pub(super) const SSHD: &str = "/usr/sbin/sshd";
 
 impl SshPath {
     pub async fn start(scratch: &Path, local: SocketAddr) -> anyhow::Result<SshPath> {
         ensure_sshd()?;
-        let host_key = scratch.join("host_key");
-        let client_key = scratch.join("client_key");
-        for key in [&host_key, &client_key] {
-            run(Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(key))?;
-        }
-        let authorized = scratch.join("authorized_keys");
-        fs::copy(client_key.with_extension("pub"), &authorized)?;
+        let keys = SshKeys::generate(scratch)?;
+        let (host_key, client_key, authorized) = (&keys.host, &keys.client, &keys.authorized);
         // sshd refuses to start without its privilege separation directory.
         fs::create_dir_all("/run/sshd")?;
         let sshd_port = free_port()?;
@@ -141,30 +134,12 @@ impl SshPath {
             .trim()
             .to_owned();
         let client = Process::spawn(
-            Command::new("ssh")
-                .args([
-                    "-N",
-                    "-T",
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                ])
-                .args([
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "ExitOnForwardFailure=yes",
-                    "-o",
-                    "LogLevel=ERROR",
-                ])
-                .arg("-i")
-                .arg(&client_key)
-                .arg("-p")
-                .arg(sshd_port.to_string())
-                .arg("-R")
-                .arg(format!("127.0.0.1:{forwarded}:{local}"))
-                .arg(format!("{user}@127.0.0.1")),
+            &mut ssh_remote_forward(
+                client_key,
+                sshd_port,
+                &format!("127.0.0.1:{forwarded}:{local}"),
+                &user,
+            ),
             &scratch.join("ssh.log"),
         )?;
         let entry = ([127, 0, 0, 1], forwarded).into();
@@ -177,9 +152,52 @@ impl SshPath {
     }
 }
 
+/// Throwaway ed25519 keys under `scratch`: the server's host key, the
+/// client's key, and the file authorizing the client.
+pub(super) struct SshKeys {
+    pub(super) host: PathBuf,
+    pub(super) client: PathBuf,
+    pub(super) authorized: PathBuf,
+}
+
+impl SshKeys {
+    pub(super) fn generate(scratch: &Path) -> anyhow::Result<SshKeys> {
+        let keys = SshKeys {
+            host: scratch.join("host_key"),
+            client: scratch.join("client_key"),
+            authorized: scratch.join("authorized_keys"),
+        };
+        for key in [&keys.host, &keys.client] {
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(key))?;
+        }
+        fs::copy(keys.client.with_extension("pub"), &keys.authorized)?;
+        Ok(keys)
+    }
+}
+
+/// `ssh -N -R FORWARD` to `user` at 127.0.0.1:`port` with `key`, never
+/// asking anything: kt-connect's transport, as it runs it.
+pub(super) fn ssh_remote_forward(key: &Path, port: u16, forward: &str, user: &str) -> Command {
+    let mut ssh = Command::new("ssh");
+    ssh.args(["-N", "-T", "-o", "BatchMode=yes"])
+        .args(["-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"])
+        .arg("-i")
+        .arg(key)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-R")
+        .arg(forward)
+        .arg(format!("{user}@127.0.0.1"));
+    ssh
+}
+
 /// The benchmark compares against Debian's OpenSSH server; install it when
 /// missing (the machines run as root), and say so.
-fn ensure_sshd() -> anyhow::Result<()> {
+pub(super) fn ensure_sshd() -> anyhow::Result<()> {
     if Path::new(SSHD).exists() {
         return Ok(());
     }
