@@ -114,11 +114,12 @@ impl KtConnectPath {
 }
 
 /// The pod's `/etc`: root and sshd's privilege-separation user, and the
-/// server's configuration (the keys are already in `ssh/`).
+/// server's configuration (the keys are already in `ssh/`). sshd admits
+/// no user whose shell does not exist, so root's is the node's `/usr/bin/sh`.
 fn write_pod_etc(etc: &Path) -> anyhow::Result<()> {
     fs::write(
         etc.join("passwd"),
-        "root:x:0:0:root:/:/bin/sh\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n",
+        "root:x:0:0:root:/:/usr/bin/sh\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n",
     )?;
     fs::write(etc.join("group"), "root:x:0:\nnogroup:x:65534:\n")?;
     fs::write(
@@ -139,8 +140,9 @@ fn pod_manifest(namespace: &str, etc: &Path, privsep: &Path) -> String {
     let host = |name: &str, path: &str| {
         format!(r#"{{"name":"{name}","hostPath":{{"path":"{path}","type":"Directory"}}}}"#)
     };
-    let mount =
-        |name: &str, at: &str| format!(r#"{{"name":"{name}","mountPath":"{at}","readOnly":true}}"#);
+    let mount = |name: &str, at: &str, read_only: bool| {
+        format!(r#"{{"name":"{name}","mountPath":"{at}","readOnly":{read_only}}}"#)
+    };
     let volumes = [
         host("usr", "/usr"),
         host("lib", "/usr/lib"),
@@ -150,11 +152,12 @@ fn pod_manifest(namespace: &str, etc: &Path, privsep: &Path) -> String {
     ]
     .join(",");
     let mounts = [
-        mount("usr", "/usr"),
-        mount("lib", "/lib"),
-        mount("lib64", "/lib64"),
-        mount("etc", "/etc"),
-        mount("privsep", "/run/sshd"),
+        mount("usr", "/usr", true),
+        mount("lib", "/lib", true),
+        mount("lib64", "/lib64", true),
+        // Writable: the kubelet mounts the pod's hosts and resolv.conf onto it.
+        mount("etc", "/etc", false),
+        mount("privsep", "/run/sshd", true),
     ]
     .join(",");
     format!(
