@@ -507,8 +507,9 @@ fn connect_refuses_a_second_connect_on_the_same_machine_and_the_first_keeps_goin
 /// `ktb connect` refuses with exit 1 and a message saying what to do, and
 /// leaves the laptop and the cluster as they were, when `--device` names an
 /// interface the laptop has (`eth0`), when tun mode runs without root or
-/// CAP_NET_ADMIN, and when there is no `/dev/net/tun`. Each is refused
-/// before the agent pod is started, and its journal is taken back.
+/// CAP_NET_ADMIN, and when there is no `/dev/net/tun`: each before the
+/// agent pod is started. And when the cluster's DNS does not answer the
+/// agent: after, so the agent is taken back. Every journal is removed.
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn connect_refusals_say_what_to_do_and_change_nothing() {
@@ -602,6 +603,82 @@ fn connect_refusals_say_what_to_do_and_change_nothing() {
         !started,
         "a missing /dev/net/tun was refused only after the agent pod started"
     );
+
+    // The cluster's DNS gone: found through the agent before ktb says it is
+    // connected, so the agent it started is taken back.
+    let dns_down = CoreDnsDown::new();
+    let state = StateDir::new("no-dns");
+    let started = refused(
+        "connect while CoreDNS is down",
+        ktb_cmd(As::DevA, &connect_args(NAMESPACE, &[]), &state.0),
+        &["cannot reach the cluster's DNS server", "--dns off"],
+        &state.0,
+    );
+    assert!(started, "the DNS check runs through the agent");
+    drop(dns_down);
+}
+
+/// CoreDNS scaled to zero until dropped; then one replica again, rolled out.
+struct CoreDnsDown;
+
+impl CoreDnsDown {
+    const SCALE: [&'static str; 5] = ["-n", "kube-system", "scale", "deployment", "coredns"];
+
+    fn new() -> CoreDnsDown {
+        kubectl(As::Admin, &[&Self::SCALE[..], &["--replicas=0"]].concat());
+        let down = CoreDnsDown;
+        wait_until(
+            "CoreDNS's pods to be gone",
+            Duration::from_secs(90),
+            Duration::from_millis(500),
+            || {
+                let pods = kubectl(
+                    As::Admin,
+                    &[
+                        "-n",
+                        "kube-system",
+                        "get",
+                        "pods",
+                        "-l",
+                        "k8s-app=kube-dns",
+                        "-o",
+                        "name",
+                    ],
+                );
+                if pods.trim().is_empty() {
+                    Ok(())
+                } else {
+                    Err(pods)
+                }
+            },
+        );
+        down
+    }
+}
+
+impl Drop for CoreDnsDown {
+    fn drop(&mut self) {
+        // Never panics here: a failing test is unwinding through this.
+        let up = [&Self::SCALE[..], &["--replicas=1"]].concat();
+        let rolled = [
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "deployment",
+            "coredns",
+            "--timeout=120s",
+        ];
+        for args in [&up[..], &rolled[..]] {
+            let out = ktb_tests::cluster::try_kubectl(As::Admin, args);
+            if !out.status.success() {
+                eprintln!(
+                    "restoring CoreDNS: kubectl {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
 }
 
 #[test]
