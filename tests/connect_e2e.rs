@@ -946,7 +946,9 @@ fn queries_arrived(log: &str) -> Vec<String> {
 /// with the laptop's own server, and Ctrl-C takes it all back. resolved is
 /// a real one, in laptop-a's network namespace and a private mount
 /// namespace ([`Sandbox`]); ktb runs there too, so the laptop's own files
-/// are never touched.
+/// are never touched. Without a system bus, or with resolv.conf linked to
+/// resolved's file of upstream servers, connect refuses (exit 1) and says
+/// what to do.
 #[test]
 #[ignore = "needs the project cluster: cargo xtask test"]
 fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
@@ -1098,6 +1100,57 @@ fn connect_tun_registers_with_systemd_resolved_and_ctrl_c_reverts_it() {
         links_before,
         "the sandbox's links differ after disconnect"
     );
+
+    // Refused with what to do, exit 1, and nothing left: with the system
+    // bus out of reach, and with resolv.conf linked to resolved's file of
+    // upstream servers (which programs read past resolved), not its stub.
+    let refuse = |what: &str, bus: Option<&str>, says: &[&str]| {
+        let state = StateDir::new("resolved-refused");
+        let mut cmd = sandbox.command(workspace_bin("ktb", "ktb"));
+        cmd.args(connect_args(NAMESPACE, &[]))
+            .env("KUBECONFIG", As::DevA.kubeconfig())
+            .env("KTB_STATE_DIR", &state.0);
+        if let Some(bus) = bus {
+            cmd.env("DBUS_SYSTEM_BUS_ADDRESS", bus);
+        }
+        expect_refusal(what, cmd, says);
+        assert!(
+            !ktb::connect::journal::journal_path(&state.0).exists(),
+            "{what}: the journal is left"
+        );
+        assert_eq!(
+            sandbox.run("ip", &["-o", "link", "show"]).stdout,
+            links_before,
+            "{what}: the sandbox's links changed"
+        );
+        let domains = sandbox.resolvectl_ok(&["domain"]);
+        assert!(!domains.contains("cluster.local"), "{what}: {domains}");
+        wait_for_no_connect_agent(
+            &format!("the agent to leave after {what}"),
+            Duration::from_secs(30),
+        );
+    };
+    refuse(
+        "connect without a system bus",
+        Some("unix:path=/nonexistent/ktb-test-bus"),
+        &["system bus cannot be reached", "--dns hosts"],
+    );
+    let relink = |target: &str| {
+        let out = sandbox.run("ln", &["-sfn", target, "/etc/resolv.conf"]);
+        assert!(out.status.success(), "ln {target}: {out:?}");
+    };
+    relink("../run/systemd/resolve/resolv.conf");
+    refuse(
+        "connect with resolv.conf linked to resolved's upstream file",
+        None,
+        &[
+            "which lists no stub (127.0.0.53)",
+            "stub-resolv.conf",
+            "--dns hosts",
+        ],
+    );
+    relink("../run/systemd/resolve/stub-resolv.conf");
+
     let link = sandbox.run("readlink", &["/etc/resolv.conf"]);
     assert_eq!(
         String::from_utf8_lossy(&link.stdout).trim(),
