@@ -26,8 +26,7 @@ use tokio::net::TcpStream;
 
 use super::kt_connect::KtConnectPath;
 use super::load::{self, LocalServer};
-use super::paths::{free_port, Process};
-use super::wait_until_listening;
+use super::paths::{port_forward, Process};
 use crate::cluster::Admin;
 
 pub(super) const NAMESPACE: &str = "ktb-bench";
@@ -197,19 +196,14 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
     let original_selector = selector(cluster)?;
     let local = LocalServer::start().await?;
 
-    let forwarded_port = free_port()?;
-    let _port_forward = Process::spawn(
-        &mut cluster.command(&[
-            "-n",
-            NAMESPACE,
-            "port-forward",
-            &format!("pod/{pod}"),
-            &format!("{forwarded_port}:9000"),
-        ]),
+    let (_port_forward, forwarded) = port_forward(
+        cluster,
+        NAMESPACE,
+        &pod,
+        9000,
         &scratch.join("port-forward.log"),
-    )?;
-    let forwarded: SocketAddr = ([127, 0, 0, 1], forwarded_port).into();
-    wait_until_listening(forwarded, "kubectl port-forward").await?;
+    )
+    .await?;
     let kt_connect = KtConnectPath::start(cluster, NAMESPACE, &scratch, local.addr)
         .await
         .context("setting up kt-connect's path (sshd pod, port-forward, ssh -R)")?;

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::paths::{self, free_port, Process, SshKeys};
+use super::paths::{self, Process, SshKeys};
 use super::wait_until_listening;
 use crate::cluster::Admin;
 
@@ -72,26 +72,18 @@ impl KtConnectPath {
             "jsonpath={.status.podIP}",
         ])?;
 
-        let forwarded = free_port()?;
-        let port_forward = Process::spawn(
-            &mut cluster.command(&[
-                "-n",
-                namespace,
-                "port-forward",
-                &format!("pod/{POD}"),
-                &format!("{forwarded}:{SSHD_PORT}"),
-            ]),
+        let (port_forward, forwarded) = paths::port_forward(
+            cluster,
+            namespace,
+            POD,
+            SSHD_PORT,
             &scratch.join("kt-connect-port-forward.log"),
-        )?;
-        wait_until_listening(
-            ([127, 0, 0, 1], forwarded).into(),
-            "kubectl port-forward to sshd",
         )
         .await?;
         let ssh = Process::spawn(
             &mut paths::ssh_remote_forward(
                 &keys.client,
-                forwarded,
+                forwarded.port(),
                 &format!("0.0.0.0:{PORT}:{local}"),
                 "root",
             ),

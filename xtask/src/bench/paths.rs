@@ -72,6 +72,31 @@ pub fn build_release(workspace: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kubectl port-forward` from a free loopback port to `port` of `pod`,
+/// logging to `log`; returns once it listens, with where it listens.
+pub(super) async fn port_forward(
+    cluster: &crate::cluster::Admin,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    log: &Path,
+) -> anyhow::Result<(Process, SocketAddr)> {
+    let local = free_port()?;
+    let process = Process::spawn(
+        &mut cluster.command(&[
+            "-n",
+            namespace,
+            "port-forward",
+            &format!("pod/{pod}"),
+            &format!("{local}:{port}"),
+        ]),
+        log,
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], local));
+    wait_until_listening(addr, &format!("kubectl port-forward to {pod}")).await?;
+    Ok((process, addr))
+}
+
 /// A loopback port that was free a moment ago.
 pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
