@@ -45,7 +45,11 @@ fn a_terminal_sees_the_wait_spin_and_its_lines_stay_apart() {
     let (status, output) = run_ktb(Stdio::from(pty.slave), reader);
     let output = String::from_utf8_lossy(&output);
 
-    assert_eq!(status.code(), Some(1), "an unreachable cluster is a failure (exit 1)");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an unreachable cluster is a failure (exit 1)"
+    );
     assert!(output.contains(PHASE), "no phase named:\n{output:?}");
     assert!(output.contains('\x1b'), "no spinner drawn:\n{output:?}");
     let frames: std::collections::BTreeSet<char> =
@@ -68,7 +72,11 @@ fn piped_stderr_holds_the_lines_alone() {
     let (status, output) = run_ktb(Stdio::from(writer), reader);
     let output = String::from_utf8(output).expect("ktb writes text");
 
-    assert_eq!(status.code(), Some(1), "an unreachable cluster is a failure (exit 1)");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an unreachable cluster is a failure (exit 1)"
+    );
     assert!(
         !output.contains('\x1b'),
         "an escape sequence in piped output:\n{output:?}"
