@@ -578,6 +578,52 @@ fn unknown_service_is_not_found_and_nothing_is_created() {
     assert!(!ns.status.success(), "ktb created namespace {nowhere}");
 }
 
+/// `--transport auto` goes straight to the agent's pod IP (TLS, its
+/// certificate pinned) where that address answers, and takes the
+/// port-forward where it does not, saying which: laptop-a reaches pod IPs
+/// only while its own `ktb connect` runs.
+#[test]
+#[ignore = "needs the project cluster: cargo xtask test"]
+fn transport_auto_goes_direct_only_where_the_pod_ip_answers() {
+    use ktb_tests::connect::{laptop_state, start_connect, stop, StateDir};
+    let w = Workload::deploy(NAMESPACE, "exh-auto");
+    let port = free_port(&["laptop-a"]);
+    let _local = local_echo("laptop-a", port, LOCAL_A);
+    let mut args = exchange_args(&w.name, NAMESPACE, port, "5s");
+    args.extend(strings(&["--transport", "auto"]));
+    let exchange_once = |expected: &[&str]| {
+        let mut ktb = start_ktb(As::DevA, &args);
+        wait_ready_line(&mut ktb);
+        w.wait_reaches_local(LOCAL_A);
+        let said = ktb.stderr();
+        for part in expected {
+            assert!(said.contains(part), "ktb does not say {part:?}:\n{said}");
+        }
+        stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
+        w.assert_restored("after the exchange with --transport auto");
+    };
+
+    // No route from laptop-a to the pod network: the port-forward.
+    exchange_once(&[
+        "does not answer from here",
+        "taking the port-forward",
+        "opening the tunnel (port-forward through the apiserver)",
+    ]);
+
+    // With connect running, the pod IP answers: TLS, pinned.
+    let before = laptop_state(As::DevA);
+    let state = StateDir::new("auto");
+    let mut connect = start_connect(As::DevA, NAMESPACE, &["--dns", "off"], &state);
+    exchange_once(&["answers from here: going direct", "over TLS, certificate"]);
+    stop(&mut connect, libc::SIGINT);
+    assert_eq!(
+        laptop_state(As::DevA),
+        before,
+        "connect left the laptop changed"
+    );
+    w.wait_reaches_original("after both exchanges");
+}
+
 /// Services ktb cannot stand in for, and ports they do not have: each
 /// refusal names the Service and the cause, exits 1 and leaves nothing; a
 /// malformed flag is a usage error (exit 2) before the cluster is asked.

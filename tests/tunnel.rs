@@ -852,3 +852,62 @@ async fn a_replaced_client_stops_instead_of_evicting_the_new_one() {
     assert_eq!((len, sent), (64 * 1024, received));
     second.abort();
 }
+
+/// `--transport direct`: the fingerprint the agent answers on its tunnel
+/// port (through a port-forward, in a cluster) pins TLS to that agent.
+/// Another agent's certificate is refused before a byte of the tunnel
+/// moves, and with the right pin the tunnel carries a stream intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_agent_takes_only_its_own_certificate() {
+    use ktb::pinned_tls::{fetch_fingerprint, PinnedTls};
+    use ktb::tunnel::Transport;
+
+    init_test_logging();
+    let local = servers::echo().await;
+    let agent = RunningAgent::start(false).await;
+    let other = RunningAgent::start(false).await;
+    let fingerprint = |agent: &RunningAgent| {
+        let plain = Direct {
+            addr: agent.tunnel.to_string(),
+        };
+        async move { fetch_fingerprint(&plain).await.expect("the fingerprint") }
+    };
+    let (pin, other_pin) = (fingerprint(&agent).await, fingerprint(&other).await);
+    assert_ne!(pin, other_pin, "every agent makes its own certificate");
+
+    let impostor = PinnedTls::new(agent.tunnel.to_string(), other_pin);
+    let refused = within("a TLS handshake", impostor.connect())
+        .await
+        .expect_err("another agent's pin must be refused");
+    assert!(refused.to_string().contains("not the agent's"), "{refused}");
+
+    let events = Events::default();
+    let options = AttachOptions {
+        key: Arc::clone(&agent.key),
+        exposes: vec![ktb::expose::Expose {
+            local: local.addr.port(),
+            remote: Some(agent.exposed.port()),
+        }],
+        session: SessionConfig::default(),
+    };
+    let client = tokio::spawn(attach(
+        PinnedTls::new(agent.tunnel.to_string(), pin),
+        options,
+        events.reporter(),
+        std::future::pending(),
+    ));
+    events
+        .wait_for(1, "tunnel up over TLS", |e| {
+            matches!(e, Event::TunnelUp { .. })
+        })
+        .await;
+    let total = 8 * MIB;
+    let (sent, received, len) =
+        within("8 MiB over TLS", echo_round_trip(agent.exposed, total, 7)).await;
+    assert_eq!(
+        (len, sent),
+        (total, received),
+        "every byte came back intact"
+    );
+    client.abort();
+}

@@ -27,6 +27,7 @@ pub mod preauth;
 pub mod probe;
 pub mod route;
 pub mod server;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -135,11 +136,13 @@ impl Agent {
                 Arc::clone(&probes),
             ));
         }
+        let tls = Arc::new(tls::AgentTls::generate()?);
         tasks.spawn(server::serve(
             self.tunnel,
             server::Endpoint::Tunnel,
             Arc::clone(&attachment),
             Arc::clone(&probes),
+            Some(tls),
         ));
         if let Some(ready) = self.ready {
             tasks.spawn(server::serve(
@@ -147,6 +150,7 @@ impl Agent {
                 server::Endpoint::Readiness,
                 Arc::clone(&attachment),
                 Arc::clone(&probes),
+                None,
             ));
         }
         tracing::info!(tunnel = %self.config.listen, ready = ?self.config.ready_listen, ports = ?attachment.ports(), connect = self.config.connect, "agent ready");

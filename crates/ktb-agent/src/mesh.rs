@@ -112,6 +112,7 @@ impl MeshRouter {
                 server::Endpoint::Readiness,
                 attachment,
                 probes,
+                None,
             ));
         }
         tracing::info!(service = %self.service, routes = ?self.config.routes, "router ready");

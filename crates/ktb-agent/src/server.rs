@@ -1,5 +1,8 @@
 //! The agent's endpoints: readiness, the upgrade to a tunnel, and a
 //! tunnel's records link (through a port-forward, see [`ktb_proto::link`]).
+//! On the tunnel endpoint a connection's first byte tells them apart: the
+//! records link's magic, a TLS handshake (the direct transport, see
+//! [`crate::tls`], with HTTP inside), or plain HTTP.
 //!
 //! hyper parses HTTP so that a port scanner, a health checker or garbage
 //! bytes only ever cost one connection. Every connection passes the
@@ -25,6 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ktb_proto::handshake::{agent_handshake, websocket_config, Welcome};
 use ktb_proto::session::Side;
 use ktb_proto::{link, Link, Session, SessionConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -33,12 +37,18 @@ use tokio_tungstenite::WebSocketStream;
 use crate::attachment::Attachment;
 use crate::preauth::{Admission, Gate, ReadLimit, HANDSHAKE_READ_LIMIT, HTTP_BUFFER};
 use crate::probe::{Landed, ProbeMark, Probes};
+use crate::tls::AgentTls;
 
 /// The path of the tunnel endpoint.
 pub const TUNNEL_PATH: &str = "/tunnel";
 /// The path the laptop asks to prove the Service reaches this agent
 /// (`?port=SERVICE_PORT&target=LISTEN_PORT`, see [`crate::probe`]).
 pub const PROBE_PATH: &str = "/probe";
+/// The path that answers the SHA-256 of the agent's TLS certificate (see
+/// [`crate::tls`]), for the laptop to ask through a port-forward.
+pub const TLS_FINGERPRINT_PATH: &str = "/tls-fingerprint";
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +59,14 @@ pub enum Endpoint {
     Readiness,
 }
 
+/// Serves `listener` until the task is dropped; `tls` (the tunnel
+/// endpoint's) accepts the direct transport's TLS connections.
 pub async fn serve(
     listener: TcpListener,
     endpoint: Endpoint,
     attachment: Arc<Attachment>,
     probes: Arc<Probes>,
+    tls: Option<Arc<AgentTls>>,
 ) {
     let gate = Gate::new(attachment.config().handshake_timeout);
     loop {
@@ -72,27 +85,56 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let attachment = Arc::clone(&attachment);
-        let probes = Arc::clone(&probes);
+        let served = Served {
+            endpoint,
+            attachment: Arc::clone(&attachment),
+            probes: Arc::clone(&probes),
+            tls: tls.clone(),
+        };
         tokio::spawn(async move {
             let admission = Arc::new(admission);
-            if endpoint == Endpoint::Tunnel && opens_records_link(&tcp, admission.deadline).await {
-                attach_records(tcp, attachment, admission).await;
-            } else {
-                serve_http(tcp, peer, endpoint, attachment, admission, probes).await;
+            let first = match endpoint {
+                Endpoint::Tunnel => first_byte(&tcp, admission.deadline).await,
+                Endpoint::Readiness => None,
+            };
+            match (first, &served.tls) {
+                (Some(byte), _) if byte == link::MAGIC[0] => {
+                    attach_records(tcp, served.attachment, admission).await
+                }
+                (Some(TLS_HANDSHAKE), Some(tls)) => {
+                    let accepted =
+                        tokio::time::timeout_at(admission.deadline, tls.acceptor.accept(tcp)).await;
+                    match accepted {
+                        Ok(Ok(tls)) => serve_http(tls, peer, served, admission).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake not complete by the deadline")
+                        }
+                    }
+                }
+                _ => serve_http(tcp, peer, served, admission).await,
             }
         });
     }
 }
 
-/// Whether the connection's first byte is a records link's (see
-/// [`ktb_proto::link`]); an HTTP request never starts with it.
-async fn opens_records_link(tcp: &TcpStream, deadline: tokio::time::Instant) -> bool {
+/// What one connection of an endpoint is served with.
+struct Served {
+    endpoint: Endpoint,
+    attachment: Arc<Attachment>,
+    probes: Arc<Probes>,
+    tls: Option<Arc<AgentTls>>,
+}
+
+/// The connection's first byte, without taking it: a records link's magic
+/// (see [`ktb_proto::link`]) and a TLS handshake never start an HTTP
+/// request. `None` if none arrived by the deadline.
+async fn first_byte(tcp: &TcpStream, deadline: tokio::time::Instant) -> Option<u8> {
     let mut first = [0];
-    matches!(
-        tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await,
-        Ok(Ok(1)) if first[0] == link::MAGIC[0]
-    )
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0]),
+        _ => None,
+    }
 }
 
 /// A records link, as the laptop opens through a port-forward.
@@ -108,24 +150,19 @@ async fn attach_records(tcp: TcpStream, attachment: Arc<Attachment>, admission: 
 }
 
 async fn serve_http(
-    tcp: TcpStream,
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     peer: SocketAddr,
-    endpoint: Endpoint,
-    attachment: Arc<Attachment>,
+    served: Served,
     admission: Arc<Admission>,
-    probes: Arc<Probes>,
 ) {
     let deadline = admission.deadline;
+    let served = Arc::new(served);
     let service = {
         let admission = Arc::clone(&admission);
         service_fn(move |req| {
-            let attachment = Arc::clone(&attachment);
+            let served = Arc::clone(&served);
             let admission = Arc::clone(&admission);
-            let probes = Arc::clone(&probes);
-            async move {
-                let response = route(req, endpoint, &attachment, &admission, &probes);
-                Ok::<_, Infallible>(response.await)
-            }
+            async move { Ok::<_, Infallible>(route(req, &served, &admission).await) }
         })
     };
     // All of the connection's HTTP before the deadline, however
@@ -137,7 +174,7 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()))
         .max_buf_size(HTTP_BUFFER)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     match tokio::time::timeout_at(deadline, connection).await {
         Ok(Ok(())) => {}
@@ -150,17 +187,21 @@ async fn serve_http(
 
 async fn route(
     req: Request<Body>,
-    endpoint: Endpoint,
-    attachment: &Arc<Attachment>,
+    served: &Served,
     admission: &Arc<Admission>,
-    probes: &Probes,
 ) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path(), endpoint) {
+    match (req.method(), req.uri().path(), served.endpoint) {
         (&Method::GET, "/readyz" | "/healthz", _) => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, PROBE_PATH, Endpoint::Tunnel) => run_probe(req.uri().query(), probes).await,
-        (&Method::GET, TUNNEL_PATH, Endpoint::Tunnel) => {
-            upgrade(req, Arc::clone(attachment), Arc::clone(admission))
+        (&Method::GET, PROBE_PATH, Endpoint::Tunnel) => {
+            run_probe(req.uri().query(), &served.probes).await
         }
+        (&Method::GET, TUNNEL_PATH, Endpoint::Tunnel) => {
+            upgrade(req, Arc::clone(&served.attachment), Arc::clone(admission))
+        }
+        (&Method::GET, TLS_FINGERPRINT_PATH, Endpoint::Tunnel) => match &served.tls {
+            Some(tls) => text(StatusCode::OK, format!("{}\n", tls.fingerprint)),
+            None => text(StatusCode::NOT_FOUND, "this agent serves no TLS\n"),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: this is a ktb agent (try /readyz)\n",
@@ -211,8 +252,8 @@ async fn run_probe(query: Option<&str>, probes: &Probes) -> Response<Full<Bytes>
     response
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
 }

@@ -15,6 +15,7 @@
 //! the agent image for clusters that cannot pull it. The binary only parses
 //! flags and prints.
 
+pub mod agent_http;
 pub mod agent_image;
 pub mod clean;
 pub mod cluster;
@@ -25,6 +26,7 @@ pub mod expose;
 pub mod forward;
 pub mod mesh;
 pub mod permissions;
+pub mod pinned_tls;
 pub mod portforward;
 pub mod preflight;
 pub mod preview;

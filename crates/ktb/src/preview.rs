@@ -231,7 +231,7 @@ async fn publish(
             key: key.public().to_string(),
         },
         lease: lock.name(),
-        tunnel_on_pod_network: options.transport == TransportKind::Direct,
+        tunnel_on_pod_network: options.transport.dials_pod_ip(),
         declared_ports: Vec::new(),
         settings: &options.agent,
         grace: options.grace,

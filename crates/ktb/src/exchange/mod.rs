@@ -313,7 +313,7 @@ fn shadow_spec<'a>(
             key: key.public().to_string(),
         },
         lease: lock.name(),
-        tunnel_on_pod_network: options.transport == TransportKind::Direct,
+        tunnel_on_pod_network: options.transport.dials_pod_ip(),
         declared_ports: plan.declared.to_vec(),
         settings: &options.agent,
         grace: options.grace,

@@ -297,7 +297,7 @@ async fn join(
             key: key.public().to_string(),
         },
         lease: lock.name(),
-        tunnel_on_pod_network: options.transport == TransportKind::Direct,
+        tunnel_on_pod_network: options.transport.dials_pod_ip(),
         declared_ports: member.declared.to_vec(),
         settings: &options.agent,
         grace: options.grace,

@@ -11,6 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ktb_kube::names::AGENT_TUNNEL_PORT;
 use ktb_proto::auth::ClientKey;
@@ -18,45 +19,102 @@ use ktb_proto::SessionConfig;
 
 use crate::cluster::Cluster;
 use crate::expose::Expose;
+use crate::pinned_tls::{self, PinnedTls};
 use crate::portforward::PortForward;
 use crate::proof;
 use crate::report::Reporter;
 use crate::session::agent_pod::{AgentPod, AgentPodSpec};
 use crate::target::PortRoute;
-use crate::tunnel::{self, Direct, RunningTunnel, TunnelConfig};
+use crate::tunnel::{self, RunningTunnel, Transport, TunnelConfig};
 
 /// How the laptop reaches the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
     /// A port-forward through the apiserver: works wherever kubectl does.
     PortForward,
-    /// TCP straight to the pod's IP, for laptops that can reach pod IPs
-    /// (a VPN into the cluster network, or `ktb connect`).
+    /// TLS straight to the pod's IP, its certificate pinned (see
+    /// [`crate::pinned_tls`]), for laptops that can reach pod IPs (a VPN
+    /// into the cluster network, or `ktb connect`).
     Direct,
+    /// Direct when the pod's IP answers from here, else the port-forward.
+    Auto,
 }
 
 impl TransportKind {
-    fn describe(self) -> &'static str {
-        match self {
-            TransportKind::PortForward => "port-forward through the apiserver",
-            TransportKind::Direct => "direct to the pod IP",
-        }
+    /// Whether the agent must listen on the pod network, not loopback only.
+    pub fn dials_pod_ip(self) -> bool {
+        matches!(self, TransportKind::Direct | TransportKind::Auto)
     }
 }
+
+/// How long `--transport auto` waits for the pod's IP before it takes the
+/// port-forward: an unroutable address fails at once, but one whose
+/// packets are dropped on the way only times out.
+const AUTO_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How this machine reaches the agent: decided once, used by the tunnel
 /// and by the path proof alike.
 #[derive(Clone)]
 enum AgentTransport {
     PortForward(PortForward),
-    Direct(Direct),
+    Direct(PinnedTls),
+}
+
+impl AgentTransport {
+    /// Decides the way to the agent at `ip` for `kind`; a port-forward
+    /// always carries the certificate's fingerprint (see
+    /// [`crate::pinned_tls`]).
+    async fn choose(
+        kind: TransportKind,
+        port_forward: PortForward,
+        ip: IpAddr,
+        reporter: &Reporter,
+    ) -> anyhow::Result<AgentTransport> {
+        let addr = SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string();
+        match kind {
+            TransportKind::PortForward => Ok(AgentTransport::PortForward(port_forward)),
+            TransportKind::Direct => {
+                let pin = pinned_tls::fetch_fingerprint(&port_forward).await?;
+                Ok(AgentTransport::Direct(PinnedTls::new(addr, pin)))
+            }
+            TransportKind::Auto => {
+                let direct = async {
+                    let pin = pinned_tls::fetch_fingerprint(&port_forward).await?;
+                    let tls = PinnedTls::new(addr.clone(), pin);
+                    tokio::time::timeout(AUTO_DIAL_TIMEOUT, tls.connect())
+                        .await
+                        .map_err(|_| anyhow::anyhow!("no answer in {AUTO_DIAL_TIMEOUT:?}"))??;
+                    anyhow::Ok(tls)
+                };
+                match direct.await {
+                    Ok(tls) => {
+                        reporter
+                            .progress(format!("the pod IP {ip} answers from here: going direct"));
+                        Ok(AgentTransport::Direct(tls))
+                    }
+                    Err(e) => {
+                        reporter.progress(format!(
+                            "the pod IP {ip} does not answer from here ({e:#}): taking the port-forward"
+                        ));
+                        Ok(AgentTransport::PortForward(port_forward))
+                    }
+                }
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            AgentTransport::PortForward(_) => "port-forward through the apiserver".into(),
+            AgentTransport::Direct(t) => format!("direct to {}", t.describe()),
+        }
+    }
 }
 
 /// A ready agent pod and the way to it.
 pub struct Shadow {
     pub pod: AgentPod,
     ip: IpAddr,
-    kind: TransportKind,
     transport: AgentTransport,
 }
 
@@ -74,33 +132,23 @@ impl Shadow {
         let ready = async {
             reporter.progress("waiting for the agent pod to be ready");
             pod.wait_ready(spec.settings.ready_timeout).await?;
-            pod.pod_ip().await
-        };
-        let ip = match ready.await {
-            Ok(ip) => ip,
-            Err(e) => {
-                pod.delete().await;
-                return Err(e);
-            }
-        };
-        let kind = transport;
-        let transport = match transport {
-            TransportKind::PortForward => AgentTransport::PortForward(PortForward {
+            let ip = pod.pod_ip().await?;
+            let port_forward = PortForward {
                 client: cluster.client.clone(),
                 namespace: cluster.namespace.clone(),
                 pod: pod.name.clone(),
                 port: AGENT_TUNNEL_PORT,
-            }),
-            TransportKind::Direct => AgentTransport::Direct(Direct {
-                addr: SocketAddr::new(ip, AGENT_TUNNEL_PORT).to_string(),
-            }),
+            };
+            let transport = AgentTransport::choose(transport, port_forward, ip, reporter).await?;
+            anyhow::Ok((ip, transport))
         };
-        Ok(Shadow {
-            pod,
-            ip,
-            kind,
-            transport,
-        })
+        match ready.await {
+            Ok((ip, transport)) => Ok(Shadow { pod, ip, transport }),
+            Err(e) => {
+                pod.delete().await;
+                Err(e)
+            }
+        }
     }
 
     /// The pod's IP on the cluster network.
@@ -116,7 +164,10 @@ impl Shadow {
         key: ClientKey,
         reporter: &Reporter,
     ) -> anyhow::Result<RunningTunnel> {
-        reporter.progress(format!("opening the tunnel ({})", self.kind.describe()));
+        reporter.progress(format!(
+            "opening the tunnel ({})",
+            self.transport.describe()
+        ));
         let config = TunnelConfig {
             key: Arc::new(key),
             session: SessionConfig::default(),

@@ -825,7 +825,9 @@ mod tests {
             error.to_string()
         };
         assert!(refused("grace", "abc").contains("invalid duration \"abc\""));
-        assert!(refused("transport", "tcp").contains("[possible values: port-forward, direct]"));
+        assert!(
+            refused("transport", "tcp").contains("[possible values: port-forward, direct, auto]")
+        );
         assert!(refused("dns-cache-ttl", "99999999").contains("not in 0..="));
         assert!(refused("namespace", "").contains("empty value"));
         assert!(check(&cli, key("namespace").expect("a key"), "-dash").is_ok());

@@ -335,9 +335,13 @@ enum ExchangeMode {
 enum Transport {
     /// A port-forward through the apiserver: works wherever kubectl does.
     PortForward,
-    /// TCP straight to the pod's IP (a VPN into the cluster network, or
-    /// `ktb connect`).
+    /// TLS straight to the pod's IP (a VPN into the cluster network, or
+    /// `ktb connect`), accepting only the certificate the agent made, whose
+    /// fingerprint comes through a port-forward.
     Direct,
+    /// Direct when the pod's IP answers from this machine, else the
+    /// port-forward; says which it took.
+    Auto,
 }
 
 impl From<Transport> for TransportKind {
@@ -345,6 +349,7 @@ impl From<Transport> for TransportKind {
         match transport {
             Transport::PortForward => TransportKind::PortForward,
             Transport::Direct => TransportKind::Direct,
+            Transport::Auto => TransportKind::Auto,
         }
     }
 }
