@@ -8,6 +8,9 @@
 //! the tool ktb replaces. ktb and kt-connect carry callers to the same
 //! local server, so they are also measured one stream at a time in each
 //! direction: uploads (cluster → laptop) and downloads (laptop → cluster).
+//! Where the laptop reaches pod IPs (the node does), `ktb exchange
+//! --transport direct` (TLS to the agent's pod IP) is measured against
+//! direct TCP to the echo pod.
 //! Callers are on the node itself (it reaches ClusterIPs), and ktb runs
 //! there as the cluster admin: the bytes take the same path as from a
 //! laptop, and the load generator needs no network namespace. Also timed:
@@ -208,37 +211,34 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         .await
         .context("setting up kt-connect's path (sshd pod, port-forward, ssh -R)")?;
 
-    let ktb = workspace.join("target/release/ktb");
+    let pod_ip = cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "pod",
+        &pod,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])?;
+    let straight: SocketAddr = format!("{pod_ip}:9000").parse()?;
+    let exchanges = Exchanges {
+        ktb: workspace.join("target/release/ktb"),
+        cluster,
+        local: local.addr,
+        service,
+        original_selector,
+        scratch: &scratch,
+    };
     let mut ready = Vec::new();
     let mut restore = Vec::new();
-    let mut figures: [Vec<Figures>; 3] = Default::default();
+    // port-forward, ktb, kt-connect, direct TCP to the pod, ktb direct.
+    let mut figures: [Vec<Figures>; 5] = Default::default();
     // [ktb, kt-connect] × [upload, download], MiB/s per round.
     let mut one_way: [[Vec<f64>; 2]; 2] = Default::default();
     for round in 1..=ROUNDS {
         eprintln!("round {round}/{ROUNDS}: starting ktb exchange");
-        let started = Instant::now();
-        let exchange = Process::spawn(
-            Command::new(&ktb)
-                .env("KUBECONFIG", &cluster.kubeconfig)
-                .args([
-                    "exchange",
-                    SERVICE,
-                    "-n",
-                    NAMESPACE,
-                    "--expose",
-                    &format!("{}:9000", local.addr.port()),
-                ])
-                .args([
-                    "--agent-image",
-                    "ktb.test/ktb-agent:dev",
-                    "--image-pull-policy",
-                    "Never",
-                ]),
-            &scratch.join(format!("ktb-{round}.log")),
-        )?;
-        wait_until_served_locally(service).await?;
-        ready.push(started.elapsed().as_secs_f64());
-
+        let (exchange, ready_s) = exchanges.start("port-forward", round).await?;
+        ready.push(ready_s);
         eprintln!(
             "round {round}/{ROUNDS}: measuring kubectl port-forward, ktb exchange, kt-connect"
         );
@@ -257,24 +257,24 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
             one_way[path][0].push(load::upload(addr, BULK_BYTES as u64).await?);
             one_way[path][1].push(load::download(addr, BULK_BYTES as u64).await?);
         }
+        restore.push(exchanges.stop(exchange).await?);
 
-        let interrupted = Instant::now();
-        Command::new("kill")
-            .args(["-INT", &exchange.pid().to_string()])
-            .status()?;
-        let deadline = interrupted + Duration::from_secs(60);
-        while selector(cluster)? != original_selector {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the Service was not restored within 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        restore.push(interrupted.elapsed().as_secs_f64());
-        exchange.wait_exit(Duration::from_secs(30))?;
+        eprintln!("round {round}/{ROUNDS}: direct TCP to the pod, ktb exchange --transport direct");
+        figures[3].push(
+            measure(straight, None)
+                .await
+                .context("direct TCP to the pod")?,
+        );
+        let (exchange, _) = exchanges.start("direct", round).await?;
+        figures[4].push(
+            measure(service, Some(b'E'))
+                .await
+                .context("ktb exchange --transport direct")?,
+        );
+        exchanges.stop(exchange).await?;
     }
 
-    let [raw, ktb, kt] = figures.map(|rounds| Figures::median(&rounds));
+    let [raw, ktb, kt, straight, direct] = figures.map(|rounds| Figures::median(&rounds));
     let [[ktb_up, ktb_down], [kt_up, kt_down]] = one_way.map(|path| path.map(median));
     let (ready_s, restore_s) = (median(ready), median(restore));
     println!();
@@ -282,6 +282,8 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         ("kubectl port-forward", &raw),
         ("ktb exchange", &ktb),
         ("kt-connect (ssh -R)", &kt),
+        ("direct TCP to the pod", &straight),
+        ("ktb exchange, direct", &direct),
     ]);
     println!();
     println!(
@@ -309,12 +311,19 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         ratio(ktb_down, kt_down),
         ratio(ktb.rr_p99_us, kt.rr_p99_us)
     );
+    println!(
+        "ktb exchange --transport direct (TLS) vs direct TCP to the pod: throughput {:.2}x, RR p50 {:.2}x",
+        ratio(direct.mib_per_s, straight.mib_per_s),
+        ratio(direct.rr_p50_us, straight.rr_p50_us)
+    );
     println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
     let report = json!({
         "rounds": ROUNDS,
         "port_forward": raw.to_json(),
         "ktb": ktb.to_json(),
         "kt_connect": kt.to_json(),
+        "direct_tcp_to_pod": straight.to_json(),
+        "ktb_direct_tls": direct.to_json(),
         "one_stream_mib_per_s": {
             "ktb": {"upload": ktb_up, "download": ktb_down},
             "kt_connect": {"upload": kt_up, "download": kt_down},
@@ -326,6 +335,10 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
             "rr_p50": ratio(ktb.rr_p50_us, raw.rr_p50_us),
             "connect_p50": ratio(ktb.connect_p50_us, raw.connect_p50_us),
             "cpu_per_gib": ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib),
+        },
+        "ratio_direct_tls_vs_direct_tcp": {
+            "throughput": ratio(direct.mib_per_s, straight.mib_per_s),
+            "rr_p50": ratio(direct.rr_p50_us, straight.rr_p50_us),
         },
         "ratio_vs_kt_connect": {
             "throughput": ratio(ktb.mib_per_s, kt.mib_per_s),
@@ -339,6 +352,68 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
     println!("written to {}", out.display());
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// Starting and stopping `ktb exchange` of the bench's Service towards
+/// the local server.
+struct Exchanges<'a> {
+    ktb: std::path::PathBuf,
+    cluster: &'a Admin,
+    local: SocketAddr,
+    service: SocketAddr,
+    original_selector: String,
+    scratch: &'a Path,
+}
+
+impl Exchanges<'_> {
+    /// Starts an exchange over `transport` (`port-forward`, `direct`);
+    /// returns it once the Service is served locally, with the seconds
+    /// that took.
+    async fn start(&self, transport: &str, round: usize) -> anyhow::Result<(Process, f64)> {
+        let started = Instant::now();
+        let exchange = Process::spawn(
+            Command::new(&self.ktb)
+                .env("KUBECONFIG", &self.cluster.kubeconfig)
+                .args([
+                    "exchange",
+                    SERVICE,
+                    "-n",
+                    NAMESPACE,
+                    "--transport",
+                    transport,
+                ])
+                .arg("--expose")
+                .arg(format!("{}:9000", self.local.port()))
+                .args([
+                    "--agent-image",
+                    "ktb.test/ktb-agent:dev",
+                    "--image-pull-policy",
+                    "Never",
+                ]),
+            &self.scratch.join(format!("ktb-{transport}-{round}.log")),
+        )?;
+        wait_until_served_locally(self.service).await?;
+        Ok((exchange, started.elapsed().as_secs_f64()))
+    }
+
+    /// Ctrl-C; returns the seconds until the Service was restored.
+    async fn stop(&self, exchange: Process) -> anyhow::Result<f64> {
+        let interrupted = Instant::now();
+        Command::new("kill")
+            .args(["-INT", &exchange.pid().to_string()])
+            .status()?;
+        let deadline = interrupted + Duration::from_secs(60);
+        while selector(self.cluster)? != self.original_selector {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the Service was not restored within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let restored = interrupted.elapsed().as_secs_f64();
+        exchange.wait_exit(Duration::from_secs(30))?;
+        Ok(restored)
+    }
 }
 
 async fn measure(addr: SocketAddr, mode: Option<u8>) -> anyhow::Result<Figures> {
