@@ -601,6 +601,7 @@ fn transport_auto_goes_direct_only_where_the_pod_ip_answers() {
         }
         stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
         w.assert_restored("after the exchange with --transport auto");
+        w.assert_ktb_objects_gone("after the exchange with --transport auto");
     };
 
     // No route from laptop-a to the pod network: the port-forward.
@@ -721,6 +722,7 @@ fn a_closed_local_port_is_a_warning_and_the_exchange_still_restores() {
     .expect("the warning about the closed local port");
     stop_ktb(&mut ktb, libc::SIGINT, NAMESPACE, &w.name);
     w.assert_restored("after the exchange to a closed port");
+    w.assert_ktb_objects_gone("after the exchange to a closed port");
     w.wait_reaches_original("after the exchange to a closed port");
 }
 
