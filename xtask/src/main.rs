@@ -73,17 +73,32 @@ enum Bench {
     /// The tunnel on loopback against direct TCP and `ssh -R`.
     Tunnel,
     /// `ktb exchange` on the test cluster against `kubectl port-forward`.
-    Exchange,
+    Exchange {
+        /// Put the apiserver this many milliseconds of round trip away
+        /// (a delaying proxy in front of it); 0: as it is.
+        #[arg(long, default_value_t = 0)]
+        rtt_ms: u32,
+    },
     /// `ktb connect` from a laptop against `kubectl port-forward`, and its
     /// DNS against CoreDNS asked from a pod.
-    Connect,
+    Connect {
+        /// Put the apiserver this many milliseconds of round trip away
+        /// from the laptop (a delaying proxy in its namespace); 0: as it is.
+        #[arg(long, default_value_t = 0)]
+        rtt_ms: u32,
+    },
     /// `ktb mesh`'s router on the test cluster: unmarked requests against
     /// straight to the Service, marked ones against `ktb exchange`.
     Mesh,
     /// The echo load against ADDR from this network namespace, as JSON
     /// (run by `bench connect` inside the laptop).
     #[command(hide = true)]
-    Measure { addr: std::net::SocketAddr },
+    Measure {
+        addr: std::net::SocketAddr,
+        /// Sizes the load for a far apiserver, as the caller's `--rtt-ms`.
+        #[arg(long, default_value_t = 0)]
+        rtt_ms: u32,
+    },
 }
 
 /// The workspace root: xtask lives one level below it.
@@ -105,14 +120,14 @@ fn main() -> anyhow::Result<()> {
             bench: Bench::Tunnel,
         } => bench::tunnel(&workspace()),
         Command::Bench {
-            bench: Bench::Exchange,
-        } => bench::exchange(&workspace()),
+            bench: Bench::Exchange { rtt_ms },
+        } => bench::exchange(&workspace(), rtt_ms),
         Command::Bench {
-            bench: Bench::Connect,
-        } => bench::connect(&workspace()),
+            bench: Bench::Connect { rtt_ms },
+        } => bench::connect(&workspace(), rtt_ms),
         Command::Bench { bench: Bench::Mesh } => bench::mesh(&workspace()),
         Command::Bench {
-            bench: Bench::Measure { addr },
-        } => bench::measure_here(addr),
+            bench: Bench::Measure { addr, rtt_ms },
+        } => bench::measure_here(addr, rtt_ms),
     }
 }

@@ -14,6 +14,10 @@
 //! cache: every one a first query, through the tunnel. Medians of
 //! the rounds are printed with their ratios and written to
 //! `target/bench/connect.json`.
+//!
+//! With `--rtt-ms N` the laptop reaches the apiserver through a delaying
+//! proxy in its own namespace ([`super::far`]), and the far laptop's goals
+//! are printed below the table.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::exchange::{deploy_echo, median, service_field, Figures, NAMESPACE, SERVICE};
+use super::far::FarApiserver;
 use super::paths::{free_port, Process};
 use crate::cluster::Admin;
 
@@ -35,7 +40,7 @@ const CLUSTER_DNS: &str = "10.96.0.10:53";
 const KTB_DNS: &str = "127.0.0.153:53";
 const READY_LINE: &str = "Ctrl-C disconnects";
 
-pub fn connect(workspace: &Path) -> anyhow::Result<()> {
+pub fn connect(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
     super::paths::build_release(workspace)?;
     let probe = workspace.join("target/x86_64-unknown-linux-musl/release/probe");
     anyhow::ensure!(
@@ -45,7 +50,7 @@ pub fn connect(workspace: &Path) -> anyhow::Result<()> {
     );
     let cluster = Admin::find()?;
     deploy_echo(&cluster)?;
-    let result = run(workspace, &cluster, &probe);
+    let result = run(workspace, &cluster, &probe, rtt_ms);
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed
@@ -73,9 +78,15 @@ fn output(command: &mut Command) -> anyhow::Result<String> {
 }
 
 /// The echo load from inside the laptop (`xtask bench measure`).
-fn measure_on_laptop(addr: SocketAddr) -> anyhow::Result<Figures> {
+fn measure_on_laptop(addr: SocketAddr, rtt_ms: u32) -> anyhow::Result<Figures> {
     let xtask = std::env::current_exe()?;
-    let text = output(on_laptop(xtask).args(["bench", "measure", &addr.to_string()]))?;
+    let text = output(on_laptop(xtask).args([
+        "bench",
+        "measure",
+        &addr.to_string(),
+        "--rtt-ms",
+        &rtt_ms.to_string(),
+    ]))?;
     Figures::from_json(&serde_json::from_str(&text)?)
 }
 
@@ -88,8 +99,21 @@ fn dns_figures(text: &str) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
+fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
+    let far = match rtt_ms {
+        0 => None,
+        _ => Some(FarApiserver::start(
+            Some(LAPTOP),
+            rtt_ms,
+            cluster,
+            &scratch,
+        )?),
+    };
+    // The laptop's kubeconfig: through the proxy when far.
+    let kubeconfig = far
+        .as_ref()
+        .map_or(&cluster.kubeconfig, |far| &far.kubeconfig);
     let service_ip = service_field(cluster, ".spec.clusterIP")?;
     let service: SocketAddr = format!("{service_ip}:9000").parse()?;
     let name = format!("{SERVICE}.{NAMESPACE}.svc.cluster.local");
@@ -107,7 +131,7 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
     let forwarded_port = free_port()?;
     let _port_forward = Process::spawn(
         on_laptop(&cluster.kubectl)
-            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .args(["-n", NAMESPACE, "port-forward", &format!("pod/{pod}")])
             .arg(format!("{forwarded_port}:9000")),
         &scratch.join("port-forward.log"),
@@ -121,7 +145,7 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
     let start_connect = |log: &PathBuf, extra: &[&str]| -> anyhow::Result<Process> {
         let connect = Process::spawn(
             on_laptop(&ktb)
-                .env("KUBECONFIG", &cluster.kubeconfig)
+                .env("KUBECONFIG", kubeconfig)
                 .env("KTB_STATE_DIR", scratch.join("state"))
                 .args(["connect", "-n", NAMESPACE])
                 .args(["--agent-image", "ktb.test/ktb-agent:dev"])
@@ -160,8 +184,8 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
         ready.push(started.elapsed().as_secs_f64());
 
         eprintln!("round {round}/{ROUNDS}: load through kubectl port-forward and ktb connect");
-        figures[0].push(measure_on_laptop(forwarded).context("kubectl port-forward")?);
-        figures[1].push(measure_on_laptop(service).context("ktb connect")?);
+        figures[0].push(measure_on_laptop(forwarded, rtt_ms).context("kubectl port-forward")?);
+        figures[1].push(measure_on_laptop(service, rtt_ms).context("ktb connect")?);
 
         eprintln!("round {round}/{ROUNDS}: DNS from the pod (floor) and through ktb connect");
         dns[0].push(dns_figures(&cluster.kubectl(&[
@@ -216,9 +240,13 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
         through.0,
         through.1,
     );
+    if rtt_ms > 0 {
+        super::far::print_goals(rtt_ms, "ktb connect", &ktb, &raw);
+    }
     println!("ktb connect: ready (start → ready line) {ready_s:.2} s (median of {ROUNDS})");
     let report = json!({
         "rounds": ROUNDS,
+        "rtt_ms": rtt_ms,
         "port_forward": raw.to_json(),
         "ktb_connect": ktb.to_json(),
         "dns_us": {
@@ -233,7 +261,7 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path) -> anyhow::Result<()> {
             "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
         },
     });
-    let out = workspace.join("target/bench/connect.json");
+    let out = workspace.join(super::far::report_name("connect", rtt_ms));
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
     let _ = std::fs::remove_dir_all(&scratch);

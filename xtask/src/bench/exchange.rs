@@ -16,6 +16,10 @@
 //! laptop, and the load generator needs no network namespace. Also timed:
 //! from starting `ktb exchange` to the first request served locally, and
 //! from Ctrl-C to the Service restored.
+//!
+//! With `--rtt-ms N` every apiserver client of the run reaches it through a
+//! delaying proxy ([`super::far`]): the same table for a laptop N ms from
+//! its cluster, with the far laptop's goals printed below it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,6 +31,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::far::FarApiserver;
 use super::kt_connect::KtConnectPath;
 use super::load::{self, LocalServer};
 use super::paths::{port_forward, Process};
@@ -36,8 +41,30 @@ pub(super) const NAMESPACE: &str = "ktb-bench";
 pub(super) const SERVICE: &str = "bench-echo";
 const ROUNDS: usize = 3;
 const BULK_BYTES: usize = 256 << 20;
-const ROUND_TRIPS: usize = 2000;
-const NEW_CONNECTIONS: usize = 200;
+
+/// How many round trips and new connections a path is measured with.
+#[derive(Clone, Copy)]
+pub(super) struct Load {
+    round_trips: usize,
+    new_connections: usize,
+}
+
+impl Load {
+    /// Fewer samples when each costs a long round trip through the apiserver
+    /// (`rtt_ms` > 0), so that a far run takes minutes, not an hour.
+    pub(super) fn for_rtt(rtt_ms: u32) -> Load {
+        match rtt_ms {
+            0 => Load {
+                round_trips: 2000,
+                new_connections: 200,
+            },
+            _ => Load {
+                round_trips: 300,
+                new_connections: 100,
+            },
+        }
+    }
+}
 
 /// The benchmark's echo Deployment and Service, rolled out.
 pub(super) fn deploy_echo(cluster: &Admin) -> anyhow::Result<()> {
@@ -87,6 +114,8 @@ pub(super) struct Figures {
     pub(super) rr_p99_us: f64,
     pub(super) connect_p50_us: f64,
     pub(super) connect_p99_us: f64,
+    /// RR p99 while another connection on the same path carries bulk.
+    pub(super) beside_bulk_p99_us: f64,
     pub(super) cpu_s_per_gib: f64,
 }
 
@@ -100,6 +129,7 @@ impl Figures {
             rr_p99_us: med(|x| x.rr_p99_us),
             connect_p50_us: med(|x| x.connect_p50_us),
             connect_p99_us: med(|x| x.connect_p99_us),
+            beside_bulk_p99_us: med(|x| x.beside_bulk_p99_us),
             cpu_s_per_gib: med(|x| x.cpu_s_per_gib),
         }
     }
@@ -108,7 +138,7 @@ impl Figures {
         json!({
             "mib_per_s": self.mib_per_s, "rr_p50_us": self.rr_p50_us, "rr_p99_us": self.rr_p99_us,
             "connect_p50_us": self.connect_p50_us, "connect_p99_us": self.connect_p99_us,
-            "cpu_s_per_gib": self.cpu_s_per_gib,
+            "beside_bulk_p99_us": self.beside_bulk_p99_us, "cpu_s_per_gib": self.cpu_s_per_gib,
         })
     }
 
@@ -124,6 +154,7 @@ impl Figures {
             rr_p99_us: get("rr_p99_us")?,
             connect_p50_us: get("connect_p50_us")?,
             connect_p99_us: get("connect_p99_us")?,
+            beside_bulk_p99_us: get("beside_bulk_p99_us")?,
             cpu_s_per_gib: get("cpu_s_per_gib")?,
         })
     }
@@ -137,53 +168,63 @@ pub(super) fn median(mut values: Vec<f64>) -> f64 {
 /// One line per path: throughput, round trips, new connections, CPU.
 pub(super) fn print_table(paths: &[(&str, &Figures)]) {
     println!(
-        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
-        "path", "MiB/s", "RR p50", "RR p99", "conn p50", "conn p99", "CPU s/GiB"
+        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>14} {:>10}",
+        "path", "MiB/s", "RR p50", "RR p99", "conn p50", "conn p99", "RR+bulk p99", "CPU s/GiB"
     );
     for (name, f) in paths {
         println!(
-            "{:<22} {:>10.0} {:>7.0} µs {:>7.0} µs {:>9.0} µs {:>9.0} µs {:>10.1}",
+            "{:<22} {:>10.0} {:>7.0} µs {:>7.0} µs {:>9.0} µs {:>9.0} µs {:>11.0} µs {:>10.1}",
             name,
             f.mib_per_s,
             f.rr_p50_us,
             f.rr_p99_us,
             f.connect_p50_us,
             f.connect_p99_us,
+            f.beside_bulk_p99_us,
             f.cpu_s_per_gib
         );
     }
 }
 
-/// `xtask bench measure ADDR`: the echo load against ADDR from wherever
-/// this process runs (the connect benchmark runs it inside a laptop's
-/// network namespace), printed as JSON.
-pub fn measure_here(addr: SocketAddr) -> anyhow::Result<()> {
+/// `xtask bench measure ADDR [--rtt-ms N]`: the echo load against ADDR
+/// from wherever this process runs (the connect benchmark runs it inside a
+/// laptop's network namespace), printed as JSON.
+pub fn measure_here(addr: SocketAddr, rtt_ms: u32) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let figures = runtime.block_on(async {
         super::wait_until_listening(addr, "the echo server").await?;
-        measure(addr, None).await
+        measure(addr, None, Load::for_rtt(rtt_ms)).await
     })?;
     println!("{}", figures.to_json());
     Ok(())
 }
 
-pub fn exchange(workspace: &Path) -> anyhow::Result<()> {
+pub fn exchange(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
     super::paths::build_release(workspace)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let cluster = Admin::find()?;
     deploy_echo(&cluster)?;
-    let result = runtime.block_on(run(workspace, &cluster));
+    let result = runtime.block_on(run(workspace, &cluster, rtt_ms));
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed
 }
 
-async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
+async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
+    let far = match rtt_ms {
+        0 => None,
+        _ => Some(FarApiserver::start(None, rtt_ms, near, &scratch)?),
+    };
+    // Every client of the apiserver from here on: far when asked for.
+    let cluster = &far
+        .as_ref()
+        .map_or_else(|| near.clone(), |far| far.admin(near));
+    let load = Load::for_rtt(rtt_ms);
     let service_ip = service_field(cluster, ".spec.clusterIP")?;
     let service: SocketAddr = format!("{service_ip}:9000").parse()?;
     let pod = cluster.kubectl(&[
@@ -243,13 +284,17 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
             "round {round}/{ROUNDS}: measuring kubectl port-forward, ktb exchange, kt-connect"
         );
         figures[0].push(
-            measure(forwarded, None)
+            measure(forwarded, None, load)
                 .await
                 .context("kubectl port-forward")?,
         );
-        figures[1].push(measure(service, Some(b'E')).await.context("ktb exchange")?);
+        figures[1].push(
+            measure(service, Some(b'E'), load)
+                .await
+                .context("ktb exchange")?,
+        );
         figures[2].push(
-            measure(kt_connect.entry, Some(b'E'))
+            measure(kt_connect.entry, Some(b'E'), load)
                 .await
                 .context("kt-connect")?,
         );
@@ -261,13 +306,13 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
 
         eprintln!("round {round}/{ROUNDS}: direct TCP to the pod, ktb exchange --transport direct");
         figures[3].push(
-            measure(straight, None)
+            measure(straight, None, load)
                 .await
                 .context("direct TCP to the pod")?,
         );
         let (exchange, _) = exchanges.start("direct", round).await?;
         figures[4].push(
-            measure(service, Some(b'E'))
+            measure(service, Some(b'E'), load)
                 .await
                 .context("ktb exchange --transport direct")?,
         );
@@ -316,9 +361,13 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
         ratio(direct.mib_per_s, straight.mib_per_s),
         ratio(direct.rr_p50_us, straight.rr_p50_us)
     );
+    if rtt_ms > 0 {
+        super::far::print_goals(rtt_ms, "ktb exchange", &ktb, &raw);
+    }
     println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
     let report = json!({
         "rounds": ROUNDS,
+        "rtt_ms": rtt_ms,
         "port_forward": raw.to_json(),
         "ktb": ktb.to_json(),
         "kt_connect": kt.to_json(),
@@ -347,7 +396,7 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
             "rr_p99": ratio(ktb.rr_p99_us, kt.rr_p99_us),
         },
     });
-    let out = workspace.join("target/bench/exchange.json");
+    let out = workspace.join(super::far::report_name("exchange", rtt_ms));
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
     let _ = std::fs::remove_dir_all(&scratch);
@@ -416,20 +465,22 @@ impl Exchanges<'_> {
     }
 }
 
-async fn measure(addr: SocketAddr, mode: Option<u8>) -> anyhow::Result<Figures> {
+async fn measure(addr: SocketAddr, mode: Option<u8>, load: Load) -> anyhow::Result<Figures> {
     let cpu_before = machine_cpu_seconds()?;
     let mib_per_s = load::echo_throughput(addr, mode, BULK_BYTES).await?;
     let cpu = machine_cpu_seconds()? - cpu_before;
     let gib_moved = 2.0 * BULK_BYTES as f64 / f64::from(1u32 << 30);
-    let (rr_p50_us, rr_p99_us) = load::latency(addr, mode, ROUND_TRIPS).await?;
+    let (rr_p50_us, rr_p99_us) = load::latency(addr, mode, load.round_trips).await?;
     let (connect_p50_us, connect_p99_us) =
-        load::new_connection(addr, mode, NEW_CONNECTIONS).await?;
+        load::new_connection(addr, mode, load.new_connections).await?;
+    let (_, beside_bulk_p99_us) = load::latency_beside_bulk(addr, mode, load.round_trips).await?;
     Ok(Figures {
         mib_per_s,
         rr_p50_us,
         rr_p99_us,
         connect_p50_us,
         connect_p99_us,
+        beside_bulk_p99_us,
         cpu_s_per_gib: cpu / gib_moved,
     })
 }

@@ -17,6 +17,8 @@ use tokio::task::JoinHandle;
 
 /// A step that takes longer than this is a failure, not a slow result.
 const STEP_LIMIT: Duration = Duration::from_secs(300);
+/// How long round trips beside a bulk stream are taken for at most.
+const BESIDE_BULK_FOR: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
@@ -202,25 +204,82 @@ pub async fn download(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
     Ok(bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64())
 }
 
-/// 1 KiB request, 1 KiB response, one at a time on one connection.
-/// p50 and p99 in µs of 1 KiB request/response round trips on one connection.
+/// p50 and p99 in µs of 1 KiB request/response round trips, one at a
+/// time on one connection.
 pub async fn latency(
     addr: SocketAddr,
     mode: Option<u8>,
     round_trips: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let mut tcp = connect(addr, mode).await?;
+    let tcp = connect(addr, mode).await?;
+    time_round_trips(tcp, round_trips, STEP_LIMIT).await
+}
+
+/// Up to `count` round trips on `tcp`, fewer if `within` runs out first
+/// (at least one is always taken): p50 and p99 in µs.
+async fn time_round_trips(
+    mut tcp: TcpStream,
+    count: usize,
+    within: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let deadline = Instant::now() + within;
     let request = vec![0x42u8; 1024];
     let mut response = vec![0u8; 1024];
-    let mut samples = Vec::with_capacity(round_trips);
-    for _ in 0..round_trips {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
         let start = Instant::now();
         tcp.write_all(&request).await?;
         tcp.read_exact(&mut response).await?;
         samples.push(start.elapsed().as_secs_f64() * 1e6);
+        if Instant::now() >= deadline {
+            break;
+        }
     }
     samples.sort_by(f64::total_cmp);
     Ok((quantile(&samples, 0.50), quantile(&samples, 0.99)))
+}
+
+/// p50 and p99 in µs of up to `round_trips` 1 KiB round trips (as many as
+/// [`BESIDE_BULK_FOR`] allows: behind a bloated queue each takes seconds)
+/// while a second connection through the same path carries bulk echo both
+/// ways: how long a request waits behind bulk data queued on the path.
+pub async fn latency_beside_bulk(
+    addr: SocketAddr,
+    mode: Option<u8>,
+    round_trips: usize,
+) -> anyhow::Result<(f64, f64)> {
+    /// Time for the bulk stream to fill every queue on the path first.
+    const FILL: Duration = Duration::from_millis(500);
+    /// A bound on the bulk stream: 64 GiB, far more than it moves while
+    /// the round trips run.
+    const MAX_CHUNKS: usize = 1 << 18;
+    let (mut r, mut w) = connect(addr, mode).await?.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0x55u8; 256 * 1024];
+        for _ in 0..MAX_CHUNKS {
+            w.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while r.read(&mut buf).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    });
+    tokio::time::sleep(FILL).await;
+    let result = if writer.is_finished() || reader.is_finished() {
+        Err(anyhow::anyhow!(
+            "the bulk stream ended before the round trips began"
+        ))
+    } else {
+        match connect(addr, mode).await {
+            Ok(tcp) => time_round_trips(tcp, round_trips, BESIDE_BULK_FOR).await,
+            Err(e) => Err(e),
+        }
+    };
+    writer.abort();
+    reader.abort();
+    result
 }
 
 /// `connections` callers at once, each echoing `bytes_each`; connecting is

@@ -14,6 +14,7 @@
 
 mod connect;
 mod exchange;
+mod far;
 mod kt_connect;
 mod load;
 mod mesh;

@@ -8,6 +8,7 @@ use std::process::Command;
 use anyhow::Context;
 
 /// `kubectl` with the admin's kubeconfig.
+#[derive(Clone)]
 pub struct Admin {
     pub kubectl: PathBuf,
     pub kubeconfig: PathBuf,

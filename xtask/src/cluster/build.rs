@@ -11,7 +11,7 @@
 
 use super::{
     process, Layout, AGENT_IMAGE, COREDNS_IMAGE, COREDNS_VERSION, ETCD_VERSION, GRPC_ECHO_IMAGE,
-    HTTP_ECHO_IMAGE, K8S_VERSION, PAUSE_IMAGE, TCP_ECHO_IMAGE, UDP_ECHO_IMAGE,
+    HTTP_ECHO_IMAGE, K8S_VERSION, PAUSE_IMAGE, TCP_ECHO_IMAGE, TOXIPROXY_VERSION, UDP_ECHO_IMAGE,
 };
 use anyhow::{bail, Context, Result};
 use ktb_image::Image;
@@ -54,6 +54,11 @@ pub fn go_binaries(layout: &Layout) -> Result<GoBinaries> {
         etcd: go_build(layout, "etcd", ETCD_VERSION, "-s -w")?,
         coredns: go_build(layout, "coredns", COREDNS_VERSION, "-s -w")?,
     })
+}
+
+/// Toxiproxy with one delaying proxy set from flags (`tests/cluster/toxiproxy`).
+pub fn toxiproxy(layout: &Layout) -> Result<PathBuf> {
+    go_build(layout, "toxiproxy", TOXIPROXY_VERSION, "-s -w")
 }
 
 /// Build `tests/cluster/NAME` into the cache unless it is there already.

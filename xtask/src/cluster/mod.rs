@@ -59,6 +59,12 @@ pub fn is_up() -> Result<bool> {
     lifecycle::is_up(&Layout::new()?)
 }
 
+/// The delaying proxy of the far-laptop benchmarks, built from its Go
+/// module into the cache like the cluster's own components.
+pub fn toxiproxy() -> Result<PathBuf> {
+    build::toxiproxy(&Layout::new()?)
+}
+
 /// The kubeconfig of `user` (`admin`, `dev-a`, `dev-b`).
 pub fn kubeconfig(user: &str) -> Result<PathBuf> {
     Ok(Layout::new()?.kubeconfig(user))
@@ -83,6 +89,8 @@ pub fn run(command: Command) -> Result<()> {
 pub const K8S_VERSION: &str = "v1.34.4";
 pub const ETCD_VERSION: &str = "v3.6.16";
 pub const COREDNS_VERSION: &str = "v1.14.7";
+/// Toxiproxy, the far-laptop benchmarks' delaying proxy (`bench::far`).
+pub const TOXIPROXY_VERSION: &str = "v2.5.0";
 
 /// The node's name, and its address on the node network (`NODE_BRIDGE`):
 /// the apiserver and the kubelet listen here, never on loopback or the uplink.
