@@ -85,6 +85,7 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        let _ = ktb_proto::socket::limit_unsent(&tcp);
         let served = Served {
             endpoint,
             attachment: Arc::clone(&attachment),

@@ -8,7 +8,8 @@
 //! frames them, one module per message family ([`handshake`], [`tcp`], [`udp`])
 //! defines their bodies, [`auth`] holds the session keys the handshake
 //! proves, and [`session`] runs a live tunnel with per-stream flow control
-//! and keepalive.
+//! and keepalive; [`socket`] keeps the tunnel's socket from queueing bulk
+//! data ahead of it.
 //!
 //! # Wire format (protocol version 3)
 //!
@@ -56,6 +57,7 @@ pub mod codec;
 pub mod handshake;
 pub mod link;
 pub mod session;
+pub mod socket;
 pub mod stream;
 pub mod tcp;
 pub mod udp;

@@ -46,6 +46,13 @@ use crate::udp::{Datagram, FlowId};
 
 /// Control frames waiting for the writer before the tunnel counts as stuck.
 pub const CONTROL_QUEUE: usize = 8192;
+/// Data frames (at most [`MAX_CHUNK`] each) waiting for the writer, all
+/// streams together. Every frame queued here is one a new stream's first
+/// bytes or a request wait behind, so the queue holds a few writer batches,
+/// not a window: 16 frames are 768 KiB, about 8 ms of a port-forward's
+/// bulk pace, where 64 were 3 MiB. Streams wait for a slot in turn (tokio's
+/// channel wakes waiting senders in order), which shares the link fairly.
+const DATA_QUEUE: usize = 16;
 /// How long the writer tries to get the close frame out once the tunnel ended.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -381,7 +388,7 @@ impl Session {
 impl Inner {
     fn new(side: Side, config: SessionConfig) -> (Arc<Inner>, Queues) {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let (data_tx, data_rx) = mpsc::channel(64);
+        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let (closed_tx, _) = watch::channel(None);
         let (writer_done_tx, writer_done_rx) = watch::channel(false);
         let inner = Arc::new(Inner {

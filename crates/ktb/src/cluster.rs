@@ -254,16 +254,26 @@ pub fn hostname() -> String {
 /// kube's default client, but with TCP_NODELAY on its connections to the
 /// apiserver. The tunnel's port-forward rides one of them, and with Nagle's
 /// algorithm every small frame (a new stream, a credit update, a short
-/// reply) waits for the previous one's delayed ACK: ~40 ms at p99.
+/// reply) waits for the previous one's delayed ACK: ~40 ms at p99. For the
+/// same frames' sake the connections keep little unsent data in the kernel
+/// ([`ktb_proto::socket`]).
 fn client_without_nagle(config: Config) -> anyhow::Result<Client> {
     use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioIo;
     use kube::client::ConfigExt;
+    use tokio::net::TcpStream;
     use tower::ServiceBuilder;
 
     let mut connector = HttpConnector::new();
     connector.enforce_http(false);
     connector.set_nodelay(true);
     connector.set_connect_timeout(config.connect_timeout);
+    let connector = ServiceBuilder::new()
+        .map_response(|io: TokioIo<TcpStream>| {
+            let _ = ktb_proto::socket::limit_unsent(io.inner());
+            io
+        })
+        .service(connector);
     let https = config.rustls_https_connector_with_connector(connector)?;
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(https);

@@ -74,6 +74,7 @@ impl Transport for Direct {
                 )
             })??;
         tcp.set_nodelay(true)?;
+        ktb_proto::socket::limit_unsent(&tcp)?;
         Ok(tcp)
     }
 
