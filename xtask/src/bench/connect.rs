@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use super::exchange::{deploy_echo, median, service_field, Figures, NAMESPACE, SERVICE};
+use super::exchange::{deploy_echo, service_field, NAMESPACE, SERVICE};
 use super::far::FarApiserver;
+use super::figures::{median, print_table, Figures};
 use super::paths::{free_port, Process};
 use crate::cluster::Admin;
 
@@ -222,7 +223,7 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
     );
     let ready_s = median(ready);
     println!();
-    super::exchange::print_table(&[("kubectl port-forward", &raw), ("ktb connect", &ktb)]);
+    print_table(&[("kubectl port-forward", &raw), ("ktb connect", &ktb)]);
     println!();
     println!(
         "ktb connect vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x",

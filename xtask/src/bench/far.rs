@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::exchange::Figures;
+use super::figures::Figures;
 use super::paths::{free_port, Process};
 use crate::cluster::{Admin, APISERVER_PORT, NODE_IP};
 

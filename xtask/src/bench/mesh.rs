@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::exchange::median;
+use super::figures::median;
 use super::paths::Process;
 use crate::cluster::Admin;
 

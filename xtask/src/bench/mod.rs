@@ -15,6 +15,7 @@
 mod connect;
 mod exchange;
 mod far;
+mod figures;
 mod kt_connect;
 mod load;
 mod mesh;
