@@ -3,8 +3,9 @@
 //! - `cluster up|down|status|env NAME`: the throwaway single-node Kubernetes that
 //!   every end-to-end test runs against (see `tests/cluster/`).
 //! - `bench tunnel`: the loopback tunnel benchmark against direct TCP and `ssh -R`.
-//! - `bench exchange`, `bench connect`: ktb on the test cluster against
-//!   `kubectl port-forward`; `bench mesh`: the mesh router against going
+//! - `bench exchange`, `bench connect` `[--rtt-ms N]`: ktb on the test
+//!   cluster against `kubectl port-forward`, with the laptop N ms from the
+//!   apiserver if asked; `bench mesh`: the mesh router against going
 //!   straight to the Service and against `ktb exchange`.
 //! - `demo [--clean]`: ktb's main job shown on the test cluster, narrated
 //!   and checked, for a newcomer (and for CI, which reads its transcript).
