@@ -19,9 +19,11 @@
 /// up to 32 frames), a few milliseconds of a port-forward's pace.
 pub const UNSENT_LIMIT: u32 = 256 * 1024;
 
-/// Sets `TCP_NOTSENT_LOWAT` to [`UNSENT_LIMIT`] where the system has it;
-/// elsewhere (Windows) the socket keeps the system's behaviour.
-#[cfg(any(target_os = "linux", target_os = "android", target_vendor = "apple"))]
+/// Sets `TCP_NOTSENT_LOWAT` to [`UNSENT_LIMIT`] on Linux (the agent's
+/// side and Linux laptops); elsewhere the socket keeps the system's
+/// behaviour (Windows has no such option; macOS has one that the `libc`
+/// crate does not name).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn limit_unsent(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     let value = UNSENT_LIMIT as libc::c_int;
     // SAFETY: the descriptor is borrowed from a live socket, and the option
@@ -42,8 +44,8 @@ pub fn limit_unsent(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     }
 }
 
-/// Sets `TCP_NOTSENT_LOWAT` where the system has it; this one has not.
-#[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+/// The socket keeps the system's behaviour here (see the Linux version).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub fn limit_unsent<S>(_socket: &S) -> std::io::Result<()> {
     Ok(())
 }
