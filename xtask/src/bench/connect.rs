@@ -30,7 +30,7 @@ use serde_json::json;
 use super::exchange::{deploy_echo, service_field, NAMESPACE, SERVICE};
 use super::far::FarApiserver;
 use super::figures::{median, print_table, Figures};
-use super::paths::{free_port, Process};
+use super::paths::{free_port, in_netns, Process};
 use crate::cluster::Admin;
 
 const LAPTOP: &str = "laptop-a";
@@ -59,9 +59,7 @@ pub fn connect(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
 
 /// `ip netns exec laptop-a PROGRAM`.
 fn on_laptop(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", LAPTOP]).arg(program);
-    command
+    in_netns(Some(LAPTOP), program)
 }
 
 /// Runs `command` to completion and returns its stdout.
@@ -102,15 +100,7 @@ fn dns_figures(text: &str) -> anyhow::Result<(f64, f64)> {
 
 fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
-    let far = match rtt_ms {
-        0 => None,
-        _ => Some(FarApiserver::start(
-            Some(LAPTOP),
-            rtt_ms,
-            cluster,
-            &scratch,
-        )?),
-    };
+    let far = FarApiserver::start_if_far(Some(LAPTOP), rtt_ms, cluster, &scratch)?;
     // The laptop's kubeconfig: through the proxy when far.
     let kubeconfig = far
         .as_ref()

@@ -137,10 +137,7 @@ pub fn exchange(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
 
 async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> {
     let scratch = super::tempdir(workspace)?;
-    let far = match rtt_ms {
-        0 => None,
-        _ => Some(FarApiserver::start(None, rtt_ms, near, &scratch)?),
-    };
+    let far = FarApiserver::start_if_far(None, rtt_ms, near, &scratch)?;
     // Every client of the apiserver from here on: far when asked for.
     let cluster = &far
         .as_ref()

@@ -19,13 +19,12 @@
 //! port-forward measured through the same proxy in the same run.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use super::figures::Figures;
-use super::paths::{free_port, Process};
+use super::paths::{free_port, in_netns, Process};
 use crate::cluster::{Admin, APISERVER_PORT, NODE_IP};
 
 /// A name in the apiserver certificate's SANs that is not the proxy's address.
@@ -41,14 +40,18 @@ pub(super) struct FarApiserver {
 }
 
 impl FarApiserver {
-    /// Starts the proxy in `netns` (`None`: the machine's own) and waits
-    /// until kubectl there reaches the apiserver through it.
-    pub(super) fn start(
+    /// For a far run (`rtt_ms` > 0): starts the proxy in `netns` (`None`:
+    /// the machine's own) and waits until kubectl there reaches the
+    /// apiserver through it. For a near one: no proxy.
+    pub(super) fn start_if_far(
         netns: Option<&str>,
         rtt_ms: u32,
         admin: &Admin,
         scratch: &Path,
-    ) -> anyhow::Result<FarApiserver> {
+    ) -> anyhow::Result<Option<FarApiserver>> {
+        if rtt_ms == 0 {
+            return Ok(None);
+        }
         let toxiproxy = crate::cluster::toxiproxy()?;
         let listen = format!("127.0.0.1:{}", free_port()?);
         let name = netns.unwrap_or("host");
@@ -94,10 +97,10 @@ impl FarApiserver {
             std::thread::sleep(Duration::from_millis(200));
         }
         eprintln!("the apiserver is {rtt_ms} ms away from {name}: toxiproxy on {listen}");
-        Ok(FarApiserver {
+        Ok(Some(FarApiserver {
             _proxy: proxy,
             kubeconfig,
-        })
+        }))
     }
 
     /// The cluster's admin, as seen from the far side.
@@ -106,18 +109,6 @@ impl FarApiserver {
             kubectl: near.kubectl.clone(),
             kubeconfig: self.kubeconfig.clone(),
         }
-    }
-}
-
-/// `program`, run in `netns` when there is one.
-fn in_netns(netns: Option<&str>, program: &Path) -> Command {
-    match netns {
-        Some(netns) => {
-            let mut command = Command::new("ip");
-            command.args(["netns", "exec", netns]).arg(program);
-            command
-        }
-        None => Command::new(program),
     }
 }
 

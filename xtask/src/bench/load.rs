@@ -242,7 +242,8 @@ async fn time_round_trips(
 /// p50 and p99 in µs of up to `round_trips` 1 KiB round trips (as many as
 /// [`BESIDE_BULK_FOR`] allows: behind a bloated queue each takes seconds)
 /// while a second connection through the same path carries bulk echo both
-/// ways: how long a request waits behind bulk data queued on the path.
+/// ways ([`echo_throughput`]): how long a request waits behind bulk data
+/// queued on the path.
 pub async fn latency_beside_bulk(
     addr: SocketAddr,
     mode: Option<u8>,
@@ -250,35 +251,21 @@ pub async fn latency_beside_bulk(
 ) -> anyhow::Result<(f64, f64)> {
     /// Time for the bulk stream to fill every queue on the path first.
     const FILL: Duration = Duration::from_millis(500);
-    /// A bound on the bulk stream: 64 GiB, far more than it moves while
-    /// the round trips run.
-    const MAX_CHUNKS: usize = 1 << 18;
-    let (mut r, mut w) = connect(addr, mode).await?.into_split();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![0x55u8; 256 * 1024];
-        for _ in 0..MAX_CHUNKS {
-            w.write_all(&chunk).await?;
-        }
-        Ok::<_, std::io::Error>(())
-    });
-    let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; 256 * 1024];
-        while r.read(&mut buf).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    });
+    /// A bound on the bulk stream: far more than it moves while the round
+    /// trips run; it is stopped when they end.
+    const BULK_BYTES: usize = 64 << 30;
+    let bulk = tokio::spawn(echo_throughput(addr, mode, BULK_BYTES));
     tokio::time::sleep(FILL).await;
-    let result = if writer.is_finished() || reader.is_finished() {
-        Err(anyhow::anyhow!(
+    let result = async {
+        anyhow::ensure!(
+            !bulk.is_finished(),
             "the bulk stream ended before the round trips began"
-        ))
-    } else {
-        match connect(addr, mode).await {
-            Ok(tcp) => time_round_trips(tcp, round_trips, BESIDE_BULK_FOR).await,
-            Err(e) => Err(e),
-        }
-    };
-    writer.abort();
-    reader.abort();
+        );
+        let tcp = connect(addr, mode).await?;
+        time_round_trips(tcp, round_trips, BESIDE_BULK_FOR).await
+    }
+    .await;
+    bulk.abort();
     result
 }
 
@@ -381,4 +368,21 @@ pub async fn new_connection(
     }
     samples.sort_by(f64::total_cmp);
     Ok((quantile(&samples, 0.50), quantile(&samples, 0.99)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On loopback, beside a bulk echo through the same server: every
+    /// round trip comes back, and the bulk stream is still running when
+    /// they start (an ended one is an error, not a fast result).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trips_beside_bulk_are_timed_on_loopback() {
+        let server = LocalServer::start().await.unwrap();
+        let (p50, p99) = latency_beside_bulk(server.addr, Some(b'E'), 50)
+            .await
+            .unwrap();
+        assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} µs, p99 {p99} µs");
+    }
 }

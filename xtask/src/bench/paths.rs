@@ -54,6 +54,19 @@ impl Drop for Process {
     }
 }
 
+/// `program`, run in network namespace `netns` (`ip netns exec`) when
+/// there is one, else in this process's own.
+pub(super) fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 pub fn build_release(workspace: &Path) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
