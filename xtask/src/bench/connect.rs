@@ -29,7 +29,7 @@ use serde_json::json;
 
 use super::exchange::{deploy_echo, service_field, NAMESPACE, SERVICE};
 use super::far::FarApiserver;
-use super::figures::{median, print_table, Figures};
+use super::figures::{median, print_cpu_table, print_table, Figures};
 use super::paths::{free_port, in_netns, Process};
 use crate::cluster::Admin;
 
@@ -213,7 +213,10 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
     );
     let ready_s = median(ready);
     println!();
-    print_table(&[("kubectl port-forward", &raw), ("ktb connect", &ktb)]);
+    let paths = [("kubectl port-forward", &raw), ("ktb connect", &ktb)];
+    print_table(&paths);
+    println!();
+    print_cpu_table(&paths);
     println!();
     println!(
         "ktb connect vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x",

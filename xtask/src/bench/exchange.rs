@@ -31,8 +31,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::cpu::CpuSample;
 use super::far::FarApiserver;
-use super::figures::{median, print_table, Figures};
+use super::figures::{median, print_cpu_table, print_table, Figures};
 use super::kt_connect::KtConnectPath;
 use super::load::{self, LocalServer};
 use super::paths::{port_forward, Process};
@@ -241,13 +242,16 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
     let [[ktb_up, ktb_down], [kt_up, kt_down]] = one_way.map(|path| path.map(median));
     let (ready_s, restore_s) = (median(ready), median(restore));
     println!();
-    print_table(&[
+    let paths = [
         ("kubectl port-forward", &raw),
         ("ktb exchange", &ktb),
         ("kt-connect (ssh -R)", &kt),
         ("direct TCP to the pod", &straight),
         ("ktb exchange, direct", &direct),
-    ]);
+    ];
+    print_table(&paths);
+    println!();
+    print_cpu_table(&paths);
     println!();
     println!(
         "{:<22} {:>16} {:>16}",
@@ -384,9 +388,9 @@ impl Exchanges<'_> {
 }
 
 async fn measure(addr: SocketAddr, mode: Option<u8>, load: Load) -> anyhow::Result<Figures> {
-    let cpu_before = machine_cpu_seconds()?;
+    let cpu_before = CpuSample::take()?;
     let mib_per_s = load::echo_throughput(addr, mode, BULK_BYTES).await?;
-    let cpu = machine_cpu_seconds()? - cpu_before;
+    let (cpu, cpu_by_program) = CpuSample::take()?.since(&cpu_before);
     let gib_moved = 2.0 * BULK_BYTES as f64 / f64::from(1u32 << 30);
     let (rr_p50_us, rr_p99_us) = load::latency(addr, mode, load.round_trips).await?;
     let (connect_p50_us, connect_p99_us) =
@@ -400,28 +404,11 @@ async fn measure(addr: SocketAddr, mode: Option<u8>, load: Load) -> anyhow::Resu
         connect_p99_us,
         beside_bulk_p99_us,
         cpu_s_per_gib: cpu / gib_moved,
+        cpu_by_program: cpu_by_program
+            .into_iter()
+            .map(|(program, spent)| (program, spent / gib_moved))
+            .collect(),
     })
-}
-
-/// Busy CPU seconds of the whole machine so far (all of /proc/stat's `cpu`
-/// line except idle and iowait).
-fn machine_cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .context("empty /proc/stat")?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let busy: f64 = fields
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
-    Ok(busy / 100.0)
 }
 
 /// Polls the Service until a request is answered by the local server: it

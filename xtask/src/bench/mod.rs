@@ -13,6 +13,7 @@
 //! direct TCP or [`GUARD_VS_SSH`] of `ssh -R` measured in the same run.
 
 mod connect;
+mod cpu;
 mod exchange;
 mod far;
 mod figures;
