@@ -35,7 +35,7 @@ use super::cpu::CpuSample;
 use super::far::FarApiserver;
 use super::figures::{median, print_cpu_table, print_table, Figures};
 use super::kt_connect::KtConnectPath;
-use super::load::{self, LocalServer};
+use super::load::{self, limited, LocalServer};
 use super::paths::{port_forward, Process};
 use crate::cluster::Admin;
 
@@ -218,8 +218,9 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
                 .context("kt-connect")?,
         );
         for (path, addr) in [service, kt_connect.entry].into_iter().enumerate() {
-            one_way[path][0].push(load::upload(addr, BULK_BYTES as u64).await?);
-            one_way[path][1].push(load::download(addr, BULK_BYTES as u64).await?);
+            one_way[path][0].push(limited("upload", load::upload(addr, BULK_BYTES as u64)).await?);
+            one_way[path][1]
+                .push(limited("download", load::download(addr, BULK_BYTES as u64)).await?);
         }
         restore.push(exchanges.stop(exchange).await?);
 
@@ -389,13 +390,21 @@ impl Exchanges<'_> {
 
 async fn measure(addr: SocketAddr, mode: Option<u8>, load: Load) -> anyhow::Result<Figures> {
     let cpu_before = CpuSample::take()?;
-    let mib_per_s = load::echo_throughput(addr, mode, BULK_BYTES).await?;
+    let mib_per_s = limited("bulk echo", load::echo_throughput(addr, mode, BULK_BYTES)).await?;
     let (cpu, cpu_by_program) = CpuSample::take()?.since(&cpu_before);
     let gib_moved = 2.0 * BULK_BYTES as f64 / f64::from(1u32 << 30);
-    let (rr_p50_us, rr_p99_us) = load::latency(addr, mode, load.round_trips).await?;
-    let (connect_p50_us, connect_p99_us) =
-        load::new_connection(addr, mode, load.new_connections).await?;
-    let (_, beside_bulk_p99_us) = load::latency_beside_bulk(addr, mode, load.round_trips).await?;
+    let (rr_p50_us, rr_p99_us) =
+        limited("round trips", load::latency(addr, mode, load.round_trips)).await?;
+    let (connect_p50_us, connect_p99_us) = limited(
+        "new connections",
+        load::new_connection(addr, mode, load.new_connections),
+    )
+    .await?;
+    let (_, beside_bulk_p99_us) = limited(
+        "round trips beside bulk",
+        load::latency_beside_bulk(addr, mode, load.round_trips),
+    )
+    .await?;
     Ok(Figures {
         mib_per_s,
         rr_p50_us,

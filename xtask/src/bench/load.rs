@@ -144,7 +144,8 @@ pub async fn measure(
     })
 }
 
-async fn limited<T>(
+/// `f`, failed if it takes longer than [`STEP_LIMIT`].
+pub async fn limited<T>(
     what: &str,
     f: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
@@ -326,7 +327,12 @@ pub async fn echo_throughput(
     let tcp = connect(addr, mode).await?;
     let start = Instant::now();
     let (mut r, mut w) = tcp.into_split();
-    let writer = tokio::spawn(async move {
+    // Both halves in this task, not a spawned writer: a caller that drops
+    // this future (`latency_beside_bulk` aborts its bulk stream) ends the
+    // connection. A detached writer outlived it, kept the connection open
+    // with its buffers full, and jammed every later stream through the
+    // same kubectl port-forward.
+    let writer = async {
         let chunk = vec![0x33u8; 256 * 1024];
         let mut sent = 0;
         while sent < bytes {
@@ -334,18 +340,20 @@ pub async fn echo_throughput(
             w.write_all(&chunk[..n]).await?;
             sent += n;
         }
-        Ok::<_, std::io::Error>(w)
-    });
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut received = 0;
-    while received < bytes {
-        match r.read(&mut buf).await? {
-            0 => anyhow::bail!("the echo ended after {received} of {bytes} bytes"),
-            n => received += n,
+        anyhow::Ok(())
+    };
+    let reader = async {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut received = 0;
+        while received < bytes {
+            match r.read(&mut buf).await? {
+                0 => anyhow::bail!("the echo ended after {received} of {bytes} bytes"),
+                n => received += n,
+            }
         }
-    }
-    let elapsed = start.elapsed();
-    drop(writer.await??);
+        anyhow::Ok(start.elapsed())
+    };
+    let ((), elapsed) = tokio::try_join!(writer, reader)?;
     Ok(bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64())
 }
 
@@ -384,5 +392,30 @@ mod tests {
             .await
             .unwrap();
         assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} µs, p99 {p99} µs");
+    }
+
+    /// The bulk stream of [`latency_beside_bulk`] is stopped by dropping
+    /// its future: nothing of it may keep writing afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aborted_bulk_stream_closes_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bulk = tokio::spawn(echo_throughput(
+            listener.local_addr().unwrap(),
+            None,
+            64 << 30,
+        ));
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        conn.write_all(&buf[..n]).await.unwrap();
+        bulk.abort();
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(1..) = conn.read(&mut buf).await {}
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "the aborted bulk stream still writes into its connection"
+        );
     }
 }
