@@ -41,6 +41,11 @@ impl Figures {
         }
     }
 
+    /// Seconds per GiB `program` spent; zero for one not seen.
+    fn cpu_of(&self, program: &str) -> f64 {
+        self.cpu_by_program.get(program).copied().unwrap_or(0.0)
+    }
+
     pub(super) fn to_json(&self) -> serde_json::Value {
         json!({
             "mib_per_s": self.mib_per_s, "rr_p50_us": self.rr_p50_us, "rr_p99_us": self.rr_p99_us,
@@ -73,20 +78,18 @@ impl Figures {
 /// Each program's median across rounds; a round where a program spent
 /// nothing counts as zero.
 fn median_by_program(rounds: &[Figures]) -> BTreeMap<String, f64> {
-    let programs: BTreeSet<&String> = rounds
-        .iter()
-        .flat_map(|r| r.cpu_by_program.keys())
-        .collect();
-    programs
+    programs(rounds.iter())
         .into_iter()
         .map(|program| {
-            let spent = rounds
-                .iter()
-                .map(|r| r.cpu_by_program.get(program).copied().unwrap_or(0.0))
-                .collect();
+            let spent = rounds.iter().map(|r| r.cpu_of(program)).collect();
             (program.clone(), median(spent))
         })
         .collect()
+}
+
+/// Every program that spent CPU in any of `figures`.
+fn programs<'a>(figures: impl Iterator<Item = &'a Figures>) -> BTreeSet<&'a String> {
+    figures.flat_map(|f| f.cpu_by_program.keys()).collect()
 }
 
 /// The middle of `values`, one figure across rounds (the upper middle of
@@ -142,20 +145,17 @@ pub(super) fn print_cpu_table(paths: &[(&str, &Figures)]) {
 /// [`CPU_ROW_SHARE`] of a path's CPU with its seconds per GiB in every
 /// path, largest first, then "(others)".
 fn cpu_rows(paths: &[(&str, &Figures)]) -> Vec<(String, Vec<f64>)> {
-    let programs: BTreeSet<&String> = paths
-        .iter()
-        .flat_map(|(_, f)| f.cpu_by_program.keys())
-        .collect();
-    let spent = |f: &Figures, program: &str| f.cpu_by_program.get(program).copied().unwrap_or(0.0);
-    let (mut shown, others): (Vec<_>, Vec<_>) = programs.into_iter().partition(|program| {
-        paths
-            .iter()
-            .any(|(_, f)| spent(f, program) >= CPU_ROW_SHARE * f.cpu_s_per_gib)
-    });
+    let (mut shown, others): (Vec<_>, Vec<_>) = programs(paths.iter().map(|(_, f)| *f))
+        .into_iter()
+        .partition(|program| {
+            paths
+                .iter()
+                .any(|(_, f)| f.cpu_of(program) >= CPU_ROW_SHARE * f.cpu_s_per_gib)
+        });
     let largest = |program: &str| {
         paths
             .iter()
-            .map(|(_, f)| spent(f, program))
+            .map(|(_, f)| f.cpu_of(program))
             .fold(0.0, f64::max)
     };
     shown.sort_by(|a, b| largest(b).total_cmp(&largest(a)));
@@ -164,7 +164,7 @@ fn cpu_rows(paths: &[(&str, &Figures)]) -> Vec<(String, Vec<f64>)> {
         .map(|program| {
             (
                 program.clone(),
-                paths.iter().map(|(_, f)| spent(f, program)).collect(),
+                paths.iter().map(|(_, f)| f.cpu_of(program)).collect(),
             )
         })
         .collect();
@@ -172,7 +172,7 @@ fn cpu_rows(paths: &[(&str, &Figures)]) -> Vec<(String, Vec<f64>)> {
         "(others)".into(),
         paths
             .iter()
-            .map(|(_, f)| others.iter().map(|program| spent(f, program)).sum())
+            .map(|(_, f)| others.iter().map(|program| f.cpu_of(program)).sum())
             .collect(),
     ));
     rows
