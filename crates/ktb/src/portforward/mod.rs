@@ -1,0 +1,70 @@
+//! The tunnel's transport through the apiserver: a port-forward to the
+//! agent pod's tunnel port, the only path a laptop is guaranteed to have.
+//! `ktb forward` opens the same port-forwards to the pods it reaches.
+//!
+//! Each connect is one port-forward WebSocket to the apiserver; the ktb
+//! tunnel multiplexes every caller over it, so the milliseconds a
+//! port-forward costs to open are paid once per tunnel, not per request.
+//! [`upgrade`] opens it, offering SPDY first; the chosen protocol's pump
+//! ([`spdy`] or [`channel`]) then moves bytes between it and an in-memory
+//! pipe whose other end is the returned stream.
+
+mod channel;
+mod spdy;
+mod upgrade;
+
+use std::io;
+
+use kube::Client;
+use tokio::io::DuplexStream;
+
+use self::upgrade::Protocol;
+use crate::tunnel::{LinkKind, Transport};
+
+/// Bytes buffered between the tunnel and the port-forward, each way.
+const PIPE: usize = 1 << 20;
+/// Largest message sent to the apiserver.
+const MESSAGE: usize = 256 * 1024;
+
+#[derive(Clone)]
+pub struct PortForward {
+    pub client: Client,
+    pub namespace: String,
+    pub pod: String,
+    pub port: u16,
+}
+
+impl Transport for PortForward {
+    type Io = DuplexStream;
+
+    async fn connect(&self) -> io::Result<DuplexStream> {
+        let failed = |reason: String| {
+            io::Error::other(format!("port-forward to pod {} failed: {reason}", self.pod))
+        };
+        let request =
+            kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", self.namespace))
+                .portforward(&self.pod, &[self.port])
+                .map_err(|e| failed(e.to_string()))?;
+        let (protocol, socket) = upgrade::open(&self.client, request).await.map_err(failed)?;
+        tracing::debug!(pod = %self.pod, ?protocol, "port-forward open");
+        let (ours, theirs) = tokio::io::duplex(PIPE);
+        let pod = self.pod.clone();
+        match protocol {
+            Protocol::Spdy => tokio::spawn(spdy::pump(socket, theirs, self.port, pod)),
+            Protocol::Channel => tokio::spawn(channel::pump(socket, theirs, pod)),
+        };
+        Ok(ours)
+    }
+
+    fn describe(&self) -> String {
+        format!("pod/{} port {} (port-forward)", self.pod, self.port)
+    }
+
+    fn authority(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
+    fn link(&self) -> LinkKind {
+        LinkKind::Records
+    }
+}
