@@ -26,8 +26,8 @@ use ktb_tests::cluster::{
     wait_rollout, wait_until, As, Spawned, TempObjects, NAMESPACE,
 };
 use ktb_tests::exchange::{
-    expect_exit, expect_stderr, ktb_objects, run_ktb, start_ktb, strings, Workload, EXIT_TIMEOUT,
-    READY_TIMEOUT,
+    expect_exit, expect_stderr, ktb_cmd, ktb_objects, run_ktb, start_ktb, strings, Workload,
+    EXIT_TIMEOUT, READY_TIMEOUT,
 };
 
 /// The end of the line ktb writes once it listens and has picked a pod.
@@ -171,10 +171,13 @@ fn forward_follows_the_service_through_a_rollout() {
         &service,
     );
     let port = free_port(&["laptop-a"]);
-    let mut ktb = start_ktb(
+    // A debug line per port-forward names the protocol the apiserver chose.
+    let mut command = ktb_cmd(
         As::DevA,
         &forward_args(name, NAMESPACE, &[format!("{port}:80")]),
     );
+    command.env("KTB_LOG", "warn,ktb::portforward=debug");
+    let mut ktb = Spawned::start("ktb dev-a", command);
     let ready = wait_forwarding(&mut ktb);
     let expected = format!("ktb: ✔ forwarding 127.0.0.1:{port} → svc/{name}:80 (pod {name}-");
     assert!(
@@ -194,6 +197,21 @@ fn forward_follows_the_service_through_a_rollout() {
         }
     }
     assert_nothing_of_ktb(name, "while forwarding");
+    // Each request was its own port-forward, and each spoke SPDY, as
+    // kubectl's do: the runtime streams SPDY, where it reads each message
+    // of the channel protocol whole.
+    let stderr = ktb.stderr();
+    let spoke = |protocol| {
+        stderr
+            .matches(&format!("port-forward open, speaking {protocol}"))
+            .count()
+    };
+    assert!(
+        spoke("SPDY/3.1") >= 10 && spoke("v4.channel") == 0,
+        "{} port-forwards spoke SPDY and {} the channel protocol; stderr:\n{stderr}",
+        spoke("SPDY/3.1"),
+        spoke("v4.channel")
+    );
 
     // Requests keep coming, one connection each, while the Deployment is
     // replaced pod by pod.

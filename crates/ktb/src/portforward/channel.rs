@@ -77,3 +77,46 @@ pub(super) async fn pump<S>(
         _ = from_pod => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_an_error_ends_the_pipe() {
+        let (client, mut server) = super::super::loopback::websocket().await;
+        let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(pump(client, theirs, "web-0".into()));
+        // Each channel's first message names the port (8080), not data.
+        for channel in [DATA, ERROR] {
+            let prefix = vec![channel, 0x90, 0x1f];
+            server.send(Message::Binary(prefix.into())).await.unwrap();
+        }
+        ours.write_all(b"hello").await.unwrap();
+        let Some(Ok(Message::Binary(sent))) = server.next().await else {
+            panic!("the pump sent nothing");
+        };
+        assert_eq!(sent.as_ref(), b"\x00hello");
+        server
+            .send(Message::Binary(b"\x00world".to_vec().into()))
+            .await
+            .unwrap();
+        let mut back = [0; 5];
+        ours.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"world");
+
+        server
+            .send(Message::Binary(b"\x01connection refused".to_vec().into()))
+            .await
+            .unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), ours.read(&mut back)).await;
+        assert!(
+            matches!(end, Ok(Ok(0))),
+            "the pipe did not end after an error: {end:?}"
+        );
+    }
+}

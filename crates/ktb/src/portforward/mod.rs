@@ -46,7 +46,7 @@ impl Transport for PortForward {
                 .portforward(&self.pod, &[self.port])
                 .map_err(|e| failed(e.to_string()))?;
         let (protocol, socket) = upgrade::open(&self.client, request).await.map_err(failed)?;
-        tracing::debug!(pod = %self.pod, ?protocol, "port-forward open");
+        tracing::debug!(pod = %self.pod, "port-forward open, speaking {protocol}");
         let (ours, theirs) = tokio::io::duplex(PIPE);
         let pod = self.pod.clone();
         match protocol {
@@ -66,5 +66,30 @@ impl Transport for PortForward {
 
     fn link(&self) -> LinkKind {
         LinkKind::Records
+    }
+}
+
+/// A WebSocket over loopback TCP standing in for the apiserver, for the
+/// pumps' tests.
+#[cfg(test)]
+mod loopback {
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_tungstenite::WebSocketStream;
+
+    /// The client's end and the server's end of one WebSocket.
+    pub async fn websocket() -> (WebSocketStream<TcpStream>, WebSocketStream<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let server = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio_tungstenite::accept_async(tcp).await.unwrap()
+        };
+        let client = async {
+            let tcp = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            tokio_tungstenite::client_async(url, tcp).await.unwrap().0
+        };
+        tokio::join!(client, server)
     }
 }

@@ -163,6 +163,11 @@ fn opening(port: u16) -> bytes::Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
+
     use super::*;
 
     /// What Go's SPDY framer (moby/spdystream v0.5.0, which containerd and
@@ -182,5 +187,78 @@ mod tests {
     fn the_opening_is_what_go_s_spdy_framer_reads_as_kubectl_s_streams() {
         let hex: String = opening(8080).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, OPENING_8080);
+    }
+
+    // The pump against a stand-in server that reads its frames with the
+    // same deframer (a client's SYN_STREAMs are control frames it skips).
+
+    /// The next events the server reads, at least one.
+    async fn read<S>(
+        server: &mut tokio_tungstenite::WebSocketStream<S>,
+        deframer: &mut Deframer,
+    ) -> Vec<Event>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut events = Vec::new();
+        while events.is_empty() {
+            let Some(Ok(Message::Binary(bytes))) = server.next().await else {
+                panic!("the pump's side ended");
+            };
+            deframer.feed(bytes, &mut events).unwrap();
+        }
+        events
+    }
+
+    fn data(stream: u32, fin: bool, payload: &[u8]) -> Message {
+        let mut frame = frame::data_head(stream, fin, payload.len()).to_vec();
+        frame.extend_from_slice(payload);
+        Message::Binary(frame.into())
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_pings_are_answered_and_fin_ends_the_pipe() {
+        let (client, mut server) = super::super::loopback::websocket().await;
+        let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(pump(client, theirs, 8080, "web-0".into()));
+        let mut deframer = Deframer::default();
+        // The opening: nothing in it but stream 1's empty, finishing frame.
+        assert_eq!(
+            read(&mut server, &mut deframer).await,
+            [Event::Finished {
+                stream: ERROR_STREAM
+            }]
+        );
+
+        ours.write_all(b"hello").await.unwrap();
+        let sent = read(&mut server, &mut deframer).await;
+        assert_eq!(
+            sent,
+            [Event::Data {
+                stream: DATA_STREAM,
+                bytes: Bytes::from_static(b"hello")
+            }]
+        );
+
+        server.send(Message::Binary(frame::ping(2))).await.unwrap();
+        assert_eq!(
+            read(&mut server, &mut deframer).await,
+            [Event::Ping { id: 2 }]
+        );
+
+        server
+            .send(data(ERROR_STREAM, false, b"not for the tunnel"))
+            .await
+            .unwrap();
+        server.send(data(DATA_STREAM, false, b"wor")).await.unwrap();
+        server.send(data(DATA_STREAM, true, b"ld")).await.unwrap();
+        let mut back = [0; 5];
+        ours.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"world");
+        let end = tokio::time::timeout(Duration::from_secs(5), ours.read(&mut back)).await;
+        assert!(
+            matches!(end, Ok(Ok(0))),
+            "the pipe did not end after FIN: {end:?}"
+        );
     }
 }

@@ -33,6 +33,15 @@ pub enum Protocol {
     Channel,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Spdy => "SPDY/3.1",
+            Protocol::Channel => CHANNEL,
+        })
+    }
+}
+
 const SPDY: &str = "SPDY/3.1+portforward.k8s.io";
 const CHANNEL: &str = "v4.channel.k8s.io";
 /// Both, the preferred first.
