@@ -19,7 +19,6 @@ pub async fn get<T: Transport>(transport: &T, path: &str) -> std::io::Result<(u1
         transport.authority()
     );
     io.write_all(request.as_bytes()).await?;
-    io.flush().await?;
     let mut answer = Vec::new();
     let mut buf = [0u8; 1024];
     loop {

@@ -43,7 +43,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 use kube::Client;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -748,15 +748,10 @@ impl Relay {
         }
     }
 
-    /// Relays between `client` and `pod`, a port-forward's stream: a
-    /// write to it is sent when flushed.
-    async fn run<P>(&mut self, client: &mut TcpStream, mut pod: P) -> Relayed
-    where
-        P: AsyncRead + AsyncWrite + Unpin,
-    {
+    async fn run(&mut self, client: &mut TcpStream, mut pod: DuplexStream) -> Relayed {
         let opened = Instant::now();
         if let Some(sent) = &self.unanswered {
-            if !sent.is_empty() && send(&mut pod, sent).await.is_err() {
+            if !sent.is_empty() && pod.write_all(sent).await.is_err() {
                 return Relayed::Refused;
             }
         }
@@ -773,7 +768,7 @@ impl Relay {
                     Ok(0) => self.client_done = true,
                     Ok(n) => {
                         self.keep(&from_client[..n]);
-                        if send(&mut pod, &from_client[..n]).await.is_err() {
+                        if pod.write_all(&from_client[..n]).await.is_err() {
                             return if refused(self) { Relayed::Refused } else { Relayed::Done };
                         }
                     }
@@ -810,12 +805,6 @@ impl Relay {
     fn commit(&mut self) {
         self.unanswered = None;
     }
-}
-
-/// Writes `bytes` to a port-forward and flushes them on their way.
-async fn send<P: AsyncWrite + Unpin>(pod: &mut P, bytes: &[u8]) -> std::io::Result<()> {
-    pod.write_all(bytes).await?;
-    pod.flush().await
 }
 
 #[cfg(test)]

@@ -34,7 +34,6 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How bytes reach the agent's tunnel endpoint: directly over TCP, or (for
 /// clusters) through a port-forward.
 pub trait Transport: Send + Sync + 'static {
-    /// A connection; what is written to it may wait for a flush.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn connect(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
     /// Shown in messages: where the tunnel goes.

@@ -5,10 +5,9 @@
 //! Each connect is one port-forward WebSocket to the apiserver; the ktb
 //! tunnel multiplexes every caller over it, so the milliseconds a
 //! port-forward costs to open are paid once per tunnel, not per request.
-//! [`upgrade`] opens it, offering SPDY first. With SPDY, the tunnel reads
-//! and writes the WebSocket itself ([`spdy::SpdyStream`]); with the older
-//! channel protocol, a pump ([`channel`]) moves bytes between the WebSocket
-//! and an in-memory pipe whose other end is the returned stream.
+//! [`upgrade`] opens it, offering SPDY first; the chosen protocol's pump
+//! ([`spdy`] or [`channel`]) then moves bytes between it and an in-memory
+//! pipe whose other end is the returned stream.
 
 mod channel;
 mod spdy;
@@ -18,14 +17,11 @@ use std::io;
 
 use kube::Client;
 use tokio::io::DuplexStream;
-use tokio_util::either::Either;
 
-use self::spdy::SpdyStream;
-use self::upgrade::{Connection, Protocol};
+use self::upgrade::Protocol;
 use crate::tunnel::{LinkKind, Transport};
 
-/// Bytes buffered between the tunnel and a channel-protocol port-forward,
-/// each way.
+/// Bytes buffered between the tunnel and the port-forward, each way.
 const PIPE: usize = 1 << 20;
 /// Largest message sent to the apiserver.
 const MESSAGE: usize = 256 * 1024;
@@ -39,10 +35,9 @@ pub struct PortForward {
 }
 
 impl Transport for PortForward {
-    /// SPDY's stream, or the channel protocol's pipe.
-    type Io = Either<SpdyStream<Connection>, DuplexStream>;
+    type Io = DuplexStream;
 
-    async fn connect(&self) -> io::Result<Self::Io> {
+    async fn connect(&self) -> io::Result<DuplexStream> {
         let failed = |reason: String| {
             io::Error::other(format!("port-forward to pod {} failed: {reason}", self.pod))
         };
@@ -52,18 +47,13 @@ impl Transport for PortForward {
                 .map_err(|e| failed(e.to_string()))?;
         let (protocol, socket) = upgrade::open(&self.client, request).await.map_err(failed)?;
         tracing::debug!(pod = %self.pod, "port-forward open, speaking {protocol}");
+        let (ours, theirs) = tokio::io::duplex(PIPE);
         let pod = self.pod.clone();
         match protocol {
-            Protocol::Spdy => {
-                let stream = SpdyStream::open(socket, self.port, pod).await;
-                Ok(Either::Left(stream.map_err(|e| failed(e.to_string()))?))
-            }
-            Protocol::Channel => {
-                let (ours, theirs) = tokio::io::duplex(PIPE);
-                tokio::spawn(channel::pump(socket, theirs, pod));
-                Ok(Either::Right(ours))
-            }
-        }
+            Protocol::Spdy => tokio::spawn(spdy::pump(socket, theirs, self.port, pod)),
+            Protocol::Channel => tokio::spawn(channel::pump(socket, theirs, pod)),
+        };
+        Ok(ours)
     }
 
     fn describe(&self) -> String {

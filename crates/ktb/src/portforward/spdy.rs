@@ -13,35 +13,19 @@
 //! One port, kubectl's layout: stream 1 carries the pod side's error text
 //! (ktb sends nothing on it), stream 3 the port's bytes; both carry the
 //! port and request id 0 in their headers, which is how the server pairs
-//! them. The server keeps no SPDY flow-control windows, so neither does
-//! ktb: TCP's backpressure is the only one.
-//!
-//! [`SpdyStream`] is the data stream as a byte stream, with no task or
-//! buffer of its own between the tunnel and the WebSocket: each write goes
-//! out as one data frame in one WebSocket message (up to [`MESSAGE`]
-//! bytes), and reads take the server's frames apart with
-//! [`frame::Deframer`] as the tunnel asks for bytes. A pipe and a pump task
-//! in between cost the CLI two more copies of every byte and a task wake-up
-//! per message each way.
-//!
-//! The server's pings are answered on the writing side, with the tunnel's
-//! next write or flush (its keepalive writes every few seconds): answering
-//! from a read would register the reader as the WebSocket's write waker and
-//! could leave the tunnel's writer waiting for a wake-up that never comes.
-//! The Kubernetes ping loop only logs a late answer.
+//! them. Bytes from the tunnel go out as one data frame per WebSocket
+//! message, up to [`MESSAGE`] bytes; the server's frames come back cut
+//! anywhere and [`frame::Deframer`] puts them together. The server's pings
+//! are answered. The Kubernetes servers keep no SPDY flow-control windows,
+//! so neither does ktb: TCP's backpressure is the only one.
 
 mod frame;
 
-use std::collections::VecDeque;
-use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::{Sink, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
 
 use self::frame::{Deframer, Event, HeaderBlocks, HEAD_LEN};
 use super::MESSAGE;
@@ -51,196 +35,110 @@ const ERROR_STREAM: u32 = 1;
 const DATA_STREAM: u32 = 3;
 /// The most of the pod side's error text kept for the log.
 const MAX_ERROR_TEXT: usize = 4096;
+/// Server pings waiting for their answer: it sends one every few seconds.
+const PINGS_QUEUED: usize = 4;
 
-/// One port-forward's data stream, read and written in place.
-pub struct SpdyStream<S> {
-    ws: WebSocketStream<S>,
-    deframer: Deframer,
-    /// Data payloads read from the server and not yet handed to the
-    /// tunnel, oldest first; what one WebSocket message held, at most.
-    unread: VecDeque<Bytes>,
-    /// The id of the server's latest ping, until it is answered.
-    pong: Option<u32>,
-    /// Why reading ended, once it has: the data stream finished, the
-    /// connection went away or was reset. Reads then return end of file.
-    ended: Option<String>,
-    /// The pod side's error text (stream 1), logged when reading ends.
-    error_text: Vec<u8>,
-    /// Named in the log.
+/// What the writer sends next.
+enum Outgoing {
+    /// `n` bytes from the tunnel, already behind a data frame's head.
+    Data(std::io::Result<usize>),
+    /// The answer to the server's ping with this id.
+    Pong(u32),
+}
+
+/// Moves bytes between the pipe and the port-forward until either side
+/// ends; then both are dropped, which the tunnel sees as a lost connection.
+pub(super) async fn pump<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    pipe: DuplexStream,
+    port: u16,
     pod: String,
-}
-
-impl<S> SpdyStream<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    /// Opens the error and data streams for `port`; the stream is ready
-    /// for bytes once the opening is on its way.
-    pub(super) async fn open(
-        mut ws: WebSocketStream<S>,
-        port: u16,
-        pod: String,
-    ) -> io::Result<Self> {
-        ws.send(Message::Binary(opening(port)))
-            .await
-            .map_err(websocket_error)?;
-        Ok(SpdyStream {
-            ws,
-            deframer: Deframer::default(),
-            unread: VecDeque::new(),
-            pong: None,
-            ended: None,
-            error_text: Vec::new(),
-            pod,
-        })
-    }
-
-    /// Takes in one message from the server.
-    fn take(&mut self, bytes: Bytes) {
-        let mut events = Vec::new();
-        if let Err(e) = self.deframer.feed(bytes, &mut events) {
-            self.end(format!("not SPDY/3: {e}"));
+    let (mut sink, mut stream) = ws.split();
+    let (mut from_tunnel, mut to_tunnel) = tokio::io::split(pipe);
+    let (ping_tx, mut ping_rx) = mpsc::channel::<u32>(PINGS_QUEUED);
+    let to_pod = async {
+        if sink.send(Message::Binary(opening(port))).await.is_err() {
             return;
         }
-        for event in events {
-            match event {
-                Event::Data {
-                    stream: DATA_STREAM,
-                    bytes,
-                } => self.unread.push_back(bytes),
-                Event::Data {
-                    stream: ERROR_STREAM,
-                    bytes,
-                } => {
-                    let room = MAX_ERROR_TEXT.saturating_sub(self.error_text.len());
-                    self.error_text
-                        .extend_from_slice(&bytes[..room.min(bytes.len())]);
-                }
-                Event::Ping { id } if id % 2 == 0 => self.pong = Some(id),
-                Event::Finished {
-                    stream: DATA_STREAM,
-                } => self.end("the pod side finished the data stream".into()),
-                Event::GoAway { status } => {
-                    self.end(format!("the server went away (status {status})"))
-                }
-                Event::Reset { stream, status } => self.end(format!(
-                    "the server reset stream {stream} (status {status})"
-                )),
-                Event::Data { .. } | Event::Ping { .. } | Event::Finished { .. } => {}
-            }
-        }
-    }
-
-    /// Reading is over; says why in the log, with the pod side's error text.
-    fn end(&mut self, why: String) {
-        if self.ended.is_some() {
-            return;
-        }
-        if self.error_text.is_empty() {
-            tracing::debug!(pod = %self.pod, "port-forward ended: {why}");
-        } else {
-            let error = String::from_utf8_lossy(&self.error_text);
-            tracing::warn!(pod = %self.pod, %error, "port-forward error ({why})");
-        }
-        self.ended = Some(why);
-    }
-
-    /// Queues the answer to the server's ping, if one is due, ahead of
-    /// whatever is written next.
-    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(id) = self.pong {
-            ready!(self.ws.poll_ready_unpin(cx)).map_err(websocket_error)?;
-            self.ws
-                .start_send_unpin(Message::Binary(frame::ping(id)))
-                .map_err(websocket_error)?;
-            self.pong = None;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S> AsyncRead for SpdyStream<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
         loop {
-            if let Some(front) = this.unread.front_mut() {
-                let n = front.len().min(buf.remaining());
-                buf.put_slice(&front[..n]);
-                front.advance(n);
-                if front.is_empty() {
-                    this.unread.pop_front();
+            let mut message = BytesMut::with_capacity(HEAD_LEN + MESSAGE);
+            message.put_bytes(0, HEAD_LEN);
+            let next = tokio::select! {
+                read = from_tunnel.read_buf(&mut message) => Outgoing::Data(read),
+                Some(id) = ping_rx.recv() => Outgoing::Pong(id),
+            };
+            let message = match next {
+                Outgoing::Data(Ok(0) | Err(_)) => return,
+                Outgoing::Data(Ok(n)) => {
+                    message[..HEAD_LEN].copy_from_slice(&frame::data_head(DATA_STREAM, false, n));
+                    message.freeze()
                 }
-                return Poll::Ready(Ok(()));
+                Outgoing::Pong(id) => frame::ping(id),
+            };
+            if sink.send(Message::Binary(message)).await.is_err() {
+                return;
             }
-            if this.ended.is_some() {
-                return Poll::Ready(Ok(()));
+        }
+    };
+    let from_pod = async {
+        let mut deframer = Deframer::default();
+        let mut events = Vec::new();
+        let mut error_text = Vec::new();
+        'messages: while let Some(Ok(message)) = stream.next().await {
+            let bytes = match message {
+                Message::Binary(bytes) => bytes,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if let Err(e) = deframer.feed(bytes, &mut events) {
+                tracing::warn!(%pod, error = %e, "port-forward: not SPDY/3");
+                break;
             }
-            match ready!(this.ws.poll_next_unpin(cx)) {
-                Some(Ok(Message::Binary(bytes))) => this.take(bytes),
-                Some(Ok(Message::Close(_))) | None => {
-                    this.end("the apiserver closed the WebSocket".into())
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    this.end(format!("the WebSocket failed: {e}"));
-                    return Poll::Ready(Err(websocket_error(e)));
+            for event in events.drain(..) {
+                match event {
+                    Event::Data {
+                        stream: DATA_STREAM,
+                        bytes,
+                    } => {
+                        if to_tunnel.write_all(&bytes).await.is_err() {
+                            break 'messages;
+                        }
+                    }
+                    Event::Data {
+                        stream: ERROR_STREAM,
+                        bytes,
+                    } => {
+                        let room = MAX_ERROR_TEXT.saturating_sub(error_text.len());
+                        error_text.extend_from_slice(&bytes[..room.min(bytes.len())]);
+                    }
+                    Event::Ping { id } if id % 2 == 0 => {
+                        if ping_tx.send(id).await.is_err() {
+                            break 'messages;
+                        }
+                    }
+                    Event::Finished {
+                        stream: DATA_STREAM,
+                    }
+                    | Event::GoAway { .. } => break 'messages,
+                    Event::Reset { stream, status } => {
+                        tracing::warn!(%pod, stream, status, "port-forward: the server reset a stream");
+                        break 'messages;
+                    }
+                    Event::Data { .. } | Event::Ping { .. } | Event::Finished { .. } => {}
                 }
             }
         }
-    }
-}
-
-impl<S> AsyncWrite for SpdyStream<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.poll_answer(cx))?;
-        ready!(this.ws.poll_ready_unpin(cx)).map_err(websocket_error)?;
-        let n = buf.len().min(MESSAGE);
-        let mut message = BytesMut::with_capacity(HEAD_LEN + n);
-        message.put_slice(&frame::data_head(DATA_STREAM, false, n));
-        message.put_slice(&buf[..n]);
-        this.ws
-            .start_send_unpin(Message::Binary(message.freeze()))
-            .map_err(websocket_error)?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_answer(cx))?;
-        Pin::new(&mut this.ws)
-            .poll_flush(cx)
-            .map_err(websocket_error)
-    }
-
-    /// Closes the WebSocket, which ends the forward on the server: it
-    /// passes no half-close on to the pod (README, `ktb forward`).
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        Pin::new(&mut this.ws)
-            .poll_close(cx)
-            .map_err(websocket_error)
-    }
-}
-
-fn websocket_error(e: tungstenite::Error) -> io::Error {
-    match e {
-        tungstenite::Error::Io(e) => e,
-        other => io::Error::other(other),
+        if !error_text.is_empty() {
+            let error = String::from_utf8_lossy(&error_text);
+            tracing::warn!(%pod, %error, "port-forward error");
+        }
+    };
+    tokio::select! {
+        _ = to_pod => {}
+        _ = from_pod => {}
     }
 }
 
@@ -267,7 +165,8 @@ fn opening(port: u16) -> bytes::Bytes {
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
 
     use super::*;
 
@@ -290,7 +189,7 @@ mod tests {
         assert_eq!(hex, OPENING_8080);
     }
 
-    // The stream against a stand-in server that reads its frames with the
+    // The pump against a stand-in server that reads its frames with the
     // same deframer (a client's SYN_STREAMs are control frames it skips).
 
     /// The next events the server reads, at least one.
@@ -318,13 +217,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_cross_both_ways_pings_are_answered_and_fin_ends_the_stream() {
+    async fn bytes_cross_both_ways_pings_are_answered_and_fin_ends_the_pipe() {
         let (client, mut server) = super::super::loopback::websocket().await;
-        let open = SpdyStream::open(client, 8080, "web-0".into());
-        let mut ours = tokio::time::timeout(Duration::from_secs(5), open)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(pump(client, theirs, 8080, "web-0".into()));
         let mut deframer = Deframer::default();
         // The opening: nothing in it but stream 1's empty, finishing frame.
         assert_eq!(
@@ -335,9 +231,9 @@ mod tests {
         );
 
         ours.write_all(b"hello").await.unwrap();
-        ours.flush().await.unwrap();
+        let sent = read(&mut server, &mut deframer).await;
         assert_eq!(
-            read(&mut server, &mut deframer).await,
+            sent,
             [Event::Data {
                 stream: DATA_STREAM,
                 bytes: Bytes::from_static(b"hello")
@@ -345,6 +241,11 @@ mod tests {
         );
 
         server.send(Message::Binary(frame::ping(2))).await.unwrap();
+        assert_eq!(
+            read(&mut server, &mut deframer).await,
+            [Event::Ping { id: 2 }]
+        );
+
         server
             .send(data(ERROR_STREAM, false, b"not for the tunnel"))
             .await
@@ -357,22 +258,7 @@ mod tests {
         let end = tokio::time::timeout(Duration::from_secs(5), ours.read(&mut back)).await;
         assert!(
             matches!(end, Ok(Ok(0))),
-            "reading did not end after FIN: {end:?}"
-        );
-
-        // The ping read on the way is answered ahead of the next write.
-        ours.write_all(b"!").await.unwrap();
-        ours.flush().await.unwrap();
-        assert_eq!(
-            read(&mut server, &mut deframer).await,
-            [Event::Ping { id: 2 }]
-        );
-        assert_eq!(
-            read(&mut server, &mut deframer).await,
-            [Event::Data {
-                stream: DATA_STREAM,
-                bytes: Bytes::from_static(b"!")
-            }]
+            "the pipe did not end after FIN: {end:?}"
         );
     }
 }

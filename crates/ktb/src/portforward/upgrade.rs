@@ -21,10 +21,8 @@ use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_acc
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-/// The upgraded connection to the apiserver under the WebSocket.
-pub type Connection = TokioIo<Upgraded>;
 /// An open port-forward, before either protocol is spoken on it.
-pub type Socket = WebSocketStream<Connection>;
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The port-forward protocol the apiserver chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
