@@ -21,6 +21,8 @@ pub mod resolved;
 pub mod socks;
 pub mod system;
 pub mod tun;
+#[cfg(target_os = "linux")]
+mod vnet;
 
 use std::future::Future;
 use std::net::SocketAddr;

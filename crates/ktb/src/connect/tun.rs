@@ -9,6 +9,8 @@
 //! queue. Every TCP connection becomes a tunnel stream to the same address,
 //! dialed by the agent; every UDP flow becomes a tunnel flow. Anything else
 //! (ICMP) is dropped, so `ping` times out rather than hanging anything.
+//! On Linux each packet crosses the device behind a virtio-net header
+//! ([`super::vnet`]), so that the kernel trusts ktb's checksums.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -24,6 +26,8 @@ use tun_rs::{AsyncDevice, DeviceBuilder};
 
 use super::netstack::{self, TcpConn};
 use super::outbound::Outbound;
+#[cfg(target_os = "linux")]
+use super::vnet;
 
 /// The device's own address: from the range reserved for benchmarking
 /// (RFC 2544), which no real network uses, so it collides with nothing.
@@ -43,11 +47,40 @@ const MTU: u16 = 65535;
 /// that ktb dies before journaling cannot outlive it (see
 /// [`super::system::create_device`]).
 pub fn create(name: &str) -> io::Result<AsyncDevice> {
-    DeviceBuilder::new()
+    let builder = DeviceBuilder::new()
         .name(name)
         .ipv4(DEVICE_ADDRESS, 32, None)
-        .mtu(MTU)
-        .build_async()
+        .mtu(MTU);
+    #[cfg(target_os = "linux")]
+    {
+        let device = builder.offload(true).build_async()?;
+        vnet::offload_checksums_only(&device)?;
+        Ok(device)
+    }
+    #[cfg(not(target_os = "linux"))]
+    builder.build_async()
+}
+
+/// Bytes in front of each packet on the device.
+#[cfg(target_os = "linux")]
+const FRAME_HEADER: usize = vnet::HEADER_LEN;
+#[cfg(not(target_os = "linux"))]
+const FRAME_HEADER: usize = 0;
+
+/// Writes one packet to the device.
+async fn send(device: &AsyncDevice, packet: &[u8]) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    return vnet::send(device, packet).await;
+    #[cfg(not(target_os = "linux"))]
+    device.send(packet).await
+}
+
+/// The packet in a frame read from the device.
+fn unframe(frame: &mut [u8]) -> Option<&[u8]> {
+    #[cfg(target_os = "linux")]
+    return vnet::packet(frame);
+    #[cfg(not(target_os = "linux"))]
+    Some(frame)
 }
 
 /// Carries every flow on the device through the tunnel, until dropped.
@@ -60,14 +93,14 @@ pub async fn serve(device: AsyncDevice, outbound: Outbound) {
         let device = std::sync::Arc::clone(&device);
         async move {
             while let Some(packet) = for_device.recv().await {
-                if let Err(e) = device.send(&packet).await {
+                if let Err(e) = send(&device, &packet).await {
                     tracing::debug!(error = %e, "cannot write a packet to the TUN device");
                 }
             }
         }
     };
     let reader = async move {
-        let mut buf = vec![0u8; usize::from(MTU)];
+        let mut buf = vec![0u8; FRAME_HEADER + usize::from(MTU)];
         loop {
             let n = match device.recv(&mut buf).await {
                 Ok(n) => n,
@@ -76,7 +109,10 @@ pub async fn serve(device: AsyncDevice, outbound: Outbound) {
                     return;
                 }
             };
-            let packet = buf[..n].to_vec();
+            let Some(packet) = unframe(&mut buf[..n]) else {
+                continue;
+            };
+            let packet = packet.to_vec();
             let queue = if netstack::is_ipv4_tcp(&packet) {
                 &to_tcp
             } else {
