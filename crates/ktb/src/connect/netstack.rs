@@ -167,6 +167,9 @@ struct Queues {
     inbound: VecDeque<Vec<u8>>,
     outbound: mpsc::Sender<Vec<u8>>,
     mtu: usize,
+    /// Whether smoltcp computes the TCP checksums of what it sends; see
+    /// [`run`].
+    tcp_checksums: bool,
 }
 
 struct RxToken(Vec<u8>);
@@ -206,10 +209,15 @@ impl phy::Device for Queues {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
-        // The kernel computed them; checking again costs a pass per packet.
+        // Received ones: the kernel computed them (or left them to the
+        // device, see `super::vnet`); checking costs a pass per packet.
         let mut checksums = ChecksumCapabilities::default();
         checksums.ipv4 = phy::Checksum::Tx;
-        checksums.tcp = phy::Checksum::Tx;
+        checksums.tcp = if self.tcp_checksums {
+            phy::Checksum::Tx
+        } else {
+            phy::Checksum::None
+        };
         caps.checksum = checksums;
         caps
     }
@@ -225,9 +233,11 @@ struct Conn {
 
 /// Runs the stack: `packets` from the TUN device in, packets for it out on
 /// `device`, and every new connection handed to `accept`. Returns when the
-/// device's packets end.
+/// device's packets end. Without `tcp_checksums`, the TCP packets sent
+/// carry a zero checksum for the device to fill in.
 pub async fn run(
     mtu: usize,
+    tcp_checksums: bool,
     mut packets: mpsc::Receiver<Vec<u8>>,
     device: mpsc::Sender<Vec<u8>>,
     accept: impl Fn(TcpConn),
@@ -238,6 +248,7 @@ pub async fn run(
         inbound: VecDeque::new(),
         outbound: device,
         mtu,
+        tcp_checksums,
     };
     let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut queues, now());
     iface.set_any_ip(true);

@@ -67,8 +67,12 @@ const FRAME_HEADER: usize = vnet::HEADER_LEN;
 #[cfg(not(target_os = "linux"))]
 const FRAME_HEADER: usize = 0;
 
+/// Whether smoltcp computes TCP checksums: not where the device completes
+/// them (see `super::vnet`).
+const STACK_TCP_CHECKSUMS: bool = cfg!(not(target_os = "linux"));
+
 /// Writes one packet to the device.
-async fn send(device: &AsyncDevice, packet: &[u8]) -> io::Result<usize> {
+async fn send(device: &AsyncDevice, packet: &mut [u8]) -> io::Result<usize> {
     #[cfg(target_os = "linux")]
     return vnet::send(device, packet).await;
     #[cfg(not(target_os = "linux"))]
@@ -92,8 +96,8 @@ pub async fn serve(device: AsyncDevice, outbound: Outbound) {
     let writer = {
         let device = std::sync::Arc::clone(&device);
         async move {
-            while let Some(packet) = for_device.recv().await {
-                if let Err(e) = send(&device, &packet).await {
+            while let Some(mut packet) = for_device.recv().await {
+                if let Err(e) = send(&device, &mut packet).await {
                     tracing::debug!(error = %e, "cannot write a packet to the TUN device");
                 }
             }
@@ -127,6 +131,7 @@ pub async fn serve(device: AsyncDevice, outbound: Outbound) {
         let outbound = outbound.clone();
         netstack::run(
             usize::from(MTU),
+            STACK_TCP_CHECKSUMS,
             tcp_packets,
             to_device.clone(),
             move |conn| {

@@ -2,20 +2,24 @@
 //! (Linux's `IFF_VNET_HDR`), so that the kernel and ktb do not checksum
 //! the same bytes twice.
 //!
-//! Without it, the kernel verifies the TCP checksum of every packet ktb
-//! writes, a pass over up to 64 KiB that smoltcp has just made to compute
-//! it: 11 % of the CLI's CPU time under `cargo xtask bench connect`
-//! (`csum_partial`, perf, 2026-12-04). With it:
-//! - ktb writes each packet behind a header saying "checksum valid"
-//!   ([`DATA_VALID`]), and the kernel takes it as verified. smoltcp still
-//!   computes it: a packet the laptop forwards on (to a container or VM
-//!   behind it) leaves with a correct one.
+//! Without it, smoltcp computes the TCP checksum of every packet ktb
+//! writes and the kernel verifies it, two passes over up to 64 KiB: 13 %
+//! of the CLI's CPU time under `cargo xtask bench connect` (smoltcp's
+//! `Repr::emit` and the kernel's `csum_partial`, perf, 2026-12-04). With
+//! it, both directions leave the checksum partial, as between a virtual
+//! machine and its host:
+//! - smoltcp leaves TCP checksums out; ktb seeds the field with the
+//!   pseudo-header's sum and writes the packet behind a header asking for
+//!   the rest ([`NEEDS_CSUM`]). The kernel takes such a packet as verified
+//!   when it is for the laptop, and completes the checksum itself should
+//!   the laptop forward it on (to a container or VM behind it). UDP from
+//!   ipstack goes out checksummed, behind an empty header.
 //! - The device offers checksum offload only (`TUN_F_CSUM`, no
-//!   segmentation offloads, so every packet still fits the MTU), and the
-//!   laptop's kernel hands its packets over with the transport checksum
-//!   left partial ([`NEEDS_CSUM`]) instead of computing it. smoltcp never
-//!   checks TCP checksums; the other packets (UDP, for ipstack) are
-//!   completed here, as a network card would.
+//!   segmentation offloads, so every packet still fits the MTU), so the
+//!   laptop's kernel hands its packets over with the same partial
+//!   checksums instead of computing them. smoltcp checks no TCP
+//!   checksums; the other packets (UDP, for ipstack) are completed here,
+//!   as a network card would.
 //!
 //! Header layout (`struct virtio_net_hdr`, little-endian on the machines
 //! ktb runs on): flags u8, gso_type u8, hdr_len u16, gso_size u16,
@@ -31,11 +35,9 @@ pub const HEADER_LEN: usize = 10;
 /// The packet's transport checksum holds only the pseudo-header's sum:
 /// sum from `csum_start` on and store the result at `csum_offset` past it.
 const NEEDS_CSUM: u8 = 1;
-/// The packet's checksums are correct; the kernel need not verify them.
-const DATA_VALID: u8 = 2;
-/// What ktb writes in front of every packet: checksums valid, no
-/// segmentation.
-const WRITTEN: [u8; HEADER_LEN] = [DATA_VALID, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+/// Where the checksum sits in a TCP header.
+const TCP_CHECKSUM_AT: usize = 16;
+const TCP: u8 = 6;
 /// `TUN_F_CSUM`: the device takes packets with partial checksums.
 const TUN_F_CSUM: u32 = 0x01;
 
@@ -52,11 +54,54 @@ pub fn offload_checksums_only(device: &AsyncDevice) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `packet` to the device behind the header that says its
-/// checksums are valid.
-pub async fn send(device: &AsyncDevice, packet: &[u8]) -> io::Result<usize> {
-    let frame = [IoSlice::new(&WRITTEN), IoSlice::new(packet)];
+/// Writes `packet` to the device. An IPv4 TCP packet's checksum, which
+/// smoltcp left out, is left to the kernel.
+pub async fn send(device: &AsyncDevice, packet: &mut [u8]) -> io::Result<usize> {
+    let header = header_for(packet);
+    let frame = [IoSlice::new(&header), IoSlice::new(packet)];
     device.send_vectored(&frame).await
+}
+
+/// The header to write `packet` behind: for IPv4 TCP, "complete the
+/// checksum" with the pseudo-header's sum put in its field; for anything
+/// else, which carries its checksums, nothing.
+fn header_for(packet: &mut [u8]) -> [u8; HEADER_LEN] {
+    let mut header = [0; HEADER_LEN];
+    let Some(start) = ipv4_tcp_header_len(packet) else {
+        return header;
+    };
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]])).min(packet.len());
+    let Some(tcp_len) = total.checked_sub(start) else {
+        return header;
+    };
+    let field = start + TCP_CHECKSUM_AT;
+    if field + 2 > total {
+        return header;
+    }
+    let mut sum = u32::from(TCP) + tcp_len as u32;
+    for address in packet[12..20].chunks_exact(2) {
+        sum += u32::from(u16::from_be_bytes([address[0], address[1]]));
+    }
+    packet[field..field + 2].copy_from_slice(&fold(sum).to_be_bytes());
+    header[0] = NEEDS_CSUM;
+    header[2..4].copy_from_slice(&((field + 2) as u16).to_le_bytes()); // hdr_len
+    header[6..8].copy_from_slice(&(start as u16).to_le_bytes());
+    header[8..10].copy_from_slice(&(TCP_CHECKSUM_AT as u16).to_le_bytes());
+    header
+}
+
+/// The IP header's length when `packet` is IPv4 carrying TCP.
+fn ipv4_tcp_header_len(packet: &[u8]) -> Option<usize> {
+    let is_ipv4_tcp = packet.len() >= 20 && packet[0] >> 4 == 4 && packet[9] == TCP;
+    is_ipv4_tcp.then(|| usize::from(packet[0] & 0x0f) * 4)
+}
+
+/// A 32-bit one's complement sum folded to 16 bits.
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 /// The packet in `frame`, as read from the device, with its transport
@@ -68,8 +113,7 @@ pub fn packet(frame: &mut [u8]) -> Option<&[u8]> {
     }
     let (header, packet) = frame.split_at_mut(HEADER_LEN);
     let needs_checksum = header[0] & NEEDS_CSUM != 0;
-    let is_ipv4_tcp = packet.first().is_some_and(|b| b >> 4 == 4) && packet.get(9) == Some(&6);
-    if needs_checksum && !is_ipv4_tcp {
+    if needs_checksum && ipv4_tcp_header_len(packet).is_none() {
         let start = usize::from(u16::from_le_bytes([header[6], header[7]]));
         let offset = usize::from(u16::from_le_bytes([header[8], header[9]]));
         complete_checksum(packet, start, offset);
@@ -94,10 +138,7 @@ fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) {
     if let [last] = words.remainder() {
         sum += u32::from(*last) << 8;
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let mut checksum = !(sum as u16);
+    let mut checksum = !fold(sum);
     // In UDP a zero checksum means "none": a computed zero is sent as
     // all ones (RFC 768); in TCP both stand for the same sum.
     if checksum == 0 {
@@ -131,18 +172,50 @@ mod tests {
         frame
     }
 
-    /// The one's complement sum of the pseudo-header and the datagram,
-    /// checksum included: all ones when the checksum is right.
+    /// Whether the transport checksum of IPv4 `packet` is right: the one's
+    /// complement sum of its pseudo-header and segment, checksum
+    /// included, is all ones.
     fn verifies(packet: &[u8]) -> bool {
-        let udp = &packet[20..];
-        let mut sum: u32 = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 17 + udp.len() as u32;
-        for pair in udp.chunks(2) {
+        let segment = &packet[20..];
+        let mut sum = u32::from(packet[9]) + segment.len() as u32;
+        for pair in packet[12..20].chunks(2).chain(segment.chunks(2)) {
             sum += u32::from(pair[0]) << 8 | u32::from(*pair.get(1).unwrap_or(&0));
         }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
+        fold(sum) == 0xffff
+    }
+
+    /// An IPv4 TCP segment 10.96.0.10:80 → 198.18.0.1:40000 with
+    /// `payload`, its checksum zero, as smoltcp leaves it.
+    fn tcp(payload: &[u8]) -> Vec<u8> {
+        let total = 40 + payload.len();
+        let mut packet = vec![0x45, 0];
+        packet.extend_from_slice(&(total as u16).to_be_bytes());
+        packet.extend_from_slice(&[0, 0, 0, 0, 64, TCP, 0, 0, 10, 96, 0, 10, 198, 18, 0, 1]);
+        packet.extend_from_slice(&80u16.to_be_bytes());
+        packet.extend_from_slice(&40000u16.to_be_bytes());
+        packet.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        packet.extend_from_slice(payload);
+        packet
+    }
+
+    #[test]
+    fn a_tcp_segment_goes_out_with_the_pseudo_header_sum_for_the_kernel_to_finish() {
+        for payload in [&b""[..], b"x", b"GET / HTTP/1.1", b"an odd-length body"] {
+            let mut packet = tcp(payload);
+            let header = header_for(&mut packet);
+            assert_eq!(header[0], NEEDS_CSUM);
+            let start = usize::from(u16::from_le_bytes([header[6], header[7]]));
+            let offset = usize::from(u16::from_le_bytes([header[8], header[9]]));
+            assert_eq!((start, offset), (20, 16));
+            assert!(usize::from(u16::from_le_bytes([header[2], header[3]])) >= 38);
+            // What the kernel does with it, should the packet leave the laptop.
+            complete_checksum(&mut packet, start, offset);
+            assert!(verifies(&packet), "payload {payload:?}: {packet:02x?}");
         }
-        sum == 0xffff
+        let mut udp = partial_udp(b"dns?")[HEADER_LEN..].to_vec();
+        let before = udp.clone();
+        assert_eq!(header_for(&mut udp), [0; HEADER_LEN], "UDP carries its own");
+        assert_eq!(udp, before);
     }
 
     #[test]
