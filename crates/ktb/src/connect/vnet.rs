@@ -30,6 +30,8 @@ use std::os::fd::AsRawFd;
 
 use tun_rs::AsyncDevice;
 
+use super::netstack::is_ipv4_tcp;
+
 /// Bytes of header in front of each packet.
 pub const HEADER_LEN: usize = 10;
 /// The packet's transport checksum holds only the pseudo-header's sum:
@@ -37,6 +39,7 @@ pub const HEADER_LEN: usize = 10;
 const NEEDS_CSUM: u8 = 1;
 /// Where the checksum sits in a TCP header.
 const TCP_CHECKSUM_AT: usize = 16;
+/// TCP's protocol number, in the pseudo-header.
 const TCP: u8 = 6;
 /// `TUN_F_CSUM`: the device takes packets with partial checksums.
 const TUN_F_CSUM: u32 = 0x01;
@@ -90,10 +93,10 @@ fn header_for(packet: &mut [u8]) -> [u8; HEADER_LEN] {
     header
 }
 
-/// The IP header's length when `packet` is IPv4 carrying TCP.
+/// The IP header's length when `packet` is IPv4 carrying TCP, which is
+/// smoltcp's to take or to have sent.
 fn ipv4_tcp_header_len(packet: &[u8]) -> Option<usize> {
-    let is_ipv4_tcp = packet.len() >= 20 && packet[0] >> 4 == 4 && packet[9] == TCP;
-    is_ipv4_tcp.then(|| usize::from(packet[0] & 0x0f) * 4)
+    is_ipv4_tcp(packet).then(|| usize::from(packet[0] & 0x0f) * 4)
 }
 
 /// A 32-bit one's complement sum folded to 16 bits.
