@@ -81,10 +81,8 @@ fn header_for(packet: &mut [u8]) -> [u8; HEADER_LEN] {
     if field + 2 > total {
         return header;
     }
-    let mut sum = u32::from(TCP) + tcp_len as u32;
-    for address in packet[12..20].chunks_exact(2) {
-        sum += u32::from(u16::from_be_bytes([address[0], address[1]]));
-    }
+    let addresses = &packet[12..20];
+    let sum = u32::from(TCP) + tcp_len as u32 + sum_words(addresses);
     packet[field..field + 2].copy_from_slice(&fold(sum).to_be_bytes());
     header[0] = NEEDS_CSUM;
     header[2..4].copy_from_slice(&((field + 2) as u16).to_le_bytes()); // hdr_len
@@ -97,6 +95,21 @@ fn header_for(packet: &mut [u8]) -> [u8; HEADER_LEN] {
 /// smoltcp's to take or to have sent.
 fn ipv4_tcp_header_len(packet: &[u8]) -> Option<usize> {
     is_ipv4_tcp(packet).then(|| usize::from(packet[0] & 0x0f) * 4)
+}
+
+/// The sum of `bytes` as big-endian 16-bit words, an odd last byte padded
+/// with zero: what a one's complement checksum folds. At most 64 KiB of
+/// bytes, so it cannot overflow.
+fn sum_words(bytes: &[u8]) -> u32 {
+    let mut words = bytes.chunks_exact(2);
+    let mut sum: u32 = words
+        .by_ref()
+        .map(|word| u32::from(u16::from_be_bytes([word[0], word[1]])))
+        .sum();
+    if let [last] = words.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
 }
 
 /// A 32-bit one's complement sum folded to 16 bits.
@@ -133,15 +146,7 @@ fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) {
     if field + 2 > packet.len() {
         return;
     }
-    let mut sum: u32 = 0;
-    let mut words = packet[start..].chunks_exact(2);
-    for word in &mut words {
-        sum += u32::from(u16::from_be_bytes([word[0], word[1]]));
-    }
-    if let [last] = words.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    let mut checksum = !fold(sum);
+    let mut checksum = !fold(sum_words(&packet[start..]));
     // In UDP a zero checksum means "none": a computed zero is sent as
     // all ones (RFC 768); in TCP both stand for the same sum.
     if checksum == 0 {
