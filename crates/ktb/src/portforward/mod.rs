@@ -21,8 +21,12 @@ use tokio::io::DuplexStream;
 use self::upgrade::Protocol;
 use crate::tunnel::{LinkKind, Transport};
 
-/// Bytes buffered between the tunnel and the port-forward, each way.
-const PIPE: usize = 1 << 20;
+/// Bytes buffered between the tunnel and the port-forward, each way: one
+/// message. The tunnel sends its control frames (credit, open) ahead of
+/// bulk data, but only up to this pipe; what waits in it waits in order,
+/// so a credit written behind a full 1 MiB pipe reached the peer
+/// milliseconds late on a far path and held its stream back.
+const PIPE: usize = MESSAGE;
 /// Largest message sent to the apiserver.
 const MESSAGE: usize = 256 * 1024;
 
