@@ -22,10 +22,11 @@ use self::upgrade::Protocol;
 use crate::tunnel::{LinkKind, Transport};
 
 /// Bytes buffered between the tunnel and the port-forward, each way: one
-/// message. The tunnel sends its control frames (credit, open) ahead of
-/// bulk data, but only up to this pipe; what waits in it waits in order,
-/// so a credit written behind a full 1 MiB pipe reached the peer
-/// milliseconds late on a far path and held its stream back.
+/// message. The tunnel lets control frames and other streams' data pass a
+/// bulk stream only in its own queue; what waits in this pipe waits in
+/// order. With 1 MiB here, a request beside a bulk stream waited 3.3× a
+/// 20 ms round trip at p99, with one message 2.9× (README, "A laptop 20
+/// ms away").
 const PIPE: usize = MESSAGE;
 /// Largest message sent to the apiserver.
 const MESSAGE: usize = 256 * 1024;
