@@ -46,8 +46,11 @@ use crate::tcp::{get_socket_addr, put_socket_addr};
 /// Version 3: a per-session key pair replaces the shared token (`Challenge`,
 /// `Proof`); streams start with [`crate::stream::INITIAL_WINDOW`] of credit
 /// and every `Data` frame costs at least [`crate::stream::MIN_DATA_COST`].
-pub const PROTOCOL_VERSION: u16 = 3;
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// Version 4: a receiver may grant a stream up to
+/// [`crate::stream::MAX_WINDOW`] (16 MiB), beyond what a version-3 sender
+/// accepts (its own window, 4 MiB).
+pub const PROTOCOL_VERSION: u16 = 4;
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Four bytes that make a stray connection (or another protocol) obvious.
 pub const MAGIC: &[u8; 4] = b"ktb!";
 /// How long the client waits for the whole handshake (the agent applies

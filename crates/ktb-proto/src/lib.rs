@@ -8,10 +8,10 @@
 //! frames them, one module per message family ([`handshake`], [`tcp`], [`udp`])
 //! defines their bodies, [`auth`] holds the session keys the handshake
 //! proves, and [`session`] runs a live tunnel with per-stream flow control
-//! and keepalive; [`socket`] keeps the tunnel's socket from queueing bulk
-//! data ahead of it.
+//! and keepalive, its windows sized by `window`; [`socket`] keeps the
+//! tunnel's socket from queueing bulk data ahead of it.
 //!
-//! # Wire format (protocol version 3)
+//! # Wire format (protocol version 4)
 //!
 //! Every *binary* message of the link (a WebSocket message, or a record:
 //! see [`link`]) carries exactly one frame. All integers are
@@ -40,9 +40,10 @@
 //! sides allocate without coordination; ids only grow and are never reused.
 //!
 //! Every stream starts with [`stream::INITIAL_WINDOW`] bytes of credit each
-//! way; the receiver may widen it with `Credit` up to
-//! [`session::SessionConfig::window`] while its session-wide receive budget
-//! allows, and returns `Credit` as it delivers bytes to their destination.
+//! way; the receiver may widen it with `Credit` while its session-wide
+//! receive budget allows, never beyond [`stream::MAX_WINDOW`] (the receiver
+//! picks how far: see `window`), and returns `Credit` as it delivers bytes
+//! to their destination.
 //! A `Data` frame costs its length in credit, but at least
 //! [`stream::MIN_DATA_COST`], so the number of frames a receiver queues is
 //! bounded too. A peer that overruns its window, sends a frame larger than
@@ -61,6 +62,7 @@ pub mod socket;
 pub mod stream;
 pub mod tcp;
 pub mod udp;
+mod window;
 
 pub use auth::{ClientKey, ClientPublicKey};
 pub use codec::{DecodeError, Frame};

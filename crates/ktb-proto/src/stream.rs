@@ -19,6 +19,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,6 +33,10 @@ use crate::session::{frame, local_close, CloseReason, Inner};
 /// (version 3): a sender may send this much at once, before it hears
 /// anything from the receiver, who may then widen the window with `Credit`.
 pub const INITIAL_WINDOW: u32 = 64 * 1024;
+/// The widest window a receiver may grant one stream. Part of the protocol
+/// (version 4): a sender refuses credit beyond it, so both ends must agree
+/// on it, whatever window each end's own configuration grants.
+pub const MAX_WINDOW: u32 = 16 * 1024 * 1024;
 /// The least credit one `Data` frame costs, whatever its length, so that a
 /// receiver queues at most window / `MIN_DATA_COST` frames for a stream: a
 /// frame's bookkeeping would otherwise cost more than its bytes.
@@ -65,9 +70,10 @@ pub(crate) struct StreamSlot {
     inbound: mpsc::UnboundedSender<Inbound>,
     credit: Arc<Semaphore>,
     in_flight: Arc<AtomicU32>,
-    /// The receive window granted to the peer: [`INITIAL_WINDOW`], or the
-    /// session's `window` when its receive budget allowed widening.
-    pub(crate) window: u32,
+    /// The receive window granted to the peer, shared with the [`Stream`]
+    /// that resizes it (see [`crate::window`]): from [`INITIAL_WINDOW`] to
+    /// the session's `lone_window`, as far as its receive budget allows.
+    window: Arc<AtomicU32>,
     /// The peer sent `Fin`: it may send nothing more on this stream.
     fin_received: bool,
     /// `Some` until the peer answers a stream this side opened.
@@ -96,12 +102,12 @@ impl StreamSlot {
             .in_flight
             .fetch_add(cost, Ordering::AcqRel)
             .saturating_add(cost);
-        if in_flight > self.window {
+        let window = self.window();
+        if in_flight > window {
             return Err(local_close(
                 close_code::FLOW_CONTROL,
                 format!(
-                    "the peer sent {in_flight} bytes of credit on stream {id}, whose window is {}",
-                    self.window
+                    "the peer sent {in_flight} bytes of credit on stream {id}, whose window is {window}"
                 ),
             ));
         }
@@ -126,24 +132,19 @@ impl StreamSlot {
         let _ = self.inbound.send(inbound);
     }
 
-    /// Adds credit, refusing grants beyond the largest window a receiver
-    /// may grant (`max_window`): the peer would be inventing credit.
-    pub(crate) fn grant(
-        &mut self,
-        id: StreamId,
-        bytes: u32,
-        max_window: u32,
-    ) -> Result<(), CloseReason> {
+    /// Adds credit, refusing grants beyond the widest window a receiver
+    /// may grant ([`MAX_WINDOW`]): the peer would be inventing credit.
+    pub(crate) fn grant(&mut self, id: StreamId, bytes: u32) -> Result<(), CloseReason> {
         if self
             .credit
             .available_permits()
             .saturating_add(bytes as usize)
-            > max_window as usize
+            > MAX_WINDOW as usize
         {
             return Err(local_close(
                 close_code::FLOW_CONTROL,
                 format!(
-                    "the peer granted {bytes} bytes of credit on stream {id}, beyond the window of {max_window}"
+                    "the peer granted {bytes} bytes of credit on stream {id}, beyond the window of {MAX_WINDOW}"
                 ),
             ));
         }
@@ -169,7 +170,17 @@ impl StreamSlot {
     /// (the window granted to the peer, the credit it used that this side
     /// has not returned yet: bytes queued or being written out).
     pub(crate) fn receive_usage(&self) -> (u32, u32) {
-        (self.window, self.in_flight.load(Ordering::Acquire))
+        (self.window(), self.in_flight.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn window(&self) -> u32 {
+        self.window.load(Ordering::Acquire)
+    }
+
+    /// Sets the window; only under the session's state lock, which keeps
+    /// the windows' sum within the receive budget.
+    pub(crate) fn set_window(&self, window: u32) {
+        self.window.store(window, Ordering::Release);
     }
 
     /// Kills the stream: wakes both halves of its bridge with `reason`.
@@ -200,7 +211,7 @@ pub struct Stream {
     id: StreamId,
     inner: Arc<Inner>,
     /// This side's receive window (see [`StreamSlot::window`]).
-    window: u32,
+    window: Arc<AtomicU32>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     credit: Arc<Semaphore>,
     in_flight: Arc<AtomicU32>,
@@ -226,6 +237,7 @@ impl Stream {
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
         let credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
         let in_flight = Arc::new(AtomicU32::new(0));
+        let window = Arc::new(AtomicU32::new(window));
         let (opened_tx, opened_rx) = if opened_here {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -236,7 +248,7 @@ impl Stream {
             inbound: inbound_tx,
             credit: Arc::clone(&credit),
             in_flight: Arc::clone(&in_flight),
-            window,
+            window: Arc::clone(&window),
             fin_received: false,
             opened: opened_tx,
             opened_here,
@@ -314,7 +326,7 @@ impl Stream {
             let down = downstream(
                 self.id,
                 &self.inner,
-                self.window,
+                &self.window,
                 &mut self.inbound,
                 &self.in_flight,
                 writer,
@@ -397,17 +409,16 @@ async fn upstream<R: AsyncRead + Unpin>(
     }
 }
 
-/// Peer → local: write, return credit, honour `Fin` and `Reset`.
+/// Peer → local: write, return credit (resizing the window as it goes),
+/// honour `Fin` and `Reset`.
 async fn downstream<W: AsyncWrite + Unpin>(
     id: StreamId,
     inner: &Inner,
-    window: u32,
+    window: &AtomicU32,
     inbound: &mut mpsc::UnboundedReceiver<Inbound>,
     in_flight: &AtomicU32,
     mut writer: W,
 ) -> Result<(), StreamError> {
-    // Returning credit in quarters keeps the sender busy without a frame per write.
-    let threshold = (window / 4).max(1);
     let mut unreturned = 0u32;
     loop {
         let Some(inbound) = inbound.recv().await else {
@@ -417,13 +428,16 @@ async fn downstream<W: AsyncWrite + Unpin>(
             Inbound::Data(bytes) => {
                 writer.write_all(&bytes).await.map_err(StreamError::Local)?;
                 unreturned += data_cost(bytes.len());
-                if unreturned >= threshold {
+                // Returning credit in quarters keeps the sender busy
+                // without a frame per write.
+                if unreturned >= (window.load(Ordering::Acquire) / 4).max(1) {
+                    // Before the window narrows, so the reader never
+                    // compares the old usage with the new window.
                     in_flight.fetch_sub(unreturned, Ordering::AcqRel);
-                    let credit = Frame::Credit {
-                        stream: id,
-                        bytes: unreturned,
-                    };
-                    inner.send_control(frame(credit));
+                    let bytes = inner.resize_window(id, unreturned, Instant::now());
+                    if bytes > 0 {
+                        inner.send_control(frame(Frame::Credit { stream: id, bytes }));
+                    }
                     unreturned = 0;
                 }
             }
