@@ -213,16 +213,23 @@ pub async fn latency(
     round_trips: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let tcp = connect(addr, mode).await?;
-    time_round_trips(tcp, round_trips, STEP_LIMIT).await
+    let samples = time_round_trips(tcp, round_trips, STEP_LIMIT).await?;
+    Ok(p50_p99(samples))
+}
+
+/// p50 and p99 of round trips in µs.
+fn p50_p99(mut samples: Vec<f64>) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    (quantile(&samples, 0.50), quantile(&samples, 0.99))
 }
 
 /// Up to `count` round trips on `tcp`, fewer if `within` runs out first
-/// (at least one is always taken): p50 and p99 in µs.
+/// (at least one is always taken): each one's time in µs, in order.
 async fn time_round_trips(
     mut tcp: TcpStream,
     count: usize,
     within: Duration,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Vec<f64>> {
     let deadline = Instant::now() + within;
     let request = vec![0x42u8; 1024];
     let mut response = vec![0u8; 1024];
@@ -236,8 +243,7 @@ async fn time_round_trips(
             break;
         }
     }
-    samples.sort_by(f64::total_cmp);
-    Ok((quantile(&samples, 0.50), quantile(&samples, 0.99)))
+    Ok(samples)
 }
 
 /// p50 and p99 in µs of up to `round_trips` 1 KiB round trips (as many as
@@ -267,7 +273,32 @@ pub async fn latency_beside_bulk(
     }
     .await;
     bulk.abort();
-    result
+    let samples = result?;
+    print_first_round_trips(&samples);
+    Ok(p50_p99(samples))
+}
+
+/// The first round trips beside bulk, and the p99 of the rest: whether a
+/// p99 comes from the queue the request stream met when it started, or
+/// from the queue it keeps meeting.
+fn print_first_round_trips(samples: &[f64]) {
+    /// As many as a queue drained in the first second could delay.
+    const FIRST: usize = 5;
+    if samples.len() <= FIRST {
+        return;
+    }
+    let first: Vec<String> = samples[..FIRST]
+        .iter()
+        .map(|us| format!("{:.1}", us / 1e3))
+        .collect();
+    let (_, rest_p99) = p50_p99(samples[FIRST..].to_vec());
+    // On stderr: a load run in a laptop's namespace answers on stdout.
+    eprintln!(
+        "  beside bulk: the first {FIRST} round trips {} ms; p99 of the other {} {:.1} ms",
+        first.join(", "),
+        samples.len() - FIRST,
+        rest_p99 / 1e3
+    );
 }
 
 /// `connections` callers at once, each echoing `bytes_each`; connecting is
