@@ -1254,7 +1254,8 @@ mod tests {
         assert_eq!(echoed.len(), total);
     }
 
-    /// Echoes `bytes` through a new stream of `session` that stays open.
+    /// Bridges `stream` to a pipe and echoes `bytes` through it; returns
+    /// the pipe's ends, so the stream stays open for more.
     async fn echo_through(
         stream: Stream,
         bytes: usize,
