@@ -405,8 +405,7 @@ pub async fn new_connection(
         );
         samples.push(start.elapsed().as_secs_f64() * 1e6);
     }
-    samples.sort_by(f64::total_cmp);
-    Ok((quantile(&samples, 0.50), quantile(&samples, 0.99)))
+    Ok(p50_p99(samples))
 }
 
 #[cfg(test)]
