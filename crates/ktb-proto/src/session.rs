@@ -92,13 +92,14 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            // A stream moves at most a window per round trip, and the
-            // port-forward chain's buffers stretch its round trip under
-            // load to tens of milliseconds: 1 MiB held a bulk stream to
-            // about a third of the port-forward's own throughput.
-            // At 20 ms, 4 MiB kept a request beside a bulk stream within
-            // 3× the round trip, where 16 MiB made it wait 8×.
-            window: 4 * 1024 * 1024,
+            // What a stream beside others has in flight is what their
+            // requests queue behind in the path's buffers (the
+            // apiserver's, the kubelet's, a proxy's). At 20 ms a request
+            // beside a bulk echo waited at p99 4.0× the round trip with
+            // 4 MiB and 2.2–2.3× with 2 MiB (exchange; connect 4.4× and
+            // 2.4×), 8× with 16 MiB. A stream alone is not held to it
+            // (`lone_window`).
+            window: 2 * 1024 * 1024,
             // A stream alone delays no one: 16 MiB moved 0.91× a
             // port-forward's bulk at 20 ms, where 4 MiB moved 0.66×.
             lone_window: MAX_WINDOW,
@@ -112,10 +113,10 @@ impl Default for SessionConfig {
             // Room for a Service's real callers beside a flood of idle
             // ones (2,000 in the project's flood test) from the cluster.
             max_streams: 2048,
-            // 128 MiB so that 2048 streams can open, 64 MiB to run 16 of
-            // them at full speed. With every stream also holding at most
-            // one read chunk (96 MiB), the worst case stays under the
-            // agent pod's 384 MiB limit.
+            // 128 MiB so that 2048 streams can open, 64 MiB to widen 32
+            // of them side by side, or one alone. With every stream also
+            // holding at most one read chunk (96 MiB), the worst case
+            // stays under the agent pod's 384 MiB limit.
             receive_budget: 192 * 1024 * 1024,
         }
     }
