@@ -95,9 +95,9 @@ impl Default for SessionConfig {
             // What a stream beside others has in flight is what their
             // requests queue behind in the path's buffers (the
             // apiserver's, the kubelet's, a proxy's). At 20 ms a request
-            // beside a bulk echo waited at p99 4.0× the round trip with
-            // 4 MiB and 2.2–2.3× with 2 MiB (exchange; connect 4.4× and
-            // 2.4×), 8× with 16 MiB. A stream alone is not held to it
+            // beside a bulk echo waited at p99 3.6–4.0× the round trip
+            // with 4 MiB and 2.2–2.3× with 2 MiB (exchange; connect 4.4×
+            // and 2.4×), 8× with 16 MiB. A stream alone is not held to it
             // (`lone_window`).
             window: 2 * 1024 * 1024,
             // A stream alone delays no one: 16 MiB moved 0.91× a

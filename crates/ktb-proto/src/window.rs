@@ -6,7 +6,7 @@
 //! proxy's) ahead of every other stream's next request. Measured at 20 ms:
 //! a 16 MiB window moved 0.91× a port-forward's bulk where 4 MiB moved
 //! 0.66×, and made a request beside the bulk stream wait 8.2× the round
-//! trip instead of 3.4× (2 MiB: 2.2×, on a day when 4 MiB gave 4.0×).
+//! trip instead of 3.4× (2 MiB: 2.2×, on a day when 4 MiB gave 3.6–4.0×).
 //!
 //! So the receiver widens a stream to [`crate::SessionConfig::lone_window`]
 //! while no other stream has brought it data for [`QUIET_FOR`] (a bulk
