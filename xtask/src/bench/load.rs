@@ -217,7 +217,7 @@ pub async fn latency(
     Ok(p50_p99(samples))
 }
 
-/// p50 and p99 of round trips in µs.
+/// p50 and p99 of timings in µs (round trips, new connections).
 fn p50_p99(mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     (quantile(&samples, 0.50), quantile(&samples, 0.99))
