@@ -96,6 +96,10 @@ enum Bench {
     #[command(hide = true)]
     Measure {
         addr: std::net::SocketAddr,
+        /// Connect to ADDR through this SOCKS5 proxy (`ktb connect --mode
+        /// socks5`) instead of straight.
+        #[arg(long)]
+        socks5: Option<std::net::SocketAddr>,
         /// Sizes the load for a far apiserver, as the caller's `--rtt-ms`.
         #[arg(long, default_value_t = 0)]
         rtt_ms: u32,
@@ -128,7 +132,12 @@ fn main() -> anyhow::Result<()> {
         } => bench::connect(&workspace(), rtt_ms),
         Command::Bench { bench: Bench::Mesh } => bench::mesh(&workspace()),
         Command::Bench {
-            bench: Bench::Measure { addr, rtt_ms },
-        } => bench::measure_here(addr, rtt_ms),
+            bench:
+                Bench::Measure {
+                    addr,
+                    socks5,
+                    rtt_ms,
+                },
+        } => bench::measure_here(addr, socks5, rtt_ms),
     }
 }

@@ -5,8 +5,12 @@
 //!
 //! Per round: `ktb connect` is started and timed until its ready line; the
 //! load (bulk echo throughput, request/response round trips, new
-//! connections) runs from inside the laptop, through the port-forward and
-//! through connect to the Service's ClusterIP; DNS round trips for the
+//! connections) runs from inside the laptop, through the port-forward,
+//! through connect to the Service's ClusterIP, and through a second
+//! session, `ktb connect --mode socks5`, to the same ClusterIP: the same
+//! tunnel and agent without connect's userspace TCP stack, so the stack's
+//! own cost is the ratio of the two, measured in the same run; DNS round
+//! trips for the
 //! Service's name are timed from the laptop through ktb's resolver (one
 //! name asked again and again: answered from the cache) and, as the floor,
 //! from inside the echo pod straight to CoreDNS. Before it, a short
@@ -76,16 +80,20 @@ fn output(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// The echo load from inside the laptop (`xtask bench measure`).
-fn measure_on_laptop(addr: SocketAddr, rtt_ms: u32) -> anyhow::Result<Figures> {
+/// The echo load from inside the laptop (`xtask bench measure`), through
+/// the SOCKS5 proxy `socks5` when given.
+fn measure_on_laptop(
+    addr: SocketAddr,
+    socks5: Option<SocketAddr>,
+    rtt_ms: u32,
+) -> anyhow::Result<Figures> {
     let xtask = std::env::current_exe()?;
-    let text = output(on_laptop(xtask).args([
-        "bench",
-        "measure",
-        &addr.to_string(),
-        "--rtt-ms",
-        &rtt_ms.to_string(),
-    ]))?;
+    let mut measure = on_laptop(xtask);
+    measure.args(["bench", "measure", &addr.to_string()]);
+    if let Some(proxy) = socks5 {
+        measure.args(["--socks5", &proxy.to_string()]);
+    }
+    let text = output(measure.args(["--rtt-ms", &rtt_ms.to_string()]))?;
     Figures::from_json(&serde_json::from_str(&text)?)
 }
 
@@ -129,9 +137,10 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
     )?;
     let forwarded: SocketAddr = ([127, 0, 0, 1], forwarded_port).into();
 
+    let socks5_proxy: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let ktb = workspace.join("target/release/ktb");
     let mut ready = Vec::new();
-    let mut figures: [Vec<Figures>; 2] = Default::default();
+    let mut figures: [Vec<Figures>; 3] = Default::default();
     let mut dns: [Vec<(f64, f64)>; 3] = Default::default();
     let start_connect = |log: &PathBuf, extra: &[&str]| -> anyhow::Result<Process> {
         let connect = Process::spawn(
@@ -164,10 +173,7 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
             &["--dns-cache-ttl", "0"],
         )?;
         dns[2].push(ktb_dns()?);
-        Command::new("kill")
-            .args(["-INT", &uncached.pid().to_string()])
-            .status()?;
-        uncached.wait_exit(Duration::from_secs(30))?;
+        stop(uncached)?;
 
         eprintln!("round {round}/{ROUNDS}: starting ktb connect on {LAPTOP}");
         let started = Instant::now();
@@ -175,8 +181,20 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
         ready.push(started.elapsed().as_secs_f64());
 
         eprintln!("round {round}/{ROUNDS}: load through kubectl port-forward and ktb connect");
-        figures[0].push(measure_on_laptop(forwarded, rtt_ms).context("kubectl port-forward")?);
-        figures[1].push(measure_on_laptop(service, rtt_ms).context("ktb connect")?);
+        figures[0]
+            .push(measure_on_laptop(forwarded, None, rtt_ms).context("kubectl port-forward")?);
+        figures[1].push(measure_on_laptop(service, None, rtt_ms).context("ktb connect")?);
+
+        eprintln!("round {round}/{ROUNDS}: load through ktb connect --mode socks5");
+        let socks5 = start_connect(
+            &scratch.join(format!("ktb-socks5-{round}.log")),
+            &["--mode", "socks5", "--socks", &socks5_proxy.to_string()],
+        )?;
+        figures[2].push(
+            measure_on_laptop(service, Some(socks5_proxy), rtt_ms)
+                .context("ktb connect --mode socks5")?,
+        );
+        stop(socks5)?;
 
         eprintln!("round {round}/{ROUNDS}: DNS from the pod (floor) and through ktb connect");
         dns[0].push(dns_figures(&cluster.kubectl(&[
@@ -192,14 +210,10 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
             DNS_QUERIES,
         ])?)?);
         dns[1].push(ktb_dns()?);
-
-        Command::new("kill")
-            .args(["-INT", &connect.pid().to_string()])
-            .status()?;
-        connect.wait_exit(Duration::from_secs(30))?;
+        stop(connect)?;
     }
 
-    let (raw, ktb) = (Figures::median(&figures[0]), Figures::median(&figures[1]));
+    let [raw, ktb, socks5] = figures.map(|rounds| Figures::median(&rounds));
     let dns_median = |rounds: &[(f64, f64)]| {
         (
             median(rounds.iter().map(|r| r.0).collect()),
@@ -213,7 +227,11 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
     );
     let ready_s = median(ready);
     println!();
-    let paths = [("kubectl port-forward", &raw), ("ktb connect", &ktb)];
+    let paths = [
+        ("kubectl port-forward", &raw),
+        ("ktb connect", &ktb),
+        ("ktb connect, socks5", &socks5),
+    ];
     print_table(&paths);
     println!();
     print_cpu_table(&paths);
@@ -223,6 +241,11 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
         ktb.mib_per_s / raw.mib_per_s,
         ktb.rr_p50_us / raw.rr_p50_us,
         ktb.connect_p50_us / raw.connect_p50_us,
+    );
+    println!(
+        "ktb connect vs the same tunnel without its TCP stack (socks5): throughput {:.2}x, RR p50 {:.2}x",
+        ktb.mib_per_s / socks5.mib_per_s,
+        ktb.rr_p50_us / socks5.rr_p50_us,
     );
     println!(
         "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect, first query (cache off) {:.0}/{:.0} µs, {:.2} ms over the floor; repeated name (cached) {:.0}/{:.0} µs",
@@ -243,6 +266,7 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
         "rtt_ms": rtt_ms,
         "port_forward": raw.to_json(),
         "ktb_connect": ktb.to_json(),
+        "ktb_connect_socks5": socks5.to_json(),
         "dns_us": {
             "floor_p50": floor.0, "floor_p99": floor.1,
             "ktb_first_p50": first.0, "ktb_first_p99": first.1,
@@ -254,12 +278,24 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
             "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
             "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
         },
+        "ratio_vs_socks5": {
+            "throughput": ktb.mib_per_s / socks5.mib_per_s,
+            "rr_p50": ktb.rr_p50_us / socks5.rr_p50_us,
+        },
     });
     let out = workspace.join(super::far::report_name("connect", rtt_ms));
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// Interrupts a `ktb connect` as Ctrl-C would and waits for it to exit.
+fn stop(connect: Process) -> anyhow::Result<()> {
+    Command::new("kill")
+        .args(["-INT", &connect.pid().to_string()])
+        .status()?;
+    connect.wait_exit(Duration::from_secs(30))
 }
 
 /// Polls a log file until it holds `line`.

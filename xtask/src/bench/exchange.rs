@@ -35,7 +35,7 @@ use super::cpu::CpuSample;
 use super::far::FarApiserver;
 use super::figures::{median, print_cpu_table, print_table, Figures};
 use super::kt_connect::KtConnectPath;
-use super::load::{self, limited, LocalServer};
+use super::load::{self, limited, LocalServer, Target};
 use super::paths::{port_forward, Process};
 use crate::cluster::Admin;
 
@@ -108,16 +108,24 @@ spec:
   ports: [{port: 9000, targetPort: 9000}]
 "#;
 
-/// `xtask bench measure ADDR [--rtt-ms N]`: the echo load against ADDR
-/// from wherever this process runs (the connect benchmark runs it inside a
-/// laptop's network namespace), printed as JSON.
-pub fn measure_here(addr: SocketAddr, rtt_ms: u32) -> anyhow::Result<()> {
+/// `xtask bench measure ADDR [--socks5 PROXY] [--rtt-ms N]`: the echo load
+/// against ADDR (through a SOCKS5 proxy when given) from wherever this
+/// process runs (the connect benchmark runs it inside a laptop's network
+/// namespace), printed as JSON.
+pub fn measure_here(
+    addr: SocketAddr,
+    socks5: Option<SocketAddr>,
+    rtt_ms: u32,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let figures = runtime.block_on(async {
-        super::wait_until_listening(addr, "the echo server").await?;
-        measure(addr, None, Load::for_rtt(rtt_ms)).await
+        match socks5 {
+            Some(proxy) => super::wait_until_listening(proxy, "the SOCKS5 proxy").await?,
+            None => super::wait_until_listening(addr, "the echo server").await?,
+        }
+        measure(Target { addr, socks5 }, None, Load::for_rtt(rtt_ms)).await
     })?;
     println!("{}", figures.to_json());
     Ok(())
@@ -203,17 +211,17 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
             "round {round}/{ROUNDS}: measuring kubectl port-forward, ktb exchange, kt-connect"
         );
         figures[0].push(
-            measure(forwarded, None, load)
+            measure(forwarded.into(), None, load)
                 .await
                 .context("kubectl port-forward")?,
         );
         figures[1].push(
-            measure(service, Some(b'E'), load)
+            measure(service.into(), Some(b'E'), load)
                 .await
                 .context("ktb exchange")?,
         );
         figures[2].push(
-            measure(kt_connect.entry, Some(b'E'), load)
+            measure(kt_connect.entry.into(), Some(b'E'), load)
                 .await
                 .context("kt-connect")?,
         );
@@ -226,13 +234,13 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
 
         eprintln!("round {round}/{ROUNDS}: direct TCP to the pod, ktb exchange --transport direct");
         figures[3].push(
-            measure(straight, None, load)
+            measure(straight.into(), None, load)
                 .await
                 .context("direct TCP to the pod")?,
         );
         let (exchange, _) = exchanges.start("direct", round).await?;
         figures[4].push(
-            measure(service, Some(b'E'), load)
+            measure(service.into(), Some(b'E'), load)
                 .await
                 .context("ktb exchange --transport direct")?,
         );
@@ -388,21 +396,21 @@ impl Exchanges<'_> {
     }
 }
 
-async fn measure(addr: SocketAddr, mode: Option<u8>, load: Load) -> anyhow::Result<Figures> {
+async fn measure(to: Target, mode: Option<u8>, load: Load) -> anyhow::Result<Figures> {
     let cpu_before = CpuSample::take()?;
-    let mib_per_s = limited("bulk echo", load::echo_throughput(addr, mode, BULK_BYTES)).await?;
+    let mib_per_s = limited("bulk echo", load::echo_throughput(to, mode, BULK_BYTES)).await?;
     let (cpu, cpu_by_program) = CpuSample::take()?.since(&cpu_before);
     let gib_moved = 2.0 * BULK_BYTES as f64 / f64::from(1u32 << 30);
     let (rr_p50_us, rr_p99_us) =
-        limited("round trips", load::latency(addr, mode, load.round_trips)).await?;
+        limited("round trips", load::latency(to, mode, load.round_trips)).await?;
     let (connect_p50_us, connect_p99_us) = limited(
         "new connections",
-        load::new_connection(addr, mode, load.new_connections),
+        load::new_connection(to, mode, load.new_connections),
     )
     .await?;
     let (_, beside_bulk_p99_us) = limited(
         "round trips beside bulk",
-        load::latency_beside_bulk(addr, mode, load.round_trips),
+        load::latency_beside_bulk(to, mode, load.round_trips),
     )
     .await?;
     Ok(Figures {

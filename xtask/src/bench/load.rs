@@ -108,14 +108,76 @@ async fn serve(mut tcp: TcpStream) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
+/// Where a measurement's connections go.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// The echo server (or this module's server) measured.
+    pub addr: SocketAddr,
+    /// `None`: `addr` is dialled straight. `Some(proxy)`: every connection
+    /// is a SOCKS5 CONNECT to `addr` through the proxy listening there.
+    pub socks5: Option<SocketAddr>,
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Target {
+        Target { addr, socks5: None }
+    }
+}
+
 /// Connects and, for servers of this module, sends the mode byte; plain
 /// echo servers (in-cluster workloads) get `None`.
-async fn connect(addr: SocketAddr, mode: Option<u8>) -> anyhow::Result<TcpStream> {
-    let mut tcp = TcpStream::connect(addr).await?;
+async fn connect(to: Target, mode: Option<u8>) -> anyhow::Result<TcpStream> {
+    let mut tcp = match to.socks5 {
+        None => TcpStream::connect(to.addr).await?,
+        Some(proxy) => socks5_connect(proxy, to.addr).await?,
+    };
     tcp.set_nodelay(true)?;
     if let Some(mode) = mode {
         tcp.write_u8(mode).await?;
     }
+    Ok(tcp)
+}
+
+/// A connection to `addr` through the SOCKS5 proxy at `proxy` (RFC 1928:
+/// no authentication, CONNECT), returned once the proxy says it is made.
+async fn socks5_connect(proxy: SocketAddr, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut tcp = TcpStream::connect(proxy).await?;
+    tcp.write_all(&[5, 1, 0]).await?;
+    let mut choice = [0u8; 2];
+    tcp.read_exact(&mut choice).await?;
+    anyhow::ensure!(
+        choice == [5, 0],
+        "the SOCKS5 proxy refused no-auth: {choice:?}"
+    );
+    let mut request = vec![5, 1, 0];
+    match addr {
+        SocketAddr::V4(v4) => {
+            request.push(1);
+            request.extend(v4.ip().octets());
+        }
+        SocketAddr::V6(v6) => {
+            request.push(4);
+            request.extend(v6.ip().octets());
+        }
+    }
+    request.extend(addr.port().to_be_bytes());
+    tcp.write_all(&request).await?;
+    let mut head = [0u8; 4];
+    tcp.read_exact(&mut head).await?;
+    anyhow::ensure!(
+        head[..2] == [5, 0],
+        "the SOCKS5 proxy could not reach {addr}: reply {}",
+        head[1]
+    );
+    // The bound address, which a tunnel's proxy does not make meaningful.
+    let bound = match head[3] {
+        1 => 4,
+        4 => 16,
+        3 => usize::from(tcp.read_u8().await?),
+        other => anyhow::bail!("the SOCKS5 proxy replied address type {other}"),
+    };
+    let mut rest = vec![0u8; bound + 2];
+    tcp.read_exact(&mut rest).await?;
     Ok(tcp)
 }
 
@@ -132,7 +194,8 @@ pub async fn measure(
     bytes_each: usize,
 ) -> anyhow::Result<Figures> {
     let throughput_gbps = limited("throughput", throughput(addr, throughput_bytes)).await?;
-    let (p50_us, p99_us) = limited("latency", latency(addr, Some(b'E'), round_trips)).await?;
+    let (p50_us, p99_us) =
+        limited("latency", latency(addr.into(), Some(b'E'), round_trips)).await?;
     let (concurrent_ms, concurrent_errors) =
         limited("concurrency", concurrency(addr, connections, bytes_each)).await?;
     Ok(Figures {
@@ -164,7 +227,7 @@ async fn throughput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
 /// MiB/s of one stream carrying `bytes` to this module's server (its sink),
 /// timed until the sink confirms the count.
 pub async fn upload(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
-    let mut tcp = connect(addr, Some(b'S')).await?;
+    let mut tcp = connect(addr.into(), Some(b'S')).await?;
     let chunk = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
     let mut sent = 0u64;
@@ -186,7 +249,7 @@ pub async fn upload(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
 /// MiB/s of one stream carrying `bytes` from this module's server (its
 /// source), timed from the request to the stream's end.
 pub async fn download(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
-    let mut tcp = connect(addr, Some(b'D')).await?;
+    let mut tcp = connect(addr.into(), Some(b'D')).await?;
     let start = Instant::now();
     tcp.write_u64(bytes).await?;
     let mut buf = vec![0u8; 256 * 1024];
@@ -208,11 +271,11 @@ pub async fn download(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
 /// p50 and p99 in µs of 1 KiB request/response round trips, one at a
 /// time on one connection.
 pub async fn latency(
-    addr: SocketAddr,
+    to: Target,
     mode: Option<u8>,
     round_trips: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let tcp = connect(addr, mode).await?;
+    let tcp = connect(to, mode).await?;
     let samples = time_round_trips(tcp, round_trips, STEP_LIMIT).await?;
     Ok(p50_p99(samples))
 }
@@ -252,7 +315,7 @@ async fn time_round_trips(
 /// ways ([`echo_throughput`]): how long a request waits behind bulk data
 /// queued on the path.
 pub async fn latency_beside_bulk(
-    addr: SocketAddr,
+    to: Target,
     mode: Option<u8>,
     round_trips: usize,
 ) -> anyhow::Result<(f64, f64)> {
@@ -261,14 +324,14 @@ pub async fn latency_beside_bulk(
     /// A bound on the bulk stream: far more than it moves while the round
     /// trips run; it is stopped when they end.
     const BULK_BYTES: usize = 64 << 30;
-    let bulk = tokio::spawn(echo_throughput(addr, mode, BULK_BYTES));
+    let bulk = tokio::spawn(echo_throughput(to, mode, BULK_BYTES));
     tokio::time::sleep(FILL).await;
     let result = async {
         anyhow::ensure!(
             !bulk.is_finished(),
             "the bulk stream ended before the round trips began"
         );
-        let tcp = connect(addr, mode).await?;
+        let tcp = connect(to, mode).await?;
         time_round_trips(tcp, round_trips, BESIDE_BULK_FOR).await
     }
     .await;
@@ -316,7 +379,7 @@ async fn concurrency(
             let pacing = Arc::clone(&pacing);
             tokio::spawn(async move {
                 let permit = pacing.acquire_owned().await?;
-                let tcp = connect(addr, Some(b'E')).await?;
+                let tcp = connect(addr.into(), Some(b'E')).await?;
                 drop(permit);
                 echo_exactly(tcp, bytes_each).await
             })
@@ -350,12 +413,8 @@ async fn echo_exactly(tcp: TcpStream, bytes: usize) -> anyhow::Result<()> {
 
 /// MiB/s of `bytes` echoed back (written and read at once on one
 /// connection): the bulk figure for paths whose far end only echoes.
-pub async fn echo_throughput(
-    addr: SocketAddr,
-    mode: Option<u8>,
-    bytes: usize,
-) -> anyhow::Result<f64> {
-    let tcp = connect(addr, mode).await?;
+pub async fn echo_throughput(to: Target, mode: Option<u8>, bytes: usize) -> anyhow::Result<f64> {
+    let tcp = connect(to, mode).await?;
     let start = Instant::now();
     let (mut r, mut w) = tcp.into_split();
     // Both halves in this task, not a spawned writer: a caller that drops
@@ -390,14 +449,14 @@ pub async fn echo_throughput(
 
 /// p50 and p99 in µs of a new connection until its first echoed byte.
 pub async fn new_connection(
-    addr: SocketAddr,
+    to: Target,
     mode: Option<u8>,
     connections: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let mut samples = Vec::with_capacity(connections);
     for _ in 0..connections {
         let start = Instant::now();
-        let mut tcp = connect(addr, mode).await?;
+        let mut tcp = connect(to, mode).await?;
         tcp.write_u8(0x7e).await?;
         anyhow::ensure!(
             tcp.read_u8().await? == 0x7e,
@@ -418,10 +477,52 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn round_trips_beside_bulk_are_timed_on_loopback() {
         let server = LocalServer::start().await.unwrap();
-        let (p50, p99) = latency_beside_bulk(server.addr, Some(b'E'), 50)
+        let (p50, p99) = latency_beside_bulk(server.addr.into(), Some(b'E'), 50)
             .await
             .unwrap();
         assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} µs, p99 {p99} µs");
+    }
+
+    /// Through a SOCKS5 proxy that checks the request it gets and relays
+    /// to the address asked for: round trips to this module's server come
+    /// back through it (not around it), so [`socks5_connect`] speaks what
+    /// a proxy expects.
+    #[tokio::test]
+    async fn round_trips_go_through_a_socks5_proxy() {
+        let server = LocalServer::start().await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let relay = tokio::spawn(async move {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let mut greeting = [0u8; 3];
+            client.read_exact(&mut greeting).await.unwrap();
+            assert_eq!(greeting, [5, 1, 0], "greeting: SOCKS5, one method, no-auth");
+            client.write_all(&[5, 0]).await.unwrap();
+            let mut request = [0u8; 10];
+            client.read_exact(&mut request).await.unwrap();
+            assert_eq!(request[..4], [5, 1, 0, 1], "CONNECT to an IPv4 address");
+            let ip = std::net::Ipv4Addr::new(request[4], request[5], request[6], request[7]);
+            let port = u16::from_be_bytes([request[8], request[9]]);
+            let mut upstream = TcpStream::connect((ip, port)).await.unwrap();
+            client
+                .write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        });
+        let to = Target {
+            addr: server.addr,
+            socks5: Some(proxy),
+        };
+        let (p50, p99) = tokio::time::timeout(Duration::from_secs(30), latency(to, Some(b'E'), 20))
+            .await
+            .expect("round trips through the proxy within 30 s")
+            .unwrap();
+        assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} µs, p99 {p99} µs");
+        tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the round trips went through the proxy, which then ended")
+            .unwrap();
     }
 
     /// The bulk stream of [`latency_beside_bulk`] is stopped by dropping
@@ -430,7 +531,7 @@ mod tests {
     async fn an_aborted_bulk_stream_closes_its_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let bulk = tokio::spawn(echo_throughput(
-            listener.local_addr().unwrap(),
+            listener.local_addr().unwrap().into(),
             None,
             64 << 30,
         ));
