@@ -731,22 +731,26 @@ fn never_opened(inner: &Inner, state: &State, id: StreamId) -> bool {
         }
 }
 
-/// Whether stream `id` is open: `Ok(false)` for one that ended (its late
-/// frames are ignored), an error for one that never existed.
-fn is_open(inner: &Inner, state: &State, id: StreamId, what: &str) -> Result<bool, CloseReason> {
-    if state.streams.contains_key(&id) {
-        return Ok(true);
-    }
+/// The slot of stream `id` if it is open: `Ok(None)` for one that ended
+/// (its late frames are ignored), an error for one that never existed. An
+/// open stream is never one that [`never_opened`] rules out, so that check
+/// may come first and the map be searched once.
+fn open_slot<'s>(
+    inner: &Inner,
+    state: &'s mut State,
+    id: StreamId,
+    what: &str,
+) -> Result<Option<&'s mut StreamSlot>, CloseReason> {
     if never_opened(inner, state, id) {
         return Err(local_close(
             close_code::MALFORMED,
             format!("{what} for stream {id}, which was never opened"),
         ));
     }
-    Ok(false)
+    Ok(state.streams.get_mut(&id))
 }
 
-/// Runs `f` on the slot of an open stream (see [`is_open`]).
+/// Runs `f` on the slot of an open stream (see [`open_slot`]).
 fn with_slot(
     inner: &Inner,
     id: StreamId,
@@ -754,10 +758,10 @@ fn with_slot(
     f: impl FnOnce(&mut StreamSlot) -> Result<(), CloseReason>,
 ) -> Result<(), CloseReason> {
     let mut state = inner.state.lock().expect("state lock");
-    if !is_open(inner, &state, id, what)? {
-        return Ok(());
+    match open_slot(inner, &mut state, id, what)? {
+        Some(slot) => f(slot),
+        None => Ok(()),
     }
-    f(state.streams.get_mut(&id).expect("checked just above"))
 }
 
 /// Routes one frame from the peer. Never waits: queues towards the
@@ -772,8 +776,7 @@ fn dispatch(
     match decoded {
         Frame::Data { stream, payload } => {
             let mut state = inner.state.lock().expect("state lock");
-            if is_open(inner, &state, stream, "Data")? {
-                let slot = state.streams.get_mut(&stream).expect("checked just above");
+            if let Some(slot) = open_slot(inner, &mut state, stream, "Data")? {
                 slot.deliver_data(stream, &payload)?;
                 state.activity.record(stream, Instant::now());
             }
@@ -782,9 +785,9 @@ fn dispatch(
         Frame::Reset { stream, reason } => {
             let removed = {
                 let mut state = inner.state.lock().expect("state lock");
-                match is_open(inner, &state, stream, "Reset")? {
-                    true => state.remove(stream),
-                    false => None,
+                match open_slot(inner, &mut state, stream, "Reset")? {
+                    Some(_) => state.remove(stream),
+                    None => None,
                 }
             };
             if let Some(slot) = removed {
