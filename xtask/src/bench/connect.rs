@@ -55,7 +55,8 @@ pub fn connect(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
     );
     let cluster = Admin::find()?;
     deploy_echo(&cluster)?;
-    let result = run(workspace, &cluster, &probe, rtt_ms);
+    let scratch = super::tempdir(workspace)?;
+    let result = super::settle(&scratch, run(workspace, &scratch, &cluster, &probe, rtt_ms));
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed
@@ -106,9 +107,14 @@ fn dns_figures(text: &str) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::Result<()> {
-    let scratch = super::tempdir(workspace)?;
-    let far = FarApiserver::start_if_far(Some(LAPTOP), rtt_ms, cluster, &scratch)?;
+fn run(
+    workspace: &Path,
+    scratch: &Path,
+    cluster: &Admin,
+    probe: &Path,
+    rtt_ms: u32,
+) -> anyhow::Result<()> {
+    let far = FarApiserver::start_if_far(Some(LAPTOP), rtt_ms, cluster, scratch)?;
     // The laptop's kubeconfig: through the proxy when far.
     let kubeconfig = far
         .as_ref()
@@ -286,7 +292,6 @@ fn run(workspace: &Path, cluster: &Admin, probe: &Path, rtt_ms: u32) -> anyhow::
     let out = workspace.join(super::far::report_name("connect", rtt_ms));
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
 

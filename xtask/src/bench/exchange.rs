@@ -138,15 +138,18 @@ pub fn exchange(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
         .build()?;
     let cluster = Admin::find()?;
     deploy_echo(&cluster)?;
-    let result = runtime.block_on(run(workspace, &cluster, rtt_ms));
+    let scratch = super::tempdir(workspace)?;
+    let result = super::settle(
+        &scratch,
+        runtime.block_on(run(workspace, &scratch, &cluster, rtt_ms)),
+    );
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed
 }
 
-async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> {
-    let scratch = super::tempdir(workspace)?;
-    let far = FarApiserver::start_if_far(None, rtt_ms, near, &scratch)?;
+async fn run(workspace: &Path, scratch: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> {
+    let far = FarApiserver::start_if_far(None, rtt_ms, near, scratch)?;
     // Every client of the apiserver from here on: far when asked for.
     let cluster = &far
         .as_ref()
@@ -175,7 +178,7 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
         &scratch.join("port-forward.log"),
     )
     .await?;
-    let kt_connect = KtConnectPath::start(cluster, NAMESPACE, &scratch, local.addr)
+    let kt_connect = KtConnectPath::start(cluster, NAMESPACE, scratch, local.addr)
         .await
         .context("setting up kt-connect's path (sshd pod, port-forward, ssh -R)")?;
 
@@ -195,7 +198,7 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
         local: local.addr,
         service,
         original_selector,
-        scratch: &scratch,
+        scratch,
     };
     let mut ready = Vec::new();
     let mut restore = Vec::new();
@@ -330,7 +333,6 @@ async fn run(workspace: &Path, near: &Admin, rtt_ms: u32) -> anyhow::Result<()> 
     let out = workspace.join(super::far::report_name("exchange", rtt_ms));
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
 

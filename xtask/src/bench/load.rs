@@ -19,6 +19,10 @@ use tokio::task::JoinHandle;
 const STEP_LIMIT: Duration = Duration::from_secs(300);
 /// How long round trips beside a bulk stream are taken for at most.
 const BESIDE_BULK_FOR: Duration = Duration::from_secs(20);
+/// One round trip that takes longer than this is a failure: behind the
+/// port-forward's queue at 20 ms the slowest came back in about 2 s, and
+/// one that never did held its run for the whole [`STEP_LIMIT`].
+const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
@@ -297,10 +301,20 @@ async fn time_round_trips(
     let request = vec![0x42u8; 1024];
     let mut response = vec![0u8; 1024];
     let mut samples = Vec::with_capacity(count);
-    for _ in 0..count {
+    for taken in 0..count {
         let start = Instant::now();
-        tcp.write_all(&request).await?;
-        tcp.read_exact(&mut response).await?;
+        let round_trip = async {
+            tcp.write_all(&request).await?;
+            tcp.read_exact(&mut response).await
+        };
+        tokio::time::timeout(ROUND_TRIP_LIMIT, round_trip)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "round trip {} had no answer within {ROUND_TRIP_LIMIT:?}",
+                    taken + 1
+                )
+            })??;
         samples.push(start.elapsed().as_secs_f64() * 1e6);
         if Instant::now() >= deadline {
             break;

@@ -92,14 +92,17 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
         .build()?;
     let cluster = Admin::find()?;
     cluster.deploy(NAMESPACE, WORKLOAD, SERVICE)?;
-    let result = runtime.block_on(run(workspace, &cluster));
+    let scratch = super::tempdir(workspace)?;
+    let result = super::settle(
+        &scratch,
+        runtime.block_on(run(workspace, &scratch, &cluster)),
+    );
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed
 }
 
-async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
-    let scratch = super::tempdir(workspace)?;
+async fn run(workspace: &Path, scratch: &Path, cluster: &Admin) -> anyhow::Result<()> {
     let ip = cluster.kubectl(&[
         "-n",
         NAMESPACE,
@@ -194,7 +197,6 @@ async fn run(workspace: &Path, cluster: &Admin) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
 

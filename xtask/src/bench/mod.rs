@@ -54,16 +54,16 @@ pub fn tunnel(workspace: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(workspace))
+    let scratch = tempdir(workspace)?;
+    settle(&scratch, runtime.block_on(run(workspace, &scratch)))
 }
 
-async fn run(workspace: &Path) -> anyhow::Result<()> {
-    let scratch = tempdir(workspace)?;
+async fn run(workspace: &Path, scratch: &Path) -> anyhow::Result<()> {
     let server = LocalServer::start().await?;
-    let ssh = SshPath::start(&scratch, server.addr)
+    let ssh = SshPath::start(scratch, server.addr)
         .await
         .context("setting up ssh -R")?;
-    let ktb = KtbPath::start(workspace, &scratch, server.addr)
+    let ktb = KtbPath::start(workspace, scratch, server.addr)
         .await
         .context("setting up the ktb tunnel")?;
     let paths: [(&str, SocketAddr); 3] = [
@@ -150,7 +150,6 @@ async fn run(workspace: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.parent().expect("has a parent"))?;
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
-    let _ = std::fs::remove_dir_all(&scratch);
     guard(
         ratio(ktb.throughput_gbps, direct.throughput_gbps),
         ratio(ktb.throughput_gbps, ssh.throughput_gbps),
@@ -192,10 +191,27 @@ fn print_table(names: &[&str], figures: &[Figures]) {
     }
 }
 
+/// A run's own directory under `target/bench` for its logs, keys and
+/// kubeconfigs; [`settle`] removes it.
 fn tempdir(workspace: &Path) -> anyhow::Result<std::path::PathBuf> {
     let dir = workspace.join(format!("target/bench/scratch-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// After a run (its processes ended): the scratch directory removed when it
+/// succeeded, kept and named when it failed, so that its logs can be read.
+fn settle(scratch: &Path, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(scratch);
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("the run failed; its logs are kept in {}", scratch.display());
+            Err(e)
+        }
+    }
 }
 
 /// Polls until `addr` accepts a connection.
