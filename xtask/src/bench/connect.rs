@@ -9,15 +9,14 @@
 //! through connect to the Service's ClusterIP, and through a second
 //! session, `ktb connect --mode socks5`, to the same ClusterIP: the same
 //! tunnel and agent without connect's userspace TCP stack, so the stack's
-//! own cost is the ratio of the two, measured in the same run; DNS round
-//! trips for the
-//! Service's name are timed from the laptop through ktb's resolver (one
-//! name asked again and again: answered from the cache) and, as the floor,
-//! from inside the echo pod straight to CoreDNS. Before it, a short
-//! `ktb connect --dns-cache-ttl 0` times the same queries without the
-//! cache: every one a first query, through the tunnel. Medians of
-//! the rounds are printed with their ratios and written to
-//! `target/bench/connect.json`.
+//! own cost is the ratio of the two, measured in the same run. DNS round
+//! trips for the Service's name are timed from the laptop through ktb's
+//! resolver (one name asked again and again: answered from the cache)
+//! and, as the floor, from inside the echo pod straight to CoreDNS.
+//! Before it, a short `ktb connect --dns-cache-ttl 0` times the same
+//! queries without the cache: every one a first query, through the
+//! tunnel. Medians of the rounds are printed with their ratios and
+//! written to `target/bench/connect.json`.
 //!
 //! With `--rtt-ms N` the laptop reaches the apiserver through a delaying
 //! proxy in its own namespace ([`super::far`]), and the far laptop's goals
