@@ -296,9 +296,7 @@ fn run(
 
 /// Interrupts a `ktb connect` as Ctrl-C would and waits for it to exit.
 fn stop(connect: Process) -> anyhow::Result<()> {
-    Command::new("kill")
-        .args(["-INT", &connect.pid().to_string()])
-        .status()?;
+    connect.interrupt()?;
     connect.wait_exit(Duration::from_secs(30))
 }
 

@@ -381,9 +381,7 @@ impl Exchanges<'_> {
     /// Ctrl-C; returns the seconds until the Service was restored.
     async fn stop(&self, exchange: Process) -> anyhow::Result<f64> {
         let interrupted = Instant::now();
-        Command::new("kill")
-            .args(["-INT", &exchange.pid().to_string()])
-            .status()?;
+        exchange.interrupt()?;
         let deadline = interrupted + Duration::from_secs(60);
         while selector(self.cluster)? != self.original_selector {
             anyhow::ensure!(

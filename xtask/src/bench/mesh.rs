@@ -146,7 +146,7 @@ async fn run(workspace: &Path, scratch: &Path, cluster: &Admin) -> anyhow::Resul
         wait_answered_by(service, Some(MARK), |body| body == "local").await?;
         figures[1].push(measure(service, None).await.context("unmatched")?);
         figures[2].push(measure(service, Some(MARK)).await.context("matched")?);
-        interrupt(&meshed)?;
+        meshed.interrupt()?;
         meshed.wait_exit(Duration::from_secs(60))?;
         wait_restored(cluster).await?;
 
@@ -154,7 +154,7 @@ async fn run(workspace: &Path, scratch: &Path, cluster: &Admin) -> anyhow::Resul
         let exchanged = ktb_run(&["exchange", SERVICE], &format!("exchange-{round}.log"))?;
         wait_answered_by(service, None, |body| body == "local").await?;
         figures[3].push(measure(service, None).await.context("exchange")?);
-        interrupt(&exchanged)?;
+        exchanged.interrupt()?;
         exchanged.wait_exit(Duration::from_secs(60))?;
         wait_restored(cluster).await?;
     }
@@ -197,14 +197,6 @@ async fn run(workspace: &Path, scratch: &Path, cluster: &Admin) -> anyhow::Resul
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("written to {}", out.display());
-    Ok(())
-}
-
-fn interrupt(process: &Process) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .args(["-INT", &process.pid().to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "cannot signal ktb");
     Ok(())
 }
 

@@ -34,6 +34,15 @@ impl Process {
         self.child.id()
     }
 
+    /// What Ctrl-C in its terminal does: SIGINT, without waiting.
+    pub(super) fn interrupt(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-INT", &self.pid().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "cannot signal process {}", self.pid());
+        Ok(())
+    }
+
     /// Waits for the process to exit on its own.
     pub(super) fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
