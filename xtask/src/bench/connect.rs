@@ -54,8 +54,9 @@ pub fn connect(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
     );
     let cluster = Admin::find()?;
     deploy_echo(&cluster)?;
-    let scratch = super::tempdir(workspace)?;
-    let result = super::settle(&scratch, run(workspace, &scratch, &cluster, &probe, rtt_ms));
+    let result = super::in_scratch(workspace, |scratch| {
+        run(workspace, scratch, &cluster, &probe, rtt_ms)
+    });
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed

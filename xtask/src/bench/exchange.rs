@@ -138,11 +138,9 @@ pub fn exchange(workspace: &Path, rtt_ms: u32) -> anyhow::Result<()> {
         .build()?;
     let cluster = Admin::find()?;
     deploy_echo(&cluster)?;
-    let scratch = super::tempdir(workspace)?;
-    let result = super::settle(
-        &scratch,
-        runtime.block_on(run(workspace, &scratch, &cluster, rtt_ms)),
-    );
+    let result = super::in_scratch(workspace, |scratch| {
+        runtime.block_on(run(workspace, scratch, &cluster, rtt_ms))
+    });
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed

@@ -92,11 +92,9 @@ pub fn mesh(workspace: &Path) -> anyhow::Result<()> {
         .build()?;
     let cluster = Admin::find()?;
     cluster.deploy(NAMESPACE, WORKLOAD, SERVICE)?;
-    let scratch = super::tempdir(workspace)?;
-    let result = super::settle(
-        &scratch,
-        runtime.block_on(run(workspace, &scratch, &cluster)),
-    );
+    let result = super::in_scratch(workspace, |scratch| {
+        runtime.block_on(run(workspace, scratch, &cluster))
+    });
     let removed = cluster.remove_namespace(NAMESPACE);
     result?;
     removed

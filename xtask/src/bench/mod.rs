@@ -54,8 +54,9 @@ pub fn tunnel(workspace: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let scratch = tempdir(workspace)?;
-    settle(&scratch, runtime.block_on(run(workspace, &scratch)))
+    in_scratch(workspace, |scratch| {
+        runtime.block_on(run(workspace, scratch))
+    })
 }
 
 async fn run(workspace: &Path, scratch: &Path) -> anyhow::Result<()> {
@@ -191,20 +192,19 @@ fn print_table(names: &[&str], figures: &[Figures]) {
     }
 }
 
-/// A run's own directory under `target/bench` for its logs, keys and
-/// kubeconfigs; [`settle`] removes it.
-fn tempdir(workspace: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let dir = workspace.join(format!("target/bench/scratch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// After a run (its processes ended): the scratch directory removed when it
-/// succeeded, kept and named when it failed, so that its logs can be read.
-fn settle(scratch: &Path, result: anyhow::Result<()>) -> anyhow::Result<()> {
-    match result {
+/// Runs a bench with a directory of its own under `target/bench` for its
+/// logs, keys and kubeconfigs (`run` returns once the processes it started
+/// have ended): removed after a run that succeeded, kept and named after
+/// one that failed, so that its logs can be read.
+fn in_scratch(
+    workspace: &Path,
+    run: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let scratch = workspace.join(format!("target/bench/scratch-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    match run(&scratch) {
         Ok(()) => {
-            let _ = std::fs::remove_dir_all(scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
             Ok(())
         }
         Err(e) => {
