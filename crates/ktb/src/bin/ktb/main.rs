@@ -34,6 +34,14 @@ use ktb_proto::{ClientKey, SessionConfig};
 
 use progress::{LogWriter, Screen};
 
+// Linux releases are static musl builds, and musl's allocator gives a
+// freed buffer of a few dozen KiB straight back to the kernel, so each
+// port-forward message would cost fresh zeroed pages; dlmalloc keeps freed
+// memory for the next one (the agent's main.rs has the measurements).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ktb",
