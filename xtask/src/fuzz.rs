@@ -137,9 +137,7 @@ fn wait_bounded(mut child: Child, timeout: Duration, what: &str) -> anyhow::Resu
             return Ok(());
         }
         if Instant::now() >= deadline {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
+            let _ = crate::cluster::signal_group(child.id(), "KILL");
             let _ = child.wait();
             anyhow::bail!("{what} did not finish within {timeout:?}");
         }

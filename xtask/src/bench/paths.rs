@@ -36,10 +36,8 @@ impl Process {
 
     /// What Ctrl-C in its terminal does: SIGINT, without waiting.
     pub(super) fn interrupt(&self) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .args(["-INT", &self.pid().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "cannot signal process {}", self.pid());
+        let delivered = crate::cluster::signal(self.pid(), "INT")?;
+        anyhow::ensure!(delivered, "process {} exited before Ctrl-C", self.pid());
         Ok(())
     }
 

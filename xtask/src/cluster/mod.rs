@@ -32,7 +32,7 @@ mod snapshot;
 pub use admin::Admin;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-pub use process::on_path;
+pub use process::{on_path, signal, signal_group};
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]

@@ -105,6 +105,7 @@ pub fn alive(daemon: &Daemon) -> bool {
 /// Stop a daemon: SIGTERM, then SIGKILL after `grace`; forget its record.
 pub fn stop(state: &Path, daemon: &Daemon, grace: Duration) -> Result<()> {
     if alive(daemon) {
+        // A daemon that exits before the signal reaches it is stopped too.
         signal(daemon.pid, "TERM")?;
         if !wait_gone(daemon, grace) {
             eprintln!(
@@ -152,15 +153,27 @@ fn wait_gone(daemon: &Daemon, timeout: Duration) -> bool {
     !alive(daemon)
 }
 
-fn signal(pid: u32, sig: &str) -> Result<()> {
-    // `kill` on a PID that just exited fails; that is success for us.
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
+/// Sends signal `name` ("INT", "TERM", "KILL") to process `pid` with
+/// kill(1) (xtask binds no libc). Ok(false) when no such process is left
+/// to receive it, which only the caller can judge: a daemon that exited on
+/// its own is stopped, a session that exited before Ctrl-C is a failure.
+pub fn signal(pid: u32, name: &str) -> Result<bool> {
+    kill(name, &pid.to_string())
+}
+
+/// [`signal`] to every process of group `pgid`: what the group leader
+/// started (a fuzzer's workers) ends with it.
+pub fn signal_group(pgid: u32, name: &str) -> Result<bool> {
+    kill(name, &format!("-{pgid}"))
+}
+
+fn kill(name: &str, target: &str) -> Result<bool> {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), "--", target])
         .stderr(Stdio::null())
         .status()
         .context("running kill")?;
-    Ok(())
+    Ok(status.success())
 }
 
 fn stat_fields(pid: u32) -> Result<Vec<String>> {
@@ -272,4 +285,22 @@ fn stdout_of(program: &str, args: &[&str], out: std::process::Output) -> Result<
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_signal_says_whether_its_process_was_there() {
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = sleeper.id();
+        assert!(signal(pid, "TERM").unwrap());
+        assert_eq!(sleeper.wait().unwrap().signal(), Some(15));
+        // Reaped, the PID names nobody. Signal 0 only asks, so a process
+        // that reused the PID meanwhile would not be touched.
+        assert!(!signal(pid, "0").unwrap());
+    }
 }

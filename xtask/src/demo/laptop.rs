@@ -150,10 +150,10 @@ impl Process {
         }
     }
 
-    fn signal(&self, signal: &str) {
-        let _ = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status();
+    /// SIGINT; whether it arrived shows in how the process exits.
+    fn interrupt(&self) -> anyhow::Result<()> {
+        cluster::signal(self.child.id(), "INT")?;
+        Ok(())
     }
 }
 
@@ -200,7 +200,7 @@ impl Session {
     /// What Ctrl-C in ktb's terminal does: SIGINT, then ktb restores what
     /// it changed and exits 0.
     pub fn interrupt_and_wait(mut self) -> anyhow::Result<()> {
-        self.process.signal("-INT");
+        self.process.interrupt()?;
         match self.process.wait_exit(EXIT_TIMEOUT)? {
             Some(status) if status.success() => Ok(()),
             Some(status) => anyhow::bail!("ktb exited with {status} after Ctrl-C"),
@@ -214,7 +214,7 @@ impl Drop for Session {
     /// end it; only one that ignores SIGINT is killed.
     fn drop(&mut self) {
         if let Ok(None) = self.process.child.try_wait() {
-            self.process.signal("-INT");
+            let _ = self.process.interrupt();
             let _ = self.process.wait_exit(EXIT_TIMEOUT);
         }
     }
