@@ -445,10 +445,13 @@ fn main() -> ExitCode {
     // tunnel` measured lower latency and equal throughput this way. Except
     // for `connect`: ipstack, which carries its UDP, also takes any TCP the
     // laptop sends over IPv6 and blocks in place when it drops such a
-    // connection, which needs a multi-threaded runtime.
+    // connection, which needs a multi-threaded runtime. One worker still:
+    // `cargo xtask bench connect` measured RR p50 1.09× the port-forward
+    // in two runs against 1.18× with two workers, the CLI spending 1.58–1.68
+    // CPU s per GiB against 1.90, at the same throughput (2026-12-05).
     let runtime = match cli.command {
         Command::Connect { .. } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .enable_all()
             .build(),
         _ => tokio::runtime::Builder::new_current_thread()
