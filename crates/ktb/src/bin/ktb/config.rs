@@ -744,9 +744,9 @@ mod tests {
         parse_cli(&argv, Some(config.to_owned())).expect("parses").0
     }
 
-    fn grace(cli: &Cli) -> Duration {
+    fn grace(cli: Cli) -> Duration {
         match cli.command {
-            crate::Command::Connect { grace, .. } => grace,
+            crate::Command::Connect(args) => ktb::connect::ConnectOptions::from(args).grace,
             _ => panic!("not connect"),
         }
     }
@@ -873,7 +873,7 @@ mod tests {
         let contents = Contents::read(&missing, &Cli::command()).expect("no file, no settings");
         assert!(contents.global.is_empty() && contents.profiles.is_empty());
         assert_eq!(
-            grace(&parse(&missing, &kubeconfig, &["connect"])),
+            grace(parse(&missing, &kubeconfig, &["connect"])),
             Duration::from_secs(30)
         );
     }
@@ -947,21 +947,21 @@ mod tests {
             "grace = \"45s\"\n[context.staging]\ngrace = \"60s\"\nnamespace = \"team-a\"\n",
         );
         let staging = parse(&config, &kubeconfig, &["connect"]);
-        assert_eq!(grace(&staging), Duration::from_secs(60));
         assert_eq!(staging.kube.namespace.as_deref(), Some("team-a"));
+        assert_eq!(grace(staging), Duration::from_secs(60));
         let prod = parse(&config, &kubeconfig, &["--context", "prod", "connect"]);
-        assert_eq!(grace(&prod), Duration::from_secs(45));
         assert_eq!(
             prod.kube.namespace, None,
             "the kubeconfig's namespace still applies"
         );
+        assert_eq!(grace(prod), Duration::from_secs(45));
         let flags = parse(
             &config,
             &kubeconfig,
             &["connect", "--grace", "5s", "-n", "mine"],
         );
-        assert_eq!(grace(&flags), Duration::from_secs(5));
         assert_eq!(flags.kube.namespace.as_deref(), Some("mine"));
+        assert_eq!(grace(flags), Duration::from_secs(5));
     }
 
     #[test]

@@ -6,13 +6,12 @@ mod progress;
 
 mod config;
 mod config_command;
+mod session_flags;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-
-use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use config::Config;
@@ -20,19 +19,17 @@ use config_command::ConfigCommand;
 use ktb::agent_image::ExportOptions;
 use ktb::cluster::{self, Cluster, KubeOptions};
 use ktb::connect;
-use ktb::exchange::{self, ExchangeOptions};
+use ktb::exchange;
 use ktb::expose::Expose;
-use ktb::expose::ExposeArg;
 use ktb::forward::{ForwardOptions, PortSpec};
 use ktb::report::{Event, Reporter};
-use ktb::session::agent_pod::{AgentSettings, DEFAULT_AGENT_IMAGE};
-use ktb::session::shadow::TransportKind;
+use ktb::session::agent_pod::DEFAULT_AGENT_IMAGE;
 use ktb::tunnel::{attach, AttachOptions, Direct};
 use ktb::{mesh, preview};
-use ktb_kube::grace::parse_duration;
 use ktb_proto::{ClientKey, SessionConfig};
 
 use progress::{LogWriter, Screen};
+use session_flags::{AgentArgs, ConnectArgs, ExchangeArgs, MeshArgs, PreviewArgs};
 
 // Linux releases are static musl builds, and musl's allocator gives a
 // freed buffer of a few dozen KiB straight back to the kernel, so each
@@ -63,116 +60,18 @@ struct Cli {
 enum Command {
     /// Send every caller of a cluster Service to a process on this machine;
     /// Ctrl-C (or SIGTERM, SIGHUP, closing the terminal) restores the Service.
-    Exchange {
-        /// The Service (`orders`, `svc/orders`).
-        service: String,
-        /// LOCAL[:REMOTE]: the Service port REMOTE (number, name or target
-        /// port; default: its only port) goes to 127.0.0.1:LOCAL. Repeatable.
-        #[arg(long, required = true)]
-        expose: Vec<ExposeArg>,
-        /// How traffic moves: rewrite the Service's selector, or scale the
-        /// workload behind it to zero while the shadow pod takes its labels.
-        #[arg(long, value_enum, default_value_t = ExchangeMode::Selector)]
-        mode: ExchangeMode,
-        /// How this machine reaches the agent.
-        #[arg(long, value_enum, default_value_t = Transport::PortForward)]
-        transport: Transport,
-        /// How long the cluster waits for this machine after losing it
-        /// before restoring the Service on its own.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        grace: Duration,
-        #[command(flatten)]
-        agent: AgentArgs,
-    },
+    Exchange(ExchangeArgs),
     /// Share a Service with colleagues: only requests carrying your mark
     /// (a header, or a W3C baggage entry of the same key) reach this
     /// machine; all others reach the Service's pods. Ctrl-C leaves; the
     /// last member to leave restores the Service.
-    Mesh {
-        /// The Service (`orders`, `svc/orders`).
-        service: String,
-        /// LOCAL[:REMOTE]: marked requests to the Service port REMOTE
-        /// (number, name or target port; default: its only port) go to
-        /// 127.0.0.1:LOCAL. Repeatable.
-        #[arg(long, required = true)]
-        expose: Vec<ExposeArg>,
-        /// Your mark, NAME=VALUE (default: x-ktb-mark=<you>-<random>).
-        #[arg(long)]
-        header: Option<mesh::Mark>,
-        /// How this machine reaches the agent.
-        #[arg(long, value_enum, default_value_t = Transport::PortForward)]
-        transport: Transport,
-        /// How long the cluster waits for this machine after losing it
-        /// before ending the membership on its own.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        grace: Duration,
-        #[command(flatten)]
-        agent: AgentArgs,
-    },
+    Mesh(MeshArgs),
     /// Publish a process on this machine as a new Service of the namespace;
     /// Ctrl-C (or losing this machine for the grace period) removes it.
-    Preview {
-        /// The new Service's name; refused if a Service of that name exists.
-        name: String,
-        /// LOCAL[:PORT]: the Service's port PORT (default: LOCAL) goes to
-        /// 127.0.0.1:LOCAL. Repeatable.
-        #[arg(long, required = true)]
-        expose: Vec<Expose>,
-        /// How this machine reaches the agent.
-        #[arg(long, value_enum, default_value_t = Transport::PortForward)]
-        transport: Transport,
-        /// How long the cluster waits for this machine after losing it
-        /// before removing the Service on its own.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        grace: Duration,
-        #[command(flatten)]
-        agent: AgentArgs,
-    },
+    Preview(PreviewArgs),
     /// Reach pod IPs, ClusterIPs and cluster DNS names from this machine;
     /// Ctrl-C puts the machine's routes and DNS back as they were.
-    Connect {
-        /// tun: every program (root or CAP_NET_ADMIN); socks5: a proxy on
-        /// loopback for programs told to use it (no root).
-        #[arg(long, value_enum, default_value_t = ConnectMode::Tun)]
-        mode: ConnectMode,
-        /// How cluster names reach this machine's resolver (tun mode).
-        #[arg(long, value_enum, default_value_t = Dns::Resolv)]
-        dns: Dns,
-        /// The longest ktb's DNS server (--dns resolv) keeps an answer from
-        /// the cluster: each is kept for its own TTL (a "no such name" for
-        /// its SOA's), but no longer than this; 0 turns the cache off.
-        #[arg(
-            long,
-            value_name = "SECONDS",
-            default_value_t = connect::dns_cache::DEFAULT_MAX_TTL,
-            value_parser = clap::value_parser!(u32).range(0..=i64::from(connect::dns_cache::MAX_TTL_LIMIT)),
-        )]
-        dns_cache_ttl: u32,
-        /// A range to route into the cluster instead of the discovered ones (repeatable).
-        #[arg(long = "cidr")]
-        cidrs: Vec<ipnet::Ipv4Net>,
-        /// A range to keep out of the tunnel (repeatable).
-        #[arg(long = "exclude")]
-        excludes: Vec<ipnet::Ipv4Net>,
-        /// Route ranges even where they overlap a route this machine already has.
-        #[arg(long)]
-        force_routes: bool,
-        /// Name of the TUN device.
-        #[arg(long, default_value = "ktb0")]
-        device: String,
-        /// Where the SOCKS5 proxy listens (socks5 mode).
-        #[arg(long, default_value = "127.0.0.1:1080")]
-        socks: std::net::SocketAddr,
-        /// Where the journal of local changes is kept.
-        #[arg(long, env = "KTB_STATE_DIR", default_value = "/var/lib/ktb")]
-        state_dir: PathBuf,
-        /// How long the cluster waits for this machine after losing it
-        /// before removing the agent on its own.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        grace: Duration,
-        #[command(flatten)]
-        agent: AgentArgs,
-    },
+    Connect(ConnectArgs),
     /// Repair what vanished sessions left in the namespace; live sessions
     /// of other developers are never touched.
     Clean {
@@ -327,41 +226,6 @@ impl From<KubeArgs> for KubeOptions {
     }
 }
 
-/// `exchange --mode`: how the Service's traffic moves to the shadow pod.
-#[derive(Clone, Copy, ValueEnum)]
-enum ExchangeMode {
-    /// Point the Service's selector at the shadow pod; the original pods
-    /// keep running untouched.
-    Selector,
-    /// The shadow pod takes the workload's pod labels and the Deployment or
-    /// StatefulSet behind the Service is scaled to zero.
-    Scale,
-}
-
-/// `exchange --transport`: how this machine reaches the agent.
-#[derive(Clone, Copy, ValueEnum)]
-enum Transport {
-    /// A port-forward through the apiserver: works wherever kubectl does.
-    PortForward,
-    /// TLS straight to the pod's IP (a VPN into the cluster network, or
-    /// `ktb connect`), accepting only the certificate the agent made, whose
-    /// fingerprint comes through a port-forward.
-    Direct,
-    /// Direct when the pod's IP answers from this machine, else the
-    /// port-forward; says which it took.
-    Auto,
-}
-
-impl From<Transport> for TransportKind {
-    fn from(transport: Transport) -> TransportKind {
-        match transport {
-            Transport::PortForward => TransportKind::PortForward,
-            Transport::Direct => TransportKind::Direct,
-            Transport::Auto => TransportKind::Auto,
-        }
-    }
-}
-
 /// `status --output`, `config show --output`.
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
@@ -369,53 +233,6 @@ enum Output {
     Table,
     /// One JSON document.
     Json,
-}
-
-/// `connect --mode`.
-#[derive(Clone, Copy, ValueEnum)]
-enum ConnectMode {
-    /// A TUN device and routes: every program, every protocol (needs root
-    /// or CAP_NET_ADMIN).
-    Tun,
-    /// A SOCKS5 proxy on loopback: programs that are told to use it; no root.
-    Socks5,
-}
-
-/// `connect --dns`.
-#[derive(Clone, Copy, ValueEnum)]
-enum Dns {
-    /// ktb's DNS server first in /etc/resolv.conf, the original servers after it;
-    /// where resolv.conf links to systemd-resolved's stub, the cluster's domains
-    /// registered with resolved on ktb's device instead.
-    Resolv,
-    /// The namespace's Services written into a marked block of /etc/hosts.
-    Hosts,
-    /// No cluster names; addresses only.
-    Off,
-}
-
-/// The agent pod every cluster-side command starts.
-#[derive(clap::Args)]
-struct AgentArgs {
-    /// The agent image.
-    #[arg(long, env = "KTB_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
-    agent_image: String,
-    /// imagePullPolicy of the agent pod.
-    #[arg(long, env = "KTB_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
-    image_pull_policy: String,
-    /// How long to wait for the agent pod to become ready.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-}
-
-impl From<AgentArgs> for AgentSettings {
-    fn from(args: AgentArgs) -> AgentSettings {
-        AgentSettings {
-            image: args.agent_image,
-            pull_policy: args.image_pull_policy,
-            ready_timeout: args.ready_timeout,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -450,7 +267,7 @@ fn main() -> ExitCode {
     // in two runs against 1.18× with two workers, the CLI spending 1.58–1.68
     // CPU s per GiB against 1.90, at the same throughput (2026-12-05).
     let runtime = match cli.command {
-        Command::Connect { .. } => tokio::runtime::Builder::new_multi_thread()
+        Command::Connect(_) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build(),
@@ -512,103 +329,25 @@ async fn run(
     let kube = KubeOptions::from(kube);
     let reporter = terminal_reporter(Arc::clone(&screen));
     match command {
-        Command::Exchange {
-            service,
-            expose,
-            mode,
-            transport,
-            grace,
-            agent,
-        } => {
+        Command::Exchange(args) => {
             let shutdown = shutdown_signal(Arc::clone(&screen));
             let cluster = connect_cluster(&kube, &screen).await?;
-            let options = ExchangeOptions {
-                service,
-                mode: match mode {
-                    ExchangeMode::Selector => exchange::Mode::Selector,
-                    ExchangeMode::Scale => exchange::Mode::Scale,
-                },
-                transport: transport.into(),
-                exposes: expose,
-                grace,
-                agent: agent.into(),
-            };
-            exchange::run(&cluster, options, &reporter, shutdown).await
+            exchange::run(&cluster, args.into(), &reporter, shutdown).await
         }
-        Command::Mesh {
-            service,
-            expose,
-            header,
-            transport,
-            grace,
-            agent,
-        } => {
+        Command::Mesh(args) => {
             let shutdown = shutdown_signal(Arc::clone(&screen));
             let cluster = connect_cluster(&kube, &screen).await?;
-            let options = mesh::MeshOptions {
-                service,
-                exposes: expose,
-                mark: header,
-                transport: transport.into(),
-                grace,
-                agent: agent.into(),
-            };
-            mesh::run(&cluster, options, &reporter, shutdown).await
+            mesh::run(&cluster, args.into(), &reporter, shutdown).await
         }
-        Command::Preview {
-            name,
-            expose,
-            transport,
-            grace,
-            agent,
-        } => {
+        Command::Preview(args) => {
             let shutdown = shutdown_signal(Arc::clone(&screen));
             let cluster = connect_cluster(&kube, &screen).await?;
-            let options = preview::PreviewOptions {
-                name,
-                exposes: expose,
-                transport: transport.into(),
-                grace,
-                agent: agent.into(),
-            };
-            preview::run(&cluster, options, &reporter, shutdown).await
+            preview::run(&cluster, args.into(), &reporter, shutdown).await
         }
-        Command::Connect {
-            mode,
-            dns,
-            dns_cache_ttl,
-            cidrs,
-            excludes,
-            force_routes,
-            device,
-            socks,
-            state_dir,
-            grace,
-            agent,
-        } => {
+        Command::Connect(args) => {
             let shutdown = shutdown_signal(Arc::clone(&screen));
             let cluster = connect_cluster(&kube, &screen).await?;
-            let options = connect::ConnectOptions {
-                mode: match mode {
-                    ConnectMode::Tun => connect::Mode::Tun,
-                    ConnectMode::Socks5 => connect::Mode::Socks5,
-                },
-                dns: match dns {
-                    Dns::Resolv => connect::DnsMode::Resolv,
-                    Dns::Hosts => connect::DnsMode::Hosts,
-                    Dns::Off => connect::DnsMode::Off,
-                },
-                dns_cache_ttl,
-                cidrs,
-                excludes,
-                force_routes,
-                device,
-                socks,
-                state_dir,
-                grace,
-                agent: agent.into(),
-            };
-            connect::run(&cluster, options, &reporter, shutdown).await
+            connect::run(&cluster, args.into(), &reporter, shutdown).await
         }
         Command::Clean {
             local: true,
