@@ -11,5 +11,6 @@ pub mod grace;
 pub mod lease;
 pub mod mesh;
 pub mod names;
+pub mod selector;
 pub mod service;
 pub mod workload;

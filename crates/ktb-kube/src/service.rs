@@ -13,8 +13,6 @@
 //! a laptop that wakes up late, an agent whose session was taken over, or a
 //! `ktb clean` racing a new exchange never undoes a colleague's session.
 
-use std::collections::BTreeMap;
-
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
@@ -22,9 +20,8 @@ use kube::Client;
 use serde_json::{json, Map, Value};
 
 use crate::names::{ORIGINAL_REPLICAS, ORIGINAL_SELECTOR, SESSION};
+use crate::selector::{display, Selector};
 use crate::workload::{self, Replicas};
-
-pub type Selector = BTreeMap<String, String>;
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,15 +221,6 @@ pub async fn restore(
         }
     }
     anyhow::bail!("cannot restore Service {name}: it kept changing under us (5 conflicts in a row)")
-}
-
-/// Renders a selector as `k=v,k=v`, as kubectl shows it.
-pub fn display(selector: &Selector) -> String {
-    selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::Client;
 use serde_json::json;
 
-use crate::service::{display, Selector};
+use crate::selector::{display, Selector};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -1,7 +1,9 @@
 //! Framing: one [`Frame`] per WebSocket binary message.
 //!
-//! Kept apart from the message families so that limits and error handling for
-//! untrusted bytes live in exactly one place. Decoding never panics and never
+//! The one module that knows every message family: it reads the kind byte,
+//! hands the body to its family, and refuses what is too large or left
+//! over, all with the primitives of `wire`, so that limits and error
+//! handling for untrusted bytes live in exactly one place. Decoding never panics and never
 //! allocates more than the message it was given; encoding of `Data` can be done
 //! in place (see [`data_frame_buffer`]) so bulk bytes are copied once, from the
 //! socket into the buffer that becomes the WebSocket message.
@@ -9,36 +11,18 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::auth::{Nonce, Proof};
-use crate::handshake::{Hello, Welcome};
+use crate::handshake::messages::{Hello, Welcome};
 use crate::tcp::Target;
 use crate::udp;
+use crate::wire::{kind, Reader};
+pub use crate::wire::{DecodeError, MAX_FRAME_LEN, MAX_PAYLOAD};
 
-/// Largest payload of one `Data` or `Datagram` frame.
-pub const MAX_PAYLOAD: usize = 256 * 1024;
-/// Largest frame either side accepts: a payload plus the longest header.
-/// Larger WebSocket messages are refused before they are buffered.
-pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + 64;
 /// Bytes in front of a `Data` payload: kind and stream id.
 pub const DATA_HEADER_LEN: usize = 5;
 /// Longest `Reset` reason kept; longer ones are cut (never rejected).
 pub const MAX_REASON_LEN: usize = 512;
 
 pub type StreamId = u32;
-
-pub(crate) mod kind {
-    pub const HELLO: u8 = 0x01;
-    pub const WELCOME: u8 = 0x02;
-    pub const CHALLENGE: u8 = 0x03;
-    pub const PROOF: u8 = 0x04;
-    pub const OPEN: u8 = 0x10;
-    pub const OPENED: u8 = 0x11;
-    pub const DATA: u8 = 0x12;
-    pub const FIN: u8 = 0x13;
-    pub const RESET: u8 = 0x14;
-    pub const CREDIT: u8 = 0x15;
-    pub const DATAGRAM: u8 = 0x20;
-    pub const FLOW_END: u8 = 0x21;
-}
 
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,24 +65,6 @@ pub enum Frame {
     FlowEnd {
         flow: udp::FlowId,
     },
-}
-
-/// Why bytes from the peer are not a frame. The session closes the tunnel
-/// with this as the reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("empty frame")]
-    Empty,
-    #[error("unknown frame kind 0x{0:02x}")]
-    UnknownKind(u8),
-    #[error("frame of kind 0x{kind:02x} is truncated")]
-    Truncated { kind: u8 },
-    #[error("frame of kind 0x{kind:02x} has {extra} unexpected trailing bytes")]
-    Trailing { kind: u8, extra: usize },
-    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN}")]
-    TooLarge { len: usize },
-    #[error("invalid {field}")]
-    Invalid { field: &'static str },
 }
 
 impl Frame {
@@ -230,90 +196,11 @@ pub fn finish_data_frame(mut buf: BytesMut, stream: StreamId) -> Bytes {
     buf.freeze()
 }
 
-/// Bounds-checked reading of a frame body; every short read is a
-/// [`DecodeError::Truncated`] naming the frame kind.
-pub(crate) struct Reader {
-    kind: u8,
-    bytes: Bytes,
-}
-
-impl Reader {
-    fn new(bytes: Bytes) -> Result<Self, DecodeError> {
-        let kind = *bytes.first().ok_or(DecodeError::Empty)?;
-        Ok(Reader {
-            kind,
-            bytes: bytes.slice(1..),
-        })
-    }
-
-    fn truncated(&self) -> DecodeError {
-        DecodeError::Truncated { kind: self.kind }
-    }
-
-    pub(crate) fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        if self.bytes.len() < n {
-            return Err(self.truncated());
-        }
-        Ok(self.bytes.split_to(n))
-    }
-
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(&self.take(N)?);
-        Ok(out)
-    }
-
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// A length-prefixed (u8) UTF-8 string.
-    pub(crate) fn short_string(&mut self, field: &'static str) -> Result<String, DecodeError> {
-        let len = self.u8()? as usize;
-        let raw = self.take(len)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Invalid { field })
-    }
-
-    pub(crate) fn rest(&mut self) -> Bytes {
-        std::mem::take(&mut self.bytes)
-    }
-
-    fn finish(self) -> Result<(), DecodeError> {
-        match self.bytes.len() {
-            0 => Ok(()),
-            extra => Err(DecodeError::Trailing {
-                kind: self.kind,
-                extra,
-            }),
-        }
-    }
-}
-
-/// Writes a length-prefixed (u8) string, cutting it at 255 bytes on a char boundary.
-pub(crate) fn put_short_string(out: &mut BytesMut, s: &str) {
-    let mut end = s.len().min(u8::MAX as usize);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    out.put_u8(end as u8);
-    out.put_slice(&s.as_bytes()[..end]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::auth::{NONCE_LEN, PROOF_LEN};
-    use crate::handshake::{Resolver, PROTOCOL_VERSION};
+    use crate::handshake::messages::{Resolver, PROTOCOL_VERSION};
     use proptest::prelude::*;
     use std::net::{IpAddr, SocketAddr};
 

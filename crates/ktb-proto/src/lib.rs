@@ -5,8 +5,9 @@
 //! The crate is shared by both ends so the two can never disagree about the
 //! wire format. It is organised like the protocol itself: [`link`] carries
 //! messages over a WebSocket or as records on a port-forward, [`codec`]
-//! frames them, one module per message family ([`handshake`], [`tcp`], [`udp`])
-//! defines their bodies, [`auth`] holds the session keys the handshake
+//! frames them, one module per message family ([`handshake`]'s messages,
+//! [`tcp`], [`udp`]) defines their bodies, all written with the primitives of
+//! `wire` (limits, kinds, bounds-checked reading), [`auth`] holds the session keys the handshake
 //! proves, and [`session`] runs a live tunnel with per-stream flow control
 //! and keepalive, its windows sized by `window`; [`socket`] keeps the
 //! tunnel's socket from queueing bulk data ahead of it.
@@ -63,6 +64,7 @@ pub mod stream;
 pub mod tcp;
 pub mod udp;
 mod window;
+mod wire;
 
 pub use auth::{ClientKey, ClientPublicKey};
 pub use codec::{DecodeError, Frame};

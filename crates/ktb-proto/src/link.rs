@@ -51,7 +51,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
-use crate::codec::MAX_FRAME_LEN;
+use crate::wire::MAX_FRAME_LEN;
 
 /// Anything that carries a tunnel's messages both ways: a WebSocket, or
 /// [`Records`] over a byte stream.

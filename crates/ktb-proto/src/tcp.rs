@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{BufMut, BytesMut};
 
-use crate::codec::{put_short_string, DecodeError, Reader};
+use crate::wire::{put_short_string, DecodeError, Reader};
 
 mod tag {
     pub const AGENT_PORT: u8 = 0;

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::codec::{DecodeError, Reader, MAX_PAYLOAD};
 use crate::tcp::{get_socket_addr, put_socket_addr};
+use crate::wire::{DecodeError, Reader, MAX_PAYLOAD};
 
 pub type FlowId = u32;
 

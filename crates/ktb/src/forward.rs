@@ -48,7 +48,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use ktb_kube::service::{display, selector_of};
+use ktb_kube::selector::display;
+use ktb_kube::service::selector_of;
 
 use crate::cluster::Cluster;
 use crate::permissions::Command;

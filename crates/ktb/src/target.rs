@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 
-use ktb_kube::service::{display, selector_of};
+use ktb_kube::selector::display;
+use ktb_kube::service::selector_of;
 
 use crate::expose::ExposeArg;
 use crate::service_ports::{container_port_named, describe, get_service, is_named_by};

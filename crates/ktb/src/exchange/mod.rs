@@ -23,7 +23,8 @@ use kube::api::Api;
 
 use ktb_kube::lease::{self, Holder, Kind as LeaseKind, Owner};
 use ktb_kube::names::{exchange_lease, mesh_lease, session_objects};
-use ktb_kube::service::{self, display, selector_of, Restored};
+use ktb_kube::selector::display;
+use ktb_kube::service::{self, selector_of, Restored};
 use ktb_kube::workload::{self, Found};
 use ktb_proto::auth::ClientKey;
 
