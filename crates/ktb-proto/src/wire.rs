@@ -1,8 +1,8 @@
 //! The primitives every message family is written in: the limits on a
 //! frame, the kind byte that opens it, bounds-checked reading of untrusted
 //! bytes and the one error it can give. The families ([`crate::handshake`],
-//! [`crate::tcp`], [`crate::udp`]) and the codec that frames them all stand
-//! on this module and on nothing of each other's beyond it.
+//! [`crate::tcp`], [`crate::udp`]) are written with it, so none of them
+//! needs the codec, which frames them all.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -12,6 +12,8 @@ pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// Larger WebSocket messages are refused before they are buffered.
 pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + 64;
 
+/// The first byte of every frame: which message it is (the table in the
+/// crate's documentation).
 pub(crate) mod kind {
     pub const HELLO: u8 = 0x01;
     pub const WELCOME: u8 = 0x02;
@@ -48,6 +50,7 @@ pub enum DecodeError {
 /// Bounds-checked reading of a frame body; every short read is a
 /// [`DecodeError::Truncated`] naming the frame kind.
 pub(crate) struct Reader {
+    /// The frame's kind byte, read when the reader was made.
     pub(crate) kind: u8,
     bytes: Bytes,
 }
