@@ -27,14 +27,20 @@ pub const PROTOCOL_VERSION: u16 = 4;
 pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Four bytes that make a stray connection (or another protocol) obvious.
 pub const MAGIC: &[u8; 4] = b"ktb!";
+
+/// The client's first message: the protocol versions it speaks and the
+/// nonce its proof will cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
+    /// The oldest and newest protocol versions the client speaks.
     pub min_version: u16,
     pub max_version: u16,
     /// Fresh for every connection; part of what the client signs.
     pub nonce: Nonce,
 }
 
+/// The agent's last handshake message, sent once the client proved its
+/// key: from here on the tunnel carries streams.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// The version both sides speak from now on.
