@@ -9,10 +9,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 // The agent ships statically linked against musl, whose allocator gives a
 // freed buffer of a few dozen KiB straight back to the kernel: in 40 s of
-// `cargo xtask bench exchange` the agent made 53,614 mmap/munmap pairs
-// and 1.2 million page faults (7,000 and 160,000 per second of its own
-// CPU time), every tunnel message costing fresh zeroed pages. dlmalloc keeps freed memory for the next message
-// and trims only what stays unused past 2 MiB.
+// `cargo xtask bench exchange` the agent made 53,614 mmap/munmap pairs and 1.2
+// million page faults (7,000 and 160,000 per second of its own CPU time),
+// every tunnel message costing fresh zeroed pages. dlmalloc keeps freed memory
+// for the next message and trims only what stays unused past 2 MiB.
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;

@@ -1,9 +1,9 @@
 //! Framing: one [`Frame`] per WebSocket binary message.
 //!
 //! The one module that knows every message family: it reads the kind byte,
-//! hands the body to its family, and refuses what is too large or left
-//! over, all with the primitives of `wire`, so that limits and error
-//! handling for untrusted bytes live in exactly one place. Decoding never panics and never
+//! hands the body to its family, and refuses what is too large or left over,
+//! all with the primitives of `wire`, so that limits and error handling for
+//! untrusted bytes live in exactly one place. Decoding never panics and never
 //! allocates more than the message it was given; encoding of `Data` can be done
 //! in place (see [`data_frame_buffer`]) so bulk bytes are copied once, from the
 //! socket into the buffer that becomes the WebSocket message.

@@ -4,12 +4,12 @@
 //!
 //! The crate is shared by both ends so the two can never disagree about the
 //! wire format. It is organised like the protocol itself: [`link`] carries
-//! messages over a WebSocket or as records on a port-forward, [`codec`]
-//! frames them, one module per message family ([`handshake`]'s messages,
-//! [`tcp`], [`udp`]) defines their bodies, all written with the primitives of
-//! `wire` (limits, kinds, bounds-checked reading), [`auth`] holds the session keys the handshake
-//! proves, and [`session`] runs a live tunnel with per-stream flow control
-//! and keepalive, its windows sized by `window`; [`socket`] keeps the
+//! messages over a WebSocket or as records on a port-forward, [`codec`] frames
+//! them, one module per message family ([`handshake`]'s messages, [`tcp`],
+//! [`udp`]) defines their bodies, all written with the primitives of `wire`
+//! (limits, kinds, bounds-checked reading), [`auth`] holds the session keys the
+//! handshake proves, and [`session`] runs a live tunnel with per-stream flow
+//! control and keepalive, its windows sized by `window`; [`socket`] keeps the
 //! tunnel's socket from queueing bulk data ahead of it.
 //!
 //! # Wire format (protocol version 4)
