@@ -104,8 +104,8 @@ pub(super) fn interface(name: &str) -> anyhow::Result<Option<Interface>> {
 }
 
 /// How long a device that Linux is still unregistering (its sysfs files
-/// answer EINVAL, seen right after a TUN device's descriptor closed) may
-/// take to vanish before it counts as gone.
+/// answer EINVAL or ENODEV, both seen right after a TUN device's descriptor
+/// closed) may take to vanish before it counts as gone.
 const UNREGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// [`interface`], read from a sysfs `class/net` directory at `root`.
@@ -125,12 +125,15 @@ fn interface_in(root: &Path, name: &str) -> anyhow::Result<Option<Interface>> {
 }
 
 fn unregistering(error: &anyhow::Error) -> bool {
-    /// Linux's EINVAL.
+    /// Linux's EINVAL and ENODEV.
     const EINVAL: i32 = 22;
-    error
-        .downcast_ref::<io::Error>()
-        .and_then(io::Error::raw_os_error)
-        == Some(EINVAL)
+    const ENODEV: i32 = 19;
+    matches!(
+        error
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error),
+        Some(EINVAL | ENODEV)
+    )
 }
 
 fn read_interface(root: &Path, name: &str) -> anyhow::Result<Option<Interface>> {
@@ -794,6 +797,18 @@ mod tests {
             device_undo(&ktb0(7), Some(bridge)),
             DeviceUndo::NotOurs(_)
         ));
+    }
+
+    #[test]
+    fn a_device_being_unregistered_is_told_from_a_failed_read() {
+        let read_failing_with = |errno| {
+            anyhow::Error::new(io::Error::from_raw_os_error(errno)).context("cannot read ifindex")
+        };
+        // EINVAL and ENODEV: sysfs answers so while the device goes away.
+        assert!(unregistering(&read_failing_with(22)));
+        assert!(unregistering(&read_failing_with(19)));
+        // EACCES is a real failure, to report.
+        assert!(!unregistering(&read_failing_with(13)));
     }
 
     #[test]
