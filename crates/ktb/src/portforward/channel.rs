@@ -12,9 +12,7 @@
 use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use super::MESSAGE;
 
@@ -24,11 +22,13 @@ const ERROR: u8 = 1;
 
 /// Moves bytes between the pipe and the port-forward until either side
 /// ends; then both are dropped, which the tunnel sees as a lost connection.
-pub(super) async fn pump<S>(socket: S, pipe: DuplexStream, pod: String)
-where
+pub(super) async fn pump<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    pipe: DuplexStream,
+    pod: String,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let ws = WebSocketStream::from_raw_socket(socket, Role::Client, None).await;
     let (mut sink, mut stream) = ws.split();
     let (mut from_tunnel, mut to_tunnel) = tokio::io::split(pipe);
     let to_pod = async {

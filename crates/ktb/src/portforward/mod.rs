@@ -7,14 +7,11 @@
 //! port-forward costs to open are paid once per tunnel, not per request.
 //! [`upgrade`] opens it, offering SPDY first; the chosen protocol's pump
 //! ([`spdy`] or [`channel`]) then moves bytes between it and an in-memory
-//! pipe whose other end is the returned stream. The SPDY pump, the one
-//! every current cluster chooses, frames its WebSocket messages itself
-//! ([`websocket`]); the channel pump, the fallback, lets tungstenite.
+//! pipe whose other end is the returned stream.
 
 mod channel;
 mod spdy;
 mod upgrade;
-mod websocket;
 
 use std::io;
 
@@ -85,34 +82,22 @@ impl Transport for PortForward {
 /// pumps' tests.
 #[cfg(test)]
 mod loopback {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::WebSocketStream;
 
-    /// The client's end of one WebSocket, as [`super::upgrade::open`]
-    /// leaves it (the handshake done, no frame spoken), and tungstenite's
-    /// server end.
-    pub async fn websocket() -> (TcpStream, WebSocketStream<TcpStream>) {
+    /// The client's end and the server's end of one WebSocket.
+    pub async fn websocket() -> (WebSocketStream<TcpStream>, WebSocketStream<TcpStream>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
         let server = async {
             let (tcp, _) = listener.accept().await.unwrap();
             tokio_tungstenite::accept_async(tcp).await.unwrap()
         };
         let client = async {
-            let mut tcp = TcpStream::connect(address).await.unwrap();
-            let request = format!(
-                "GET / HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            );
-            tcp.write_all(request.as_bytes()).await.unwrap();
-            // Byte by byte, so not a byte of the first frame is taken.
-            let mut response = Vec::new();
-            while !response.ends_with(b"\r\n\r\n") {
-                response.push(tcp.read_u8().await.unwrap());
-            }
-            assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
-            tcp
+            let tcp = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            tokio_tungstenite::client_async(url, tcp).await.unwrap().0
         };
         tokio::join!(client, server)
     }

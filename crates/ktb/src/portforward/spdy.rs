@@ -14,23 +14,20 @@
 //! (ktb sends nothing on it), stream 3 the port's bytes; both carry the
 //! port and request id 0 in their headers, which is how the server pairs
 //! them. Bytes from the tunnel go out as one data frame per WebSocket
-//! message, up to [`MESSAGE`] bytes, read into a buffer with room in front
-//! for both heads and written from it (the WebSocket framing is ktb's own,
-//! [`super::websocket`]); the server's frames come back cut anywhere and
-//! [`frame::Deframer`] puts them together. The server's pings, SPDY's and
-//! the WebSocket's, are answered. The Kubernetes servers keep no SPDY
-//! flow-control windows, so neither does ktb: TCP's backpressure is the
-//! only one.
+//! message, up to [`MESSAGE`] bytes; the server's frames come back cut
+//! anywhere and [`frame::Deframer`] puts them together. The server's pings
+//! are answered. The Kubernetes servers keep no SPDY flow-control windows,
+//! so neither does ktb: TCP's backpressure is the only one.
 
 mod frame;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::io::{ReadHalf, WriteHalf};
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
 
 use self::frame::{Deframer, Event, HeaderBlocks, HEAD_LEN};
-use super::websocket::{self, Incoming, HEAD_ROOM};
 use super::MESSAGE;
 
 /// The client's streams are odd; kubectl's first port uses 1 and 3.
@@ -38,139 +35,110 @@ const ERROR_STREAM: u32 = 1;
 const DATA_STREAM: u32 = 3;
 /// The most of the pod side's error text kept for the log.
 const MAX_ERROR_TEXT: usize = 4096;
-/// Answers to the server's pings (SPDY's and the WebSocket's) waiting to
-/// be written: it sends one every few seconds.
-const ANSWERS_QUEUED: usize = 4;
-/// Where the tunnel's bytes start in a message's buffer: after room for
-/// the WebSocket head and the SPDY data frame's head.
-const PAYLOAD_AT: usize = HEAD_ROOM + HEAD_LEN;
-/// Room made in the read buffer before each read from the connection:
-/// more than the 16 KiB of plaintext one TLS record carries.
-const READ_AHEAD: usize = 64 * 1024;
+/// Server pings waiting for their answer: it sends one every few seconds.
+const PINGS_QUEUED: usize = 4;
+
+/// What the writer sends next.
+enum Outgoing {
+    /// `n` bytes from the tunnel, already behind a data frame's head.
+    Data(std::io::Result<usize>),
+    /// The answer to the server's ping with this id.
+    Pong(u32),
+}
 
 /// Moves bytes between the pipe and the port-forward until either side
 /// ends; then both are dropped, which the tunnel sees as a lost connection.
-pub(super) async fn pump<S>(socket: S, pipe: DuplexStream, port: u16, pod: String)
-where
-    S: AsyncRead + AsyncWrite,
-{
-    let (from_pod_socket, to_pod_socket) = tokio::io::split(socket);
-    let (from_tunnel, to_tunnel) = tokio::io::split(pipe);
-    let (answers, answers_rx) = mpsc::channel(ANSWERS_QUEUED);
-    tokio::select! {
-        _ = to_pod(to_pod_socket, from_tunnel, answers_rx, port) => {}
-        _ = from_pod(from_pod_socket, to_tunnel, answers, &pod) => {}
-    }
-}
-
-/// Writes the opening, then each read from the tunnel as one data frame
-/// in one WebSocket message, and the answers to the server's pings between
-/// them.
-async fn to_pod<W: AsyncWrite + Unpin>(
-    mut socket: W,
-    mut from_tunnel: ReadHalf<DuplexStream>,
-    mut answers: mpsc::Receiver<Bytes>,
+pub(super) async fn pump<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    pipe: DuplexStream,
     port: u16,
-) {
-    let mut next = websocket::binary_copy(&opening(port));
-    loop {
-        if socket.write_all(&next).await.is_err() || socket.flush().await.is_err() {
+    pod: String,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let (mut from_tunnel, mut to_tunnel) = tokio::io::split(pipe);
+    let (ping_tx, mut ping_rx) = mpsc::channel::<u32>(PINGS_QUEUED);
+    let to_pod = async {
+        if sink.send(Message::Binary(opening(port))).await.is_err() {
             return;
         }
-        let mut message = BytesMut::with_capacity(PAYLOAD_AT + MESSAGE);
-        message.resize(PAYLOAD_AT, 0);
-        next = tokio::select! {
-            read = from_tunnel.read_buf(&mut message) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    message[HEAD_ROOM..PAYLOAD_AT]
-                        .copy_from_slice(&frame::data_head(DATA_STREAM, false, n));
-                    websocket::binary(message)
+        loop {
+            let mut message = BytesMut::with_capacity(HEAD_LEN + MESSAGE);
+            message.put_bytes(0, HEAD_LEN);
+            let next = tokio::select! {
+                read = from_tunnel.read_buf(&mut message) => Outgoing::Data(read),
+                Some(id) = ping_rx.recv() => Outgoing::Pong(id),
+            };
+            let message = match next {
+                Outgoing::Data(Ok(0) | Err(_)) => return,
+                Outgoing::Data(Ok(n)) => {
+                    message[..HEAD_LEN].copy_from_slice(&frame::data_head(DATA_STREAM, false, n));
+                    message.freeze()
                 }
-            },
-            Some(answer) = answers.recv() => answer,
-        };
-    }
-}
-
-/// Reads the server's frames, passing the data stream's bytes to the
-/// tunnel and the pings to [`to_pod`] to answer, until the data stream or
-/// the connection ends.
-async fn from_pod<R: AsyncRead + Unpin>(
-    mut socket: R,
-    mut to_tunnel: WriteHalf<DuplexStream>,
-    answers: mpsc::Sender<Bytes>,
-    pod: &str,
-) {
-    let mut frames = websocket::Decoder::default();
-    let mut deframer = Deframer::default();
-    let mut buffer = BytesMut::new();
-    let mut events = Vec::new();
-    let mut error_text = Vec::new();
-    'connection: loop {
-        let bytes = match frames.decode(&mut buffer) {
-            Ok(Some(Incoming::Data(bytes))) => bytes,
-            Ok(Some(Incoming::Ping(payload))) => {
-                if answers.send(websocket::pong(&payload)).await.is_err() {
-                    break;
-                }
-                continue;
+                Outgoing::Pong(id) => frame::ping(id),
+            };
+            if sink.send(Message::Binary(message)).await.is_err() {
+                return;
             }
-            Ok(Some(Incoming::Close)) => break,
-            Ok(None) => {
-                buffer.reserve(READ_AHEAD);
-                match socket.read_buf(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => continue,
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%pod, error = %e, "port-forward: not a WebSocket");
+        }
+    };
+    let from_pod = async {
+        let mut deframer = Deframer::default();
+        let mut events = Vec::new();
+        let mut error_text = Vec::new();
+        'messages: while let Some(Ok(message)) = stream.next().await {
+            let bytes = match message {
+                Message::Binary(bytes) => bytes,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if let Err(e) = deframer.feed(bytes, &mut events) {
+                tracing::warn!(%pod, error = %e, "port-forward: not SPDY/3");
                 break;
             }
-        };
-        if let Err(e) = deframer.feed(bytes, &mut events) {
-            tracing::warn!(%pod, error = %e, "port-forward: not SPDY/3");
-            break;
-        }
-        for event in events.drain(..) {
-            match event {
-                Event::Data {
-                    stream: DATA_STREAM,
-                    bytes,
-                } => {
-                    if to_tunnel.write_all(&bytes).await.is_err() {
-                        break 'connection;
+            for event in events.drain(..) {
+                match event {
+                    Event::Data {
+                        stream: DATA_STREAM,
+                        bytes,
+                    } => {
+                        if to_tunnel.write_all(&bytes).await.is_err() {
+                            break 'messages;
+                        }
                     }
-                }
-                Event::Data {
-                    stream: ERROR_STREAM,
-                    bytes,
-                } => {
-                    let room = MAX_ERROR_TEXT.saturating_sub(error_text.len());
-                    error_text.extend_from_slice(&bytes[..room.min(bytes.len())]);
-                }
-                Event::Ping { id } if id % 2 == 0 => {
-                    let answer = websocket::binary_copy(&frame::ping(id));
-                    if answers.send(answer).await.is_err() {
-                        break 'connection;
+                    Event::Data {
+                        stream: ERROR_STREAM,
+                        bytes,
+                    } => {
+                        let room = MAX_ERROR_TEXT.saturating_sub(error_text.len());
+                        error_text.extend_from_slice(&bytes[..room.min(bytes.len())]);
                     }
+                    Event::Ping { id } if id % 2 == 0 => {
+                        if ping_tx.send(id).await.is_err() {
+                            break 'messages;
+                        }
+                    }
+                    Event::Finished {
+                        stream: DATA_STREAM,
+                    }
+                    | Event::GoAway { .. } => break 'messages,
+                    Event::Reset { stream, status } => {
+                        tracing::warn!(%pod, stream, status, "port-forward: the server reset a stream");
+                        break 'messages;
+                    }
+                    Event::Data { .. } | Event::Ping { .. } | Event::Finished { .. } => {}
                 }
-                Event::Finished {
-                    stream: DATA_STREAM,
-                }
-                | Event::GoAway { .. } => break 'connection,
-                Event::Reset { stream, status } => {
-                    tracing::warn!(%pod, stream, status, "port-forward: the server reset a stream");
-                    break 'connection;
-                }
-                Event::Data { .. } | Event::Ping { .. } | Event::Finished { .. } => {}
             }
         }
-    }
-    if !error_text.is_empty() {
-        let error = String::from_utf8_lossy(&error_text);
-        tracing::warn!(%pod, %error, "port-forward error");
+        if !error_text.is_empty() {
+            let error = String::from_utf8_lossy(&error_text);
+            tracing::warn!(%pod, %error, "port-forward error");
+        }
+    };
+    tokio::select! {
+        _ = to_pod => {}
+        _ = from_pod => {}
     }
 }
 
@@ -197,8 +165,8 @@ fn opening(port: u16) -> bytes::Bytes {
 mod tests {
     use std::time::Duration;
 
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
 
     use super::*;
 
@@ -279,16 +247,6 @@ mod tests {
         );
 
         server
-            .send(Message::Ping(Bytes::from_static(b"beat")))
-            .await
-            .unwrap();
-        let answer = server.next().await;
-        assert!(
-            matches!(&answer, Some(Ok(Message::Pong(payload))) if payload.as_ref() == b"beat"),
-            "the WebSocket ping was answered with {answer:?}"
-        );
-
-        server
             .send(data(ERROR_STREAM, false, b"not for the tunnel"))
             .await
             .unwrap();
@@ -302,49 +260,5 @@ mod tests {
             matches!(end, Ok(Ok(0))),
             "the pipe did not end after FIN: {end:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn a_bulk_stream_crosses_whole_both_ways() {
-        const LEN: usize = 3 << 20;
-        let (client, mut server) = super::super::loopback::websocket().await;
-        let (ours, theirs) = tokio::io::duplex(1 << 16);
-        tokio::spawn(pump(client, theirs, 8080, "web-0".into()));
-        let sent: Vec<u8> = (0..LEN).map(|i| (i * 31 + i / 4093) as u8).collect();
-        let (mut ours_read, mut ours_write) = tokio::io::split(ours);
-        let upload = async {
-            ours_write.write_all(&sent).await.unwrap();
-        };
-        let server_side = async {
-            let mut deframer = Deframer::default();
-            let mut arrived = Vec::new();
-            while arrived.len() < LEN {
-                for event in read(&mut server, &mut deframer).await {
-                    if let Event::Data {
-                        stream: DATA_STREAM,
-                        bytes,
-                    } = event
-                    {
-                        arrived.extend_from_slice(&bytes);
-                    }
-                }
-            }
-            // Back in messages longer than a 16-bit length describes.
-            for piece in sent.chunks(100 * 1024) {
-                server.send(data(DATA_STREAM, false, piece)).await.unwrap();
-            }
-            arrived
-        };
-        let download = async {
-            let mut back = vec![0; LEN];
-            ours_read.read_exact(&mut back).await.unwrap();
-            back
-        };
-        let run = async { tokio::join!(upload, server_side, download) };
-        let ((), arrived, back) = tokio::time::timeout(Duration::from_secs(30), run)
-            .await
-            .expect("3 MiB each way took over 30 s");
-        assert!(arrived == sent, "the upload arrived changed");
-        assert!(back == sent, "the download arrived changed");
     }
 }

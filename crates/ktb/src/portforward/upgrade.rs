@@ -18,10 +18,11 @@ use hyper_util::rt::TokioIo;
 use kube::client::Body;
 use kube::Client;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 
-/// An open port-forward: the connection after the WebSocket handshake,
-/// before a frame is spoken on it.
-pub type Socket = TokioIo<Upgraded>;
+/// An open port-forward, before either protocol is spoken on it.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The port-forward protocol the apiserver chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +100,8 @@ pub async fn open(
     let upgraded = hyper::upgrade::on(response)
         .await
         .map_err(|e| format!("the upgraded connection was lost: {e}"))?;
-    Ok((protocol, TokioIo::new(upgraded)))
+    let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    Ok((protocol, socket))
 }
 
 /// The apiserver's reason for a refusal: its Status message, else the body.
