@@ -119,40 +119,143 @@ fn run(
     let kubeconfig = far
         .as_ref()
         .map_or(&cluster.kubeconfig, |far| &far.kubeconfig);
-    let service_ip = service_field(cluster, ".spec.clusterIP")?;
-    let service: SocketAddr = format!("{service_ip}:9000").parse()?;
-    let name = format!("{SERVICE}.{NAMESPACE}.svc.cluster.local");
-    let pod = cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "get",
-        "pods",
-        "-l",
-        "app=bench-echo",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])?;
-
-    let forwarded_port = free_port()?;
-    let _port_forward = Process::spawn(
-        on_laptop(&cluster.kubectl)
-            .env("KUBECONFIG", kubeconfig)
-            .args(["-n", NAMESPACE, "port-forward", &format!("pod/{pod}")])
-            .arg(format!("{forwarded_port}:9000")),
-        &scratch.join("port-forward.log"),
+    let laptop = Laptop::start(workspace, scratch, cluster, probe, kubeconfig)?;
+    let summary = Summary::of(laptop.measure(rtt_ms)?);
+    summary.print(rtt_ms);
+    let out = workspace.join(super::far::report_name("connect", rtt_ms));
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&summary.to_json(rtt_ms))?,
     )?;
-    let forwarded: SocketAddr = ([127, 0, 0, 1], forwarded_port).into();
+    println!("written to {}", out.display());
+    Ok(())
+}
 
-    let socks5_proxy: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let ktb = workspace.join("target/release/ktb");
-    let mut ready = Vec::new();
-    let mut figures: [Vec<Figures>; 3] = Default::default();
-    let mut dns: [Vec<(f64, f64)>; 3] = Default::default();
-    let start_connect = |log: &PathBuf, extra: &[&str]| -> anyhow::Result<Process> {
-        let connect = Process::spawn(
-            on_laptop(&ktb)
+/// What the rounds need on and around the laptop, set up once; the
+/// port-forward is stopped when this is dropped.
+struct Laptop<'a> {
+    cluster: &'a Admin,
+    scratch: &'a Path,
+    /// The `probe` binary that times DNS queries.
+    probe: &'a Path,
+    /// The laptop's kubeconfig: through the delaying proxy when far.
+    kubeconfig: &'a Path,
+    /// The release build of `ktb`.
+    ktb: PathBuf,
+    /// The echo pod, from which the DNS floor is timed.
+    pod: String,
+    /// The Service's ClusterIP and port, and its DNS name.
+    service: SocketAddr,
+    name: String,
+    /// `kubectl port-forward` to the echo pod, run on the laptop and
+    /// listening there at `forwarded`.
+    _port_forward: Process,
+    forwarded: SocketAddr,
+    /// Where `ktb connect --mode socks5` listens on the laptop.
+    socks5_proxy: SocketAddr,
+}
+
+impl<'a> Laptop<'a> {
+    fn start(
+        workspace: &Path,
+        scratch: &'a Path,
+        cluster: &'a Admin,
+        probe: &'a Path,
+        kubeconfig: &'a Path,
+    ) -> anyhow::Result<Laptop<'a>> {
+        let service_ip = service_field(cluster, ".spec.clusterIP")?;
+        let pod = cluster.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app=bench-echo",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?;
+        let forwarded_port = free_port()?;
+        let port_forward = Process::spawn(
+            on_laptop(&cluster.kubectl)
                 .env("KUBECONFIG", kubeconfig)
-                .env("KTB_STATE_DIR", scratch.join("state"))
+                .args(["-n", NAMESPACE, "port-forward", &format!("pod/{pod}")])
+                .arg(format!("{forwarded_port}:9000")),
+            &scratch.join("port-forward.log"),
+        )?;
+        Ok(Laptop {
+            cluster,
+            scratch,
+            probe,
+            kubeconfig,
+            ktb: workspace.join("target/release/ktb"),
+            pod,
+            service: format!("{service_ip}:9000").parse()?,
+            name: format!("{SERVICE}.{NAMESPACE}.svc.cluster.local"),
+            _port_forward: port_forward,
+            forwarded: ([127, 0, 0, 1], forwarded_port).into(),
+            socks5_proxy: ([127, 0, 0, 1], free_port()?).into(),
+        })
+    }
+
+    /// [`ROUNDS`] rounds, each path measured once per round, interleaved so
+    /// that a noisy minute of the shared machine falls on every path.
+    fn measure(&self, rtt_ms: u32) -> anyhow::Result<Rounds> {
+        let mut rounds = Rounds::default();
+        for round in 1..=ROUNDS {
+            eprintln!(
+                "round {round}/{ROUNDS}: ktb connect with its DNS cache off: every query a first one"
+            );
+            let uncached = self.start_connect(
+                &self.scratch.join(format!("ktb-uncached-{round}.log")),
+                &["--dns-cache-ttl", "0"],
+            )?;
+            rounds.dns[2].push(self.ktb_dns()?);
+            stop(uncached)?;
+
+            eprintln!("round {round}/{ROUNDS}: starting ktb connect on {LAPTOP}");
+            let started = Instant::now();
+            let connect =
+                self.start_connect(&self.scratch.join(format!("ktb-{round}.log")), &[])?;
+            rounds.ready.push(started.elapsed().as_secs_f64());
+
+            eprintln!("round {round}/{ROUNDS}: load through kubectl port-forward and ktb connect");
+            rounds.figures[0].push(
+                measure_on_laptop(self.forwarded, None, rtt_ms).context("kubectl port-forward")?,
+            );
+            rounds.figures[1]
+                .push(measure_on_laptop(self.service, None, rtt_ms).context("ktb connect")?);
+
+            eprintln!("round {round}/{ROUNDS}: load through ktb connect --mode socks5");
+            let socks5 = self.start_connect(
+                &self.scratch.join(format!("ktb-socks5-{round}.log")),
+                &[
+                    "--mode",
+                    "socks5",
+                    "--socks",
+                    &self.socks5_proxy.to_string(),
+                ],
+            )?;
+            rounds.figures[2].push(
+                measure_on_laptop(self.service, Some(self.socks5_proxy), rtt_ms)
+                    .context("ktb connect --mode socks5")?,
+            );
+            stop(socks5)?;
+
+            eprintln!("round {round}/{ROUNDS}: DNS from the pod (floor) and through ktb connect");
+            rounds.dns[0].push(self.floor_dns()?);
+            rounds.dns[1].push(self.ktb_dns()?);
+            stop(connect)?;
+        }
+        Ok(rounds)
+    }
+
+    /// Starts `ktb connect` on the laptop with `extra` flags; returns it
+    /// once it says it is ready.
+    fn start_connect(&self, log: &PathBuf, extra: &[&str]) -> anyhow::Result<Process> {
+        let connect = Process::spawn(
+            on_laptop(&self.ktb)
+                .env("KUBECONFIG", self.kubeconfig)
+                .env("KTB_STATE_DIR", self.scratch.join("state"))
                 .args(["connect", "-n", NAMESPACE])
                 .args(["--agent-image", "ktb.test/ktb-agent:dev"])
                 .args(["--image-pull-policy", "Never"])
@@ -161,138 +264,162 @@ fn run(
         )?;
         wait_for_line(log, READY_LINE, Duration::from_secs(120))?;
         Ok(connect)
-    };
-    let ktb_dns = || -> anyhow::Result<(f64, f64)> {
-        dns_figures(&output(on_laptop(probe).args([
+    }
+
+    /// DNS round trips for the Service's name from the laptop, through
+    /// ktb's resolver.
+    fn ktb_dns(&self) -> anyhow::Result<(f64, f64)> {
+        dns_figures(&output(on_laptop(self.probe).args([
             "dns-latency",
             KTB_DNS,
-            &name,
+            &self.name,
             DNS_QUERIES,
         ]))?)
-    };
-    for round in 1..=ROUNDS {
-        eprintln!(
-            "round {round}/{ROUNDS}: ktb connect with its DNS cache off: every query a first one"
-        );
-        let uncached = start_connect(
-            &scratch.join(format!("ktb-uncached-{round}.log")),
-            &["--dns-cache-ttl", "0"],
-        )?;
-        dns[2].push(ktb_dns()?);
-        stop(uncached)?;
+    }
 
-        eprintln!("round {round}/{ROUNDS}: starting ktb connect on {LAPTOP}");
-        let started = Instant::now();
-        let connect = start_connect(&scratch.join(format!("ktb-{round}.log")), &[])?;
-        ready.push(started.elapsed().as_secs_f64());
-
-        eprintln!("round {round}/{ROUNDS}: load through kubectl port-forward and ktb connect");
-        figures[0]
-            .push(measure_on_laptop(forwarded, None, rtt_ms).context("kubectl port-forward")?);
-        figures[1].push(measure_on_laptop(service, None, rtt_ms).context("ktb connect")?);
-
-        eprintln!("round {round}/{ROUNDS}: load through ktb connect --mode socks5");
-        let socks5 = start_connect(
-            &scratch.join(format!("ktb-socks5-{round}.log")),
-            &["--mode", "socks5", "--socks", &socks5_proxy.to_string()],
-        )?;
-        figures[2].push(
-            measure_on_laptop(service, Some(socks5_proxy), rtt_ms)
-                .context("ktb connect --mode socks5")?,
-        );
-        stop(socks5)?;
-
-        eprintln!("round {round}/{ROUNDS}: DNS from the pod (floor) and through ktb connect");
-        dns[0].push(dns_figures(&cluster.kubectl(&[
+    /// The floor: the same queries from inside the echo pod, straight to
+    /// CoreDNS.
+    fn floor_dns(&self) -> anyhow::Result<(f64, f64)> {
+        dns_figures(&self.cluster.kubectl(&[
             "-n",
             NAMESPACE,
             "exec",
-            &pod,
+            &self.pod,
             "--",
             "/probe",
             "dns-latency",
             CLUSTER_DNS,
-            &name,
+            &self.name,
             DNS_QUERIES,
-        ])?)?);
-        dns[1].push(ktb_dns()?);
-        stop(connect)?;
+        ])?)
+    }
+}
+
+/// What every round measured, one entry per round.
+#[derive(Default)]
+struct Rounds {
+    /// Per path: the port-forward, ktb connect, ktb connect in socks5 mode.
+    figures: [Vec<Figures>; 3],
+    /// DNS (p50, p99) in µs: the floor from the pod, ktb with its cache,
+    /// ktb with its cache off.
+    dns: [Vec<(f64, f64)>; 3],
+    /// Seconds from starting `ktb connect` to its ready line.
+    ready: Vec<f64>,
+}
+
+/// The medians of the rounds, as the bench prints and writes them.
+struct Summary {
+    raw: Figures,
+    ktb: Figures,
+    socks5: Figures,
+    /// DNS (p50, p99) in µs: from the pod straight to CoreDNS; through
+    /// ktb, a repeated name (cached); through ktb with its cache off.
+    floor: (f64, f64),
+    cached: (f64, f64),
+    first: (f64, f64),
+    ready_s: f64,
+}
+
+impl Summary {
+    fn of(rounds: Rounds) -> Summary {
+        let [raw, ktb, socks5] = rounds.figures.map(|rounds| Figures::median(&rounds));
+        let [floor, cached, first] = rounds.dns.map(|rounds| {
+            (
+                median(rounds.iter().map(|r| r.0).collect()),
+                median(rounds.iter().map(|r| r.1).collect()),
+            )
+        });
+        Summary {
+            raw,
+            ktb,
+            socks5,
+            floor,
+            cached,
+            first,
+            ready_s: median(rounds.ready),
+        }
     }
 
-    let [raw, ktb, socks5] = figures.map(|rounds| Figures::median(&rounds));
-    let dns_median = |rounds: &[(f64, f64)]| {
-        (
-            median(rounds.iter().map(|r| r.0).collect()),
-            median(rounds.iter().map(|r| r.1).collect()),
-        )
-    };
-    let (floor, through, first) = (
-        dns_median(&dns[0]),
-        dns_median(&dns[1]),
-        dns_median(&dns[2]),
-    );
-    let ready_s = median(ready);
-    println!();
-    let paths = [
-        ("kubectl port-forward", &raw),
-        ("ktb connect", &ktb),
-        ("ktb connect, socks5", &socks5),
-    ];
-    print_table(&paths);
-    println!();
-    print_cpu_table(&paths);
-    println!();
-    println!(
-        "ktb connect vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x",
-        ktb.mib_per_s / raw.mib_per_s,
-        ktb.rr_p50_us / raw.rr_p50_us,
-        ktb.connect_p50_us / raw.connect_p50_us,
-    );
-    println!(
-        "ktb connect vs the same tunnel without its TCP stack (socks5): throughput {:.2}x, RR p50 {:.2}x",
-        ktb.mib_per_s / socks5.mib_per_s,
-        ktb.rr_p50_us / socks5.rr_p50_us,
-    );
-    println!(
-        "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect, first query (cache off) {:.0}/{:.0} µs, {:.2} ms over the floor; repeated name (cached) {:.0}/{:.0} µs",
-        floor.0,
-        floor.1,
-        first.0,
-        first.1,
-        (first.0 - floor.0) / 1000.0,
-        through.0,
-        through.1,
-    );
-    if rtt_ms > 0 {
-        super::far::print_goals(rtt_ms, "ktb connect", &ktb, &raw);
+    fn print(&self, rtt_ms: u32) {
+        let Summary {
+            raw,
+            ktb,
+            socks5,
+            floor,
+            cached,
+            first,
+            ready_s,
+        } = self;
+        println!();
+        let paths = [
+            ("kubectl port-forward", raw),
+            ("ktb connect", ktb),
+            ("ktb connect, socks5", socks5),
+        ];
+        print_table(&paths);
+        println!();
+        print_cpu_table(&paths);
+        println!();
+        println!(
+            "ktb connect vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x",
+            ktb.mib_per_s / raw.mib_per_s,
+            ktb.rr_p50_us / raw.rr_p50_us,
+            ktb.connect_p50_us / raw.connect_p50_us,
+        );
+        println!(
+            "ktb connect vs the same tunnel without its TCP stack (socks5): throughput {:.2}x, RR p50 {:.2}x",
+            ktb.mib_per_s / socks5.mib_per_s,
+            ktb.rr_p50_us / socks5.rr_p50_us,
+        );
+        println!(
+            "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect, first query (cache off) {:.0}/{:.0} µs, {:.2} ms over the floor; repeated name (cached) {:.0}/{:.0} µs",
+            floor.0,
+            floor.1,
+            first.0,
+            first.1,
+            (first.0 - floor.0) / 1000.0,
+            cached.0,
+            cached.1,
+        );
+        if rtt_ms > 0 {
+            super::far::print_goals(rtt_ms, "ktb connect", ktb, raw);
+        }
+        println!("ktb connect: ready (start → ready line) {ready_s:.2} s (median of {ROUNDS})");
     }
-    println!("ktb connect: ready (start → ready line) {ready_s:.2} s (median of {ROUNDS})");
-    let report = json!({
-        "rounds": ROUNDS,
-        "rtt_ms": rtt_ms,
-        "port_forward": raw.to_json(),
-        "ktb_connect": ktb.to_json(),
-        "ktb_connect_socks5": socks5.to_json(),
-        "dns_us": {
-            "floor_p50": floor.0, "floor_p99": floor.1,
-            "ktb_first_p50": first.0, "ktb_first_p99": first.1,
-            "ktb_cached_p50": through.0, "ktb_cached_p99": through.1,
-        },
-        "ready_s": ready_s,
-        "ratio_vs_port_forward": {
-            "throughput": ktb.mib_per_s / raw.mib_per_s,
-            "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
-            "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
-        },
-        "ratio_vs_socks5": {
-            "throughput": ktb.mib_per_s / socks5.mib_per_s,
-            "rr_p50": ktb.rr_p50_us / socks5.rr_p50_us,
-        },
-    });
-    let out = workspace.join(super::far::report_name("connect", rtt_ms));
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-    println!("written to {}", out.display());
-    Ok(())
+
+    fn to_json(&self, rtt_ms: u32) -> serde_json::Value {
+        let Summary {
+            raw,
+            ktb,
+            socks5,
+            floor,
+            cached,
+            first,
+            ready_s,
+        } = self;
+        json!({
+            "rounds": ROUNDS,
+            "rtt_ms": rtt_ms,
+            "port_forward": raw.to_json(),
+            "ktb_connect": ktb.to_json(),
+            "ktb_connect_socks5": socks5.to_json(),
+            "dns_us": {
+                "floor_p50": floor.0, "floor_p99": floor.1,
+                "ktb_first_p50": first.0, "ktb_first_p99": first.1,
+                "ktb_cached_p50": cached.0, "ktb_cached_p99": cached.1,
+            },
+            "ready_s": ready_s,
+            "ratio_vs_port_forward": {
+                "throughput": ktb.mib_per_s / raw.mib_per_s,
+                "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
+                "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
+            },
+            "ratio_vs_socks5": {
+                "throughput": ktb.mib_per_s / socks5.mib_per_s,
+                "rr_p50": ktb.rr_p50_us / socks5.rr_p50_us,
+            },
+        })
+    }
 }
 
 /// Interrupts a `ktb connect` as Ctrl-C would and waits for it to exit.

@@ -152,186 +152,286 @@ async fn run(workspace: &Path, scratch: &Path, near: &Admin, rtt_ms: u32) -> any
     let cluster = &far
         .as_ref()
         .map_or_else(|| near.clone(), |far| far.admin(near));
-    let load = Load::for_rtt(rtt_ms);
-    let service_ip = service_field(cluster, ".spec.clusterIP")?;
-    let service: SocketAddr = format!("{service_ip}:9000").parse()?;
-    let pod = cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "get",
-        "pods",
-        "-l",
-        "app=bench-echo",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])?;
-    let original_selector = selector(cluster)?;
-    let local = LocalServer::start().await?;
-
-    let (_port_forward, forwarded) = port_forward(
-        cluster,
-        NAMESPACE,
-        &pod,
-        9000,
-        &scratch.join("port-forward.log"),
-    )
-    .await?;
-    let kt_connect = KtConnectPath::start(cluster, NAMESPACE, scratch, local.addr)
-        .await
-        .context("setting up kt-connect's path (sshd pod, port-forward, ssh -R)")?;
-
-    let pod_ip = cluster.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "get",
-        "pod",
-        &pod,
-        "-o",
-        "jsonpath={.status.podIP}",
-    ])?;
-    let straight: SocketAddr = format!("{pod_ip}:9000").parse()?;
-    let exchanges = Exchanges {
-        ktb: workspace.join("target/release/ktb"),
-        cluster,
-        local: local.addr,
-        service,
-        original_selector,
-        scratch,
-    };
-    let mut ready = Vec::new();
-    let mut restore = Vec::new();
-    // port-forward, ktb, kt-connect, direct TCP to the pod, ktb direct.
-    let mut figures: [Vec<Figures>; 5] = Default::default();
-    // [ktb, kt-connect] × [upload, download], MiB/s per round.
-    let mut one_way: [[Vec<f64>; 2]; 2] = Default::default();
-    for round in 1..=ROUNDS {
-        eprintln!("round {round}/{ROUNDS}: starting ktb exchange");
-        let (exchange, ready_s) = exchanges.start("port-forward", round).await?;
-        ready.push(ready_s);
-        eprintln!(
-            "round {round}/{ROUNDS}: measuring kubectl port-forward, ktb exchange, kt-connect"
-        );
-        figures[0].push(
-            measure(forwarded.into(), None, load)
-                .await
-                .context("kubectl port-forward")?,
-        );
-        figures[1].push(
-            measure(service.into(), Some(b'E'), load)
-                .await
-                .context("ktb exchange")?,
-        );
-        figures[2].push(
-            measure(kt_connect.entry.into(), Some(b'E'), load)
-                .await
-                .context("kt-connect")?,
-        );
-        for (path, addr) in [service, kt_connect.entry].into_iter().enumerate() {
-            one_way[path][0].push(limited("upload", load::upload(addr, BULK_BYTES as u64)).await?);
-            one_way[path][1]
-                .push(limited("download", load::download(addr, BULK_BYTES as u64)).await?);
-        }
-        restore.push(exchanges.stop(exchange).await?);
-
-        eprintln!("round {round}/{ROUNDS}: direct TCP to the pod, ktb exchange --transport direct");
-        figures[3].push(
-            measure(straight.into(), None, load)
-                .await
-                .context("direct TCP to the pod")?,
-        );
-        let (exchange, _) = exchanges.start("direct", round).await?;
-        figures[4].push(
-            measure(service.into(), Some(b'E'), load)
-                .await
-                .context("ktb exchange --transport direct")?,
-        );
-        exchanges.stop(exchange).await?;
-    }
-
-    let [raw, ktb, kt, straight, direct] = figures.map(|rounds| Figures::median(&rounds));
-    let [[ktb_up, ktb_down], [kt_up, kt_down]] = one_way.map(|path| path.map(median));
-    let (ready_s, restore_s) = (median(ready), median(restore));
-    println!();
-    let paths = [
-        ("kubectl port-forward", &raw),
-        ("ktb exchange", &ktb),
-        ("kt-connect (ssh -R)", &kt),
-        ("direct TCP to the pod", &straight),
-        ("ktb exchange, direct", &direct),
-    ];
-    print_table(&paths);
-    println!();
-    print_cpu_table(&paths);
-    println!();
-    println!(
-        "{:<22} {:>16} {:>16}",
-        "one stream, MiB/s", "cluster → laptop", "laptop → cluster"
-    );
-    println!("{:<22} {ktb_up:>16.0} {ktb_down:>16.0}", "ktb exchange");
-    println!(
-        "{:<22} {kt_up:>16.0} {kt_down:>16.0}",
-        "kt-connect (ssh -R)"
-    );
-    let ratio = |a: f64, b: f64| a / b;
-    println!();
-    println!(
-        "ktb vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x, CPU per GiB {:.2}x",
-        ratio(ktb.mib_per_s, raw.mib_per_s),
-        ratio(ktb.rr_p50_us, raw.rr_p50_us),
-        ratio(ktb.connect_p50_us, raw.connect_p50_us),
-        ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib)
-    );
-    println!(
-        "ktb vs kt-connect: echo throughput {:.2}x, upload {:.2}x, download {:.2}x, RR p99 {:.2}x",
-        ratio(ktb.mib_per_s, kt.mib_per_s),
-        ratio(ktb_up, kt_up),
-        ratio(ktb_down, kt_down),
-        ratio(ktb.rr_p99_us, kt.rr_p99_us)
-    );
-    println!(
-        "ktb exchange --transport direct (TLS) vs direct TCP to the pod: throughput {:.2}x, RR p50 {:.2}x",
-        ratio(direct.mib_per_s, straight.mib_per_s),
-        ratio(direct.rr_p50_us, straight.rr_p50_us)
-    );
-    if rtt_ms > 0 {
-        super::far::print_goals(rtt_ms, "ktb exchange", &ktb, &raw);
-    }
-    println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
-    let report = json!({
-        "rounds": ROUNDS,
-        "rtt_ms": rtt_ms,
-        "port_forward": raw.to_json(),
-        "ktb": ktb.to_json(),
-        "kt_connect": kt.to_json(),
-        "direct_tcp_to_pod": straight.to_json(),
-        "ktb_direct_tls": direct.to_json(),
-        "one_stream_mib_per_s": {
-            "ktb": {"upload": ktb_up, "download": ktb_down},
-            "kt_connect": {"upload": kt_up, "download": kt_down},
-        },
-        "ready_s": ready_s,
-        "restore_s": restore_s,
-        "ratio_vs_port_forward": {
-            "throughput": ratio(ktb.mib_per_s, raw.mib_per_s),
-            "rr_p50": ratio(ktb.rr_p50_us, raw.rr_p50_us),
-            "connect_p50": ratio(ktb.connect_p50_us, raw.connect_p50_us),
-            "cpu_per_gib": ratio(ktb.cpu_s_per_gib, raw.cpu_s_per_gib),
-        },
-        "ratio_direct_tls_vs_direct_tcp": {
-            "throughput": ratio(direct.mib_per_s, straight.mib_per_s),
-            "rr_p50": ratio(direct.rr_p50_us, straight.rr_p50_us),
-        },
-        "ratio_vs_kt_connect": {
-            "throughput": ratio(ktb.mib_per_s, kt.mib_per_s),
-            "upload": ratio(ktb_up, kt_up),
-            "download": ratio(ktb_down, kt_down),
-            "rr_p99": ratio(ktb.rr_p99_us, kt.rr_p99_us),
-        },
-    });
+    let paths = Paths::start(workspace, scratch, cluster).await?;
+    let summary = Summary::of(paths.measure(Load::for_rtt(rtt_ms)).await?);
+    summary.print(rtt_ms);
     let out = workspace.join(super::far::report_name("exchange", rtt_ms));
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&summary.to_json(rtt_ms))?,
+    )?;
     println!("written to {}", out.display());
     Ok(())
+}
+
+/// The paths a round measures besides ktb's own, set up once for every
+/// round; each is torn down when this is dropped.
+struct Paths<'a> {
+    /// The local server that ktb and kt-connect carry callers to.
+    _local: LocalServer,
+    /// `kubectl port-forward` to the echo pod, listening at `forwarded`.
+    _port_forward: Process,
+    forwarded: SocketAddr,
+    kt_connect: KtConnectPath,
+    /// The echo pod's own address, for direct TCP.
+    straight: SocketAddr,
+    /// The Service's ClusterIP and port, which `ktb exchange` takes over.
+    service: SocketAddr,
+    exchanges: Exchanges<'a>,
+}
+
+impl<'a> Paths<'a> {
+    async fn start(
+        workspace: &Path,
+        scratch: &'a Path,
+        cluster: &'a Admin,
+    ) -> anyhow::Result<Paths<'a>> {
+        let service_ip = service_field(cluster, ".spec.clusterIP")?;
+        let service: SocketAddr = format!("{service_ip}:9000").parse()?;
+        let pod = cluster.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app=bench-echo",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?;
+        let original_selector = selector(cluster)?;
+        let local = LocalServer::start().await?;
+        let (port_forward, forwarded) = port_forward(
+            cluster,
+            NAMESPACE,
+            &pod,
+            9000,
+            &scratch.join("port-forward.log"),
+        )
+        .await?;
+        let kt_connect = KtConnectPath::start(cluster, NAMESPACE, scratch, local.addr)
+            .await
+            .context("setting up kt-connect's path (sshd pod, port-forward, ssh -R)")?;
+        let pod_ip = cluster.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pod",
+            &pod,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])?;
+        let exchanges = Exchanges {
+            ktb: workspace.join("target/release/ktb"),
+            cluster,
+            local: local.addr,
+            service,
+            original_selector,
+            scratch,
+        };
+        Ok(Paths {
+            _local: local,
+            _port_forward: port_forward,
+            forwarded,
+            kt_connect,
+            straight: format!("{pod_ip}:9000").parse()?,
+            service,
+            exchanges,
+        })
+    }
+
+    /// [`ROUNDS`] rounds, each path measured once per round, interleaved so
+    /// that a noisy minute of the shared machine falls on every path.
+    async fn measure(&self, load: Load) -> anyhow::Result<Rounds> {
+        let service = self.service;
+        let mut rounds = Rounds::default();
+        for round in 1..=ROUNDS {
+            eprintln!("round {round}/{ROUNDS}: starting ktb exchange");
+            let (exchange, ready_s) = self.exchanges.start("port-forward", round).await?;
+            rounds.ready.push(ready_s);
+            eprintln!(
+                "round {round}/{ROUNDS}: measuring kubectl port-forward, ktb exchange, kt-connect"
+            );
+            let through_apiserver = [
+                (self.forwarded, None, "kubectl port-forward"),
+                (service, Some(b'E'), "ktb exchange"),
+                (self.kt_connect.entry, Some(b'E'), "kt-connect"),
+            ];
+            for (path, (addr, mode, name)) in through_apiserver.into_iter().enumerate() {
+                rounds.figures[path].push(measure(addr.into(), mode, load).await.context(name)?);
+            }
+            for (path, addr) in [service, self.kt_connect.entry].into_iter().enumerate() {
+                let up = limited("upload", load::upload(addr, BULK_BYTES as u64)).await?;
+                let down = limited("download", load::download(addr, BULK_BYTES as u64)).await?;
+                rounds.one_way[path][0].push(up);
+                rounds.one_way[path][1].push(down);
+            }
+            rounds.restore.push(self.exchanges.stop(exchange).await?);
+
+            eprintln!(
+                "round {round}/{ROUNDS}: direct TCP to the pod, ktb exchange --transport direct"
+            );
+            rounds.figures[3].push(
+                measure(self.straight.into(), None, load)
+                    .await
+                    .context("direct TCP to the pod")?,
+            );
+            let (exchange, _) = self.exchanges.start("direct", round).await?;
+            rounds.figures[4].push(
+                measure(service.into(), Some(b'E'), load)
+                    .await
+                    .context("ktb exchange --transport direct")?,
+            );
+            self.exchanges.stop(exchange).await?;
+        }
+        Ok(rounds)
+    }
+}
+
+/// What every round measured, one entry per round.
+#[derive(Default)]
+struct Rounds {
+    /// Per path: the port-forward, ktb, kt-connect, direct TCP to the pod,
+    /// ktb over `--transport direct`.
+    figures: [Vec<Figures>; 5],
+    /// One stream's MiB/s: [ktb, kt-connect] × [upload, download].
+    one_way: [[Vec<f64>; 2]; 2],
+    /// Seconds from starting `ktb exchange` to the first request served
+    /// locally.
+    ready: Vec<f64>,
+    /// Seconds from Ctrl-C to the Service restored.
+    restore: Vec<f64>,
+}
+
+/// The medians of the rounds, as the bench prints and writes them.
+struct Summary {
+    raw: Figures,
+    ktb: Figures,
+    kt: Figures,
+    straight: Figures,
+    direct: Figures,
+    /// One stream's MiB/s: [ktb, kt-connect] × [upload, download].
+    one_way: [[f64; 2]; 2],
+    ready_s: f64,
+    restore_s: f64,
+}
+
+impl Summary {
+    fn of(rounds: Rounds) -> Summary {
+        let [raw, ktb, kt, straight, direct] =
+            rounds.figures.map(|rounds| Figures::median(&rounds));
+        Summary {
+            raw,
+            ktb,
+            kt,
+            straight,
+            direct,
+            one_way: rounds.one_way.map(|path| path.map(median)),
+            ready_s: median(rounds.ready),
+            restore_s: median(rounds.restore),
+        }
+    }
+
+    fn print(&self, rtt_ms: u32) {
+        let Summary {
+            raw,
+            ktb,
+            kt,
+            straight,
+            direct,
+            one_way: [[ktb_up, ktb_down], [kt_up, kt_down]],
+            ready_s,
+            restore_s,
+        } = self;
+        println!();
+        let paths = [
+            ("kubectl port-forward", raw),
+            ("ktb exchange", ktb),
+            ("kt-connect (ssh -R)", kt),
+            ("direct TCP to the pod", straight),
+            ("ktb exchange, direct", direct),
+        ];
+        print_table(&paths);
+        println!();
+        print_cpu_table(&paths);
+        println!();
+        println!(
+            "{:<22} {:>16} {:>16}",
+            "one stream, MiB/s", "cluster → laptop", "laptop → cluster"
+        );
+        println!("{:<22} {ktb_up:>16.0} {ktb_down:>16.0}", "ktb exchange");
+        println!(
+            "{:<22} {kt_up:>16.0} {kt_down:>16.0}",
+            "kt-connect (ssh -R)"
+        );
+        println!();
+        println!(
+            "ktb vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x, CPU per GiB {:.2}x",
+            ktb.mib_per_s / raw.mib_per_s,
+            ktb.rr_p50_us / raw.rr_p50_us,
+            ktb.connect_p50_us / raw.connect_p50_us,
+            ktb.cpu_s_per_gib / raw.cpu_s_per_gib
+        );
+        println!(
+            "ktb vs kt-connect: echo throughput {:.2}x, upload {:.2}x, download {:.2}x, RR p99 {:.2}x",
+            ktb.mib_per_s / kt.mib_per_s,
+            ktb_up / kt_up,
+            ktb_down / kt_down,
+            ktb.rr_p99_us / kt.rr_p99_us
+        );
+        println!(
+            "ktb exchange --transport direct (TLS) vs direct TCP to the pod: throughput {:.2}x, RR p50 {:.2}x",
+            direct.mib_per_s / straight.mib_per_s,
+            direct.rr_p50_us / straight.rr_p50_us
+        );
+        if rtt_ms > 0 {
+            super::far::print_goals(rtt_ms, "ktb exchange", ktb, raw);
+        }
+        println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
+    }
+
+    fn to_json(&self, rtt_ms: u32) -> serde_json::Value {
+        let Summary {
+            raw,
+            ktb,
+            kt,
+            straight,
+            direct,
+            one_way: [[ktb_up, ktb_down], [kt_up, kt_down]],
+            ready_s,
+            restore_s,
+        } = self;
+        json!({
+            "rounds": ROUNDS,
+            "rtt_ms": rtt_ms,
+            "port_forward": raw.to_json(),
+            "ktb": ktb.to_json(),
+            "kt_connect": kt.to_json(),
+            "direct_tcp_to_pod": straight.to_json(),
+            "ktb_direct_tls": direct.to_json(),
+            "one_stream_mib_per_s": {
+                "ktb": {"upload": ktb_up, "download": ktb_down},
+                "kt_connect": {"upload": kt_up, "download": kt_down},
+            },
+            "ready_s": ready_s,
+            "restore_s": restore_s,
+            "ratio_vs_port_forward": {
+                "throughput": ktb.mib_per_s / raw.mib_per_s,
+                "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
+                "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
+                "cpu_per_gib": ktb.cpu_s_per_gib / raw.cpu_s_per_gib,
+            },
+            "ratio_direct_tls_vs_direct_tcp": {
+                "throughput": direct.mib_per_s / straight.mib_per_s,
+                "rr_p50": direct.rr_p50_us / straight.rr_p50_us,
+            },
+            "ratio_vs_kt_connect": {
+                "throughput": ktb.mib_per_s / kt.mib_per_s,
+                "upload": ktb_up / kt_up,
+                "download": ktb_down / kt_down,
+                "rr_p99": ktb.rr_p99_us / kt.rr_p99_us,
+            },
+        })
+    }
 }
 
 /// Starting and stopping `ktb exchange` of the bench's Service towards
