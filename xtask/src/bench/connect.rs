@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
-use super::exchange::{deploy_echo, service_field, NAMESPACE, SERVICE};
+use super::exchange::{deploy_echo, echo_pod, service_field, NAMESPACE, SERVICE};
 use super::far::FarApiserver;
 use super::figures::{median, print_cpu_table, print_table, Figures};
 use super::paths::{free_port, in_netns, Process};
@@ -122,13 +122,7 @@ fn run(
     let laptop = Laptop::start(workspace, scratch, cluster, probe, kubeconfig)?;
     let summary = Summary::of(laptop.measure(rtt_ms)?);
     summary.print(rtt_ms);
-    let out = workspace.join(super::far::report_name("connect", rtt_ms));
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&summary.to_json(rtt_ms))?,
-    )?;
-    println!("written to {}", out.display());
-    Ok(())
+    super::far::write_report(workspace, "connect", rtt_ms, &summary.to_json(rtt_ms))
 }
 
 /// What the rounds need on and around the laptop, set up once; the
@@ -164,16 +158,7 @@ impl<'a> Laptop<'a> {
         kubeconfig: &'a Path,
     ) -> anyhow::Result<Laptop<'a>> {
         let service_ip = service_field(cluster, ".spec.clusterIP")?;
-        let pod = cluster.kubectl(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app=bench-echo",
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])?;
+        let pod = echo_pod(cluster)?;
         let forwarded_port = free_port()?;
         let port_forward = Process::spawn(
             on_laptop(&cluster.kubectl)
@@ -341,20 +326,11 @@ impl Summary {
     }
 
     fn print(&self, rtt_ms: u32) {
-        let Summary {
-            raw,
-            ktb,
-            socks5,
-            floor,
-            cached,
-            first,
-            ready_s,
-        } = self;
         println!();
         let paths = [
-            ("kubectl port-forward", raw),
-            ("ktb connect", ktb),
-            ("ktb connect, socks5", socks5),
+            ("kubectl port-forward", &self.raw),
+            ("ktb connect", &self.ktb),
+            ("ktb connect, socks5", &self.socks5),
         ];
         print_table(&paths);
         println!();
@@ -362,61 +338,55 @@ impl Summary {
         println!();
         println!(
             "ktb connect vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x",
-            ktb.mib_per_s / raw.mib_per_s,
-            ktb.rr_p50_us / raw.rr_p50_us,
-            ktb.connect_p50_us / raw.connect_p50_us,
+            self.ktb.mib_per_s / self.raw.mib_per_s,
+            self.ktb.rr_p50_us / self.raw.rr_p50_us,
+            self.ktb.connect_p50_us / self.raw.connect_p50_us,
         );
         println!(
             "ktb connect vs the same tunnel without its TCP stack (socks5): throughput {:.2}x, RR p50 {:.2}x",
-            ktb.mib_per_s / socks5.mib_per_s,
-            ktb.rr_p50_us / socks5.rr_p50_us,
+            self.ktb.mib_per_s / self.socks5.mib_per_s,
+            self.ktb.rr_p50_us / self.socks5.rr_p50_us,
         );
         println!(
             "DNS A query p50/p99: CoreDNS from a pod {:.0}/{:.0} µs; through ktb connect, first query (cache off) {:.0}/{:.0} µs, {:.2} ms over the floor; repeated name (cached) {:.0}/{:.0} µs",
-            floor.0,
-            floor.1,
-            first.0,
-            first.1,
-            (first.0 - floor.0) / 1000.0,
-            cached.0,
-            cached.1,
+            self.floor.0,
+            self.floor.1,
+            self.first.0,
+            self.first.1,
+            (self.first.0 - self.floor.0) / 1000.0,
+            self.cached.0,
+            self.cached.1,
         );
         if rtt_ms > 0 {
-            super::far::print_goals(rtt_ms, "ktb connect", ktb, raw);
+            super::far::print_goals(rtt_ms, "ktb connect", &self.ktb, &self.raw);
         }
-        println!("ktb connect: ready (start → ready line) {ready_s:.2} s (median of {ROUNDS})");
+        println!(
+            "ktb connect: ready (start → ready line) {:.2} s (median of {ROUNDS})",
+            self.ready_s
+        );
     }
 
     fn to_json(&self, rtt_ms: u32) -> serde_json::Value {
-        let Summary {
-            raw,
-            ktb,
-            socks5,
-            floor,
-            cached,
-            first,
-            ready_s,
-        } = self;
         json!({
             "rounds": ROUNDS,
             "rtt_ms": rtt_ms,
-            "port_forward": raw.to_json(),
-            "ktb_connect": ktb.to_json(),
-            "ktb_connect_socks5": socks5.to_json(),
+            "port_forward": self.raw.to_json(),
+            "ktb_connect": self.ktb.to_json(),
+            "ktb_connect_socks5": self.socks5.to_json(),
             "dns_us": {
-                "floor_p50": floor.0, "floor_p99": floor.1,
-                "ktb_first_p50": first.0, "ktb_first_p99": first.1,
-                "ktb_cached_p50": cached.0, "ktb_cached_p99": cached.1,
+                "floor_p50": self.floor.0, "floor_p99": self.floor.1,
+                "ktb_first_p50": self.first.0, "ktb_first_p99": self.first.1,
+                "ktb_cached_p50": self.cached.0, "ktb_cached_p99": self.cached.1,
             },
-            "ready_s": ready_s,
+            "ready_s": self.ready_s,
             "ratio_vs_port_forward": {
-                "throughput": ktb.mib_per_s / raw.mib_per_s,
-                "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
-                "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
+                "throughput": self.ktb.mib_per_s / self.raw.mib_per_s,
+                "rr_p50": self.ktb.rr_p50_us / self.raw.rr_p50_us,
+                "connect_p50": self.ktb.connect_p50_us / self.raw.connect_p50_us,
             },
             "ratio_vs_socks5": {
-                "throughput": ktb.mib_per_s / socks5.mib_per_s,
-                "rr_p50": ktb.rr_p50_us / socks5.rr_p50_us,
+                "throughput": self.ktb.mib_per_s / self.socks5.mib_per_s,
+                "rr_p50": self.ktb.rr_p50_us / self.socks5.rr_p50_us,
             },
         })
     }

@@ -79,6 +79,20 @@ pub(super) fn service_field(cluster: &Admin, jsonpath: &str) -> anyhow::Result<S
     cluster.kubectl(&["-n", NAMESPACE, "get", "svc", SERVICE, "-o", &output])
 }
 
+/// The name of the benchmark's echo pod.
+pub(super) fn echo_pod(cluster: &Admin) -> anyhow::Result<String> {
+    cluster.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "pods",
+        "-l",
+        "app=bench-echo",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])
+}
+
 fn selector(cluster: &Admin) -> anyhow::Result<String> {
     service_field(cluster, ".spec.selector")
 }
@@ -155,13 +169,7 @@ async fn run(workspace: &Path, scratch: &Path, near: &Admin, rtt_ms: u32) -> any
     let paths = Paths::start(workspace, scratch, cluster).await?;
     let summary = Summary::of(paths.measure(Load::for_rtt(rtt_ms)).await?);
     summary.print(rtt_ms);
-    let out = workspace.join(super::far::report_name("exchange", rtt_ms));
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&summary.to_json(rtt_ms))?,
-    )?;
-    println!("written to {}", out.display());
-    Ok(())
+    super::far::write_report(workspace, "exchange", rtt_ms, &summary.to_json(rtt_ms))
 }
 
 /// The paths a round measures besides ktb's own, set up once for every
@@ -188,16 +196,7 @@ impl<'a> Paths<'a> {
     ) -> anyhow::Result<Paths<'a>> {
         let service_ip = service_field(cluster, ".spec.clusterIP")?;
         let service: SocketAddr = format!("{service_ip}:9000").parse()?;
-        let pod = cluster.kubectl(&[
-            "-n",
-            NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app=bench-echo",
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])?;
+        let pod = echo_pod(cluster)?;
         let original_selector = selector(cluster)?;
         let local = LocalServer::start().await?;
         let (port_forward, forwarded) = port_forward(
@@ -332,23 +331,14 @@ impl Summary {
     }
 
     fn print(&self, rtt_ms: u32) {
-        let Summary {
-            raw,
-            ktb,
-            kt,
-            straight,
-            direct,
-            one_way: [[ktb_up, ktb_down], [kt_up, kt_down]],
-            ready_s,
-            restore_s,
-        } = self;
+        let [[ktb_up, ktb_down], [kt_up, kt_down]] = self.one_way;
         println!();
         let paths = [
-            ("kubectl port-forward", raw),
-            ("ktb exchange", ktb),
-            ("kt-connect (ssh -R)", kt),
-            ("direct TCP to the pod", straight),
-            ("ktb exchange, direct", direct),
+            ("kubectl port-forward", &self.raw),
+            ("ktb exchange", &self.ktb),
+            ("kt-connect (ssh -R)", &self.kt),
+            ("direct TCP to the pod", &self.straight),
+            ("ktb exchange, direct", &self.direct),
         ];
         print_table(&paths);
         println!();
@@ -366,69 +356,63 @@ impl Summary {
         println!();
         println!(
             "ktb vs port-forward: throughput {:.2}x, RR p50 {:.2}x, new connection p50 {:.2}x, CPU per GiB {:.2}x",
-            ktb.mib_per_s / raw.mib_per_s,
-            ktb.rr_p50_us / raw.rr_p50_us,
-            ktb.connect_p50_us / raw.connect_p50_us,
-            ktb.cpu_s_per_gib / raw.cpu_s_per_gib
+            self.ktb.mib_per_s / self.raw.mib_per_s,
+            self.ktb.rr_p50_us / self.raw.rr_p50_us,
+            self.ktb.connect_p50_us / self.raw.connect_p50_us,
+            self.ktb.cpu_s_per_gib / self.raw.cpu_s_per_gib
         );
         println!(
             "ktb vs kt-connect: echo throughput {:.2}x, upload {:.2}x, download {:.2}x, RR p99 {:.2}x",
-            ktb.mib_per_s / kt.mib_per_s,
+            self.ktb.mib_per_s / self.kt.mib_per_s,
             ktb_up / kt_up,
             ktb_down / kt_down,
-            ktb.rr_p99_us / kt.rr_p99_us
+            self.ktb.rr_p99_us / self.kt.rr_p99_us
         );
         println!(
             "ktb exchange --transport direct (TLS) vs direct TCP to the pod: throughput {:.2}x, RR p50 {:.2}x",
-            direct.mib_per_s / straight.mib_per_s,
-            direct.rr_p50_us / straight.rr_p50_us
+            self.direct.mib_per_s / self.straight.mib_per_s,
+            self.direct.rr_p50_us / self.straight.rr_p50_us
         );
         if rtt_ms > 0 {
-            super::far::print_goals(rtt_ms, "ktb exchange", ktb, raw);
+            super::far::print_goals(rtt_ms, "ktb exchange", &self.ktb, &self.raw);
         }
-        println!("ktb exchange: ready (start → first request served locally) {ready_s:.2} s; restore (Ctrl-C → Service restored) {restore_s:.2} s (medians of {ROUNDS})");
+        println!(
+            "ktb exchange: ready (start → first request served locally) {:.2} s; restore (Ctrl-C → Service restored) {:.2} s (medians of {ROUNDS})",
+            self.ready_s, self.restore_s
+        );
     }
 
     fn to_json(&self, rtt_ms: u32) -> serde_json::Value {
-        let Summary {
-            raw,
-            ktb,
-            kt,
-            straight,
-            direct,
-            one_way: [[ktb_up, ktb_down], [kt_up, kt_down]],
-            ready_s,
-            restore_s,
-        } = self;
+        let [[ktb_up, ktb_down], [kt_up, kt_down]] = self.one_way;
         json!({
             "rounds": ROUNDS,
             "rtt_ms": rtt_ms,
-            "port_forward": raw.to_json(),
-            "ktb": ktb.to_json(),
-            "kt_connect": kt.to_json(),
-            "direct_tcp_to_pod": straight.to_json(),
-            "ktb_direct_tls": direct.to_json(),
+            "port_forward": self.raw.to_json(),
+            "ktb": self.ktb.to_json(),
+            "kt_connect": self.kt.to_json(),
+            "direct_tcp_to_pod": self.straight.to_json(),
+            "ktb_direct_tls": self.direct.to_json(),
             "one_stream_mib_per_s": {
                 "ktb": {"upload": ktb_up, "download": ktb_down},
                 "kt_connect": {"upload": kt_up, "download": kt_down},
             },
-            "ready_s": ready_s,
-            "restore_s": restore_s,
+            "ready_s": self.ready_s,
+            "restore_s": self.restore_s,
             "ratio_vs_port_forward": {
-                "throughput": ktb.mib_per_s / raw.mib_per_s,
-                "rr_p50": ktb.rr_p50_us / raw.rr_p50_us,
-                "connect_p50": ktb.connect_p50_us / raw.connect_p50_us,
-                "cpu_per_gib": ktb.cpu_s_per_gib / raw.cpu_s_per_gib,
+                "throughput": self.ktb.mib_per_s / self.raw.mib_per_s,
+                "rr_p50": self.ktb.rr_p50_us / self.raw.rr_p50_us,
+                "connect_p50": self.ktb.connect_p50_us / self.raw.connect_p50_us,
+                "cpu_per_gib": self.ktb.cpu_s_per_gib / self.raw.cpu_s_per_gib,
             },
             "ratio_direct_tls_vs_direct_tcp": {
-                "throughput": direct.mib_per_s / straight.mib_per_s,
-                "rr_p50": direct.rr_p50_us / straight.rr_p50_us,
+                "throughput": self.direct.mib_per_s / self.straight.mib_per_s,
+                "rr_p50": self.direct.rr_p50_us / self.straight.rr_p50_us,
             },
             "ratio_vs_kt_connect": {
-                "throughput": ktb.mib_per_s / kt.mib_per_s,
+                "throughput": self.ktb.mib_per_s / self.kt.mib_per_s,
                 "upload": ktb_up / kt_up,
                 "download": ktb_down / kt_down,
-                "rr_p99": ktb.rr_p99_us / kt.rr_p99_us,
+                "rr_p99": self.ktb.rr_p99_us / self.kt.rr_p99_us,
             },
         })
     }

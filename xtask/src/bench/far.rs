@@ -138,11 +138,20 @@ pub(super) fn print_goals(rtt_ms: u32, name: &str, ktb: &Figures, raw: &Figures)
     );
 }
 
-/// Where a benchmark writes its JSON: `target/bench/NAME.json`, or
+/// Writes a benchmark's figures as JSON to `target/bench/NAME.json`, or
 /// `NAME-rtt20.json` for a far run, so a far run keeps the near figures.
-pub(super) fn report_name(bench: &str, rtt_ms: u32) -> String {
-    match rtt_ms {
+pub(super) fn write_report(
+    workspace: &Path,
+    bench: &str,
+    rtt_ms: u32,
+    report: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let name = match rtt_ms {
         0 => format!("target/bench/{bench}.json"),
         _ => format!("target/bench/{bench}-rtt{rtt_ms}.json"),
-    }
+    };
+    let out = workspace.join(name);
+    std::fs::write(&out, serde_json::to_string_pretty(report)?)?;
+    println!("written to {}", out.display());
+    Ok(())
 }
